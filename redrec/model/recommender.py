@@ -1,0 +1,135 @@
+"""The two-tower model: item side (cached LLM reps, fine-tuned cache, item ids, or the item LLM end
+to end) and the user tower, joined by the shared projection head. One class, three variants:
+
+- ``redrec``: dense mixing of all scenarios + scenario-aware queries (the method);
+- ``single-scenario``: one scenario's history only, last-state readout (HLLM-style baseline);
+- ``sasrec``: item-id embeddings, mixed history without side information, last-state readout.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import numpy as np
+import torch
+from pydantic import BaseModel, Field
+from torch import nn
+
+from redrec.model.heads import ProjectionHead
+from redrec.model.item_tower import ItemTower, ItemTowerConfig
+from redrec.model.loss import LogitScale, next_window_infonce
+from redrec.model.user_tower import UserTower, UserTowerConfig
+
+Variant = Literal["redrec", "single-scenario", "sasrec"]
+ItemSource = Literal["cache-frozen", "cache-finetune", "id", "end-to-end"]
+
+
+class ModelConfig(BaseModel):
+    variant: Variant = "redrec"
+    item_source: ItemSource = "cache-finetune"
+    item_tower: ItemTowerConfig = Field(default_factory=ItemTowerConfig)
+    user_tower: UserTowerConfig = Field(default_factory=UserTowerConfig)
+    dim: int = Field(64, ge=8)
+    window: int = Field(5, ge=1, description="next-window size W: positives per sample")
+    init_temperature: float = Field(0.07, gt=0)
+    max_logit_scale: float = Field(100.0, gt=1)
+    false_negative_cos: float = Field(0.98, gt=0, le=1)
+    in_batch_negatives: int = Field(512, ge=0, description="distinct in-batch positives used as extra negatives")
+    # filled from the data at build time
+    scenarios: list[str] = Field(default_factory=list)
+    actions: list[str] = Field(default_factory=list)
+    n_items: int = 0
+    item_rep_dim: int = 0
+
+    @property
+    def history_mode(self) -> str:
+        return "per-scenario" if self.variant == "single-scenario" else "mixed"
+
+    def for_variant(self) -> "ModelConfig":
+        """Apply what a variant implies, so a baseline differs from RED-Rec only where it must."""
+        c = self.model_copy(deep=True)
+        if c.variant == "sasrec":
+            c.item_source = "id"
+            c.user_tower.querying = "last"
+            c.user_tower.side_info = False
+        elif c.variant == "single-scenario":
+            c.user_tower.querying = "last"
+        else:
+            c.user_tower.querying = "scenario"
+        return c
+
+
+class RecModel(nn.Module):
+    def __init__(self, cfg: ModelConfig, item_cache: np.ndarray | None = None, item_tokens: dict | None = None):
+        super().__init__()
+        self.cfg = cfg
+        H = cfg.user_tower.hidden_size
+        n = cfg.n_items + 1  # row 0 is padding
+        if cfg.item_source in ("cache-frozen", "cache-finetune"):
+            if item_cache is None or item_cache.shape[0] != cfg.n_items:
+                raise ValueError("item_source 'cache-*' needs item_cache with one row per catalogue item")
+            table = torch.zeros(n, item_cache.shape[1])
+            table[1:] = torch.as_tensor(item_cache, dtype=torch.float32)
+            if cfg.item_source == "cache-frozen":
+                self.register_buffer("item_cache", table)
+            else:
+                self.item_table = nn.Embedding.from_pretrained(table, freeze=False, padding_idx=0)
+            self.item_adapter = nn.Sequential(nn.LayerNorm(table.shape[1]), nn.Linear(table.shape[1], H))
+        elif cfg.item_source == "id":
+            self.item_table = nn.Embedding(n, H, padding_idx=0)
+            nn.init.normal_(self.item_table.weight, std=0.02)
+            self.item_adapter = nn.Identity()
+        else:
+            self.item_tower = ItemTower(cfg.item_tower)
+            if item_tokens is None:
+                raise ValueError("item_source 'end-to-end' needs the tokenised catalogue (item_tokens)")
+            self.register_buffer("tok_ids", item_tokens["input_ids"], persistent=False)
+            self.register_buffer("tok_mask", item_tokens["attention_mask"], persistent=False)
+            self.item_adapter = nn.Linear(self.item_tower.hidden_size, H)
+        self.user_tower = UserTower(cfg.user_tower, len(cfg.scenarios), len(cfg.actions))
+        self.head = ProjectionHead(H, cfg.dim)
+        self.logit_scale = LogitScale(cfg.init_temperature, cfg.max_logit_scale)
+
+    # ---- item side -------------------------------------------------------------------------
+    def item_reps(self, idx: torch.Tensor) -> torch.Tensor:
+        """Item representations in the user tower's space, for item indices of any shape."""
+        src = self.cfg.item_source
+        if src == "cache-frozen":
+            return self.item_adapter(self.item_cache[idx])
+        if src in ("cache-finetune", "id"):
+            return self.item_adapter(self.item_table(idx))
+        flat = idx.reshape(-1)
+        uniq, inv = torch.unique(flat, return_inverse=True)
+        reps = self.item_tower(self.tok_ids[uniq], self.tok_mask[uniq])  # the LLM runs once per unique item
+        return self.item_adapter(reps)[inv].reshape(*idx.shape, -1)
+
+    def item_embeddings(self, idx: torch.Tensor) -> torch.Tensor:
+        return self.head(self.item_reps(idx))
+
+    @torch.no_grad()
+    def all_item_embeddings(self, chunk: int = 4096) -> torch.Tensor:
+        """[n_items + 1, dim] unit vectors (row 0 is padding) for full ranking and the index."""
+        dev = next(self.parameters()).device
+        rows = [self.item_embeddings(torch.arange(i, min(i + chunk, self.cfg.n_items + 1), device=dev)) for i in range(0, self.cfg.n_items + 1, chunk)]
+        return torch.cat(rows).float()
+
+    # ---- user side -------------------------------------------------------------------------
+    def user_vectors(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """[B, C, K, dim] unit vectors: K per (history prefix, scenario) cut."""
+        return self.head(self.user_tower(self.item_reps(batch["items"]), batch))
+
+    def loss(self, batch: dict[str, torch.Tensor], negative_ids: torch.Tensor, eligible: torch.Tensor, gather=None):
+        user = self.user_vectors(batch)  # [B, C, K, d]
+        B, C, K, d = user.shape
+        valid = batch["cut_valid"].reshape(-1)
+        user = user.reshape(B * C, K, d)[valid]
+        target_ids = batch["targets"].reshape(B * C, -1)[valid]
+        targets = self.item_embeddings(target_ids)
+        negatives = self.item_embeddings(negative_ids)
+        if gather is not None:  # negatives from every rank, with gradients
+            negatives, negative_ids = gather(negatives), gather(negative_ids)
+        return next_window_infonce(
+            user, targets, target_ids, negatives, negative_ids, self.logit_scale(),
+            eligible=eligible, sample_scen=batch["cut_scen"].reshape(-1)[valid],
+            false_negative_cos=self.cfg.false_negative_cos, in_batch=self.cfg.in_batch_negatives,
+        )

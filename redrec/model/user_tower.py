@@ -1,0 +1,104 @@
+"""User tower: a decoder LLM over the item representations of the user's behaviour.
+
+Dense mixing: one time-ordered sequence of items from ALL scenarios; each position adds learned
+scenario, action, hour-of-day and position-within-its-scenario embeddings.
+
+Scenario-aware querying: K learned query tokens per scenario are appended. One sequence can carry
+several "cuts" (training) or one cut per scenario (serving): query tokens of cut c attend only to
+the first ``cut[c]`` items and to themselves, so a single forward yields user vectors for many
+(history prefix, scenario) pairs without any leakage from later items. ``querying="last"`` reads
+the hidden state of the last visible item instead (SASRec / HLLM style), for the baselines.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from pydantic import BaseModel, Field
+from torch import nn
+
+
+class UserTowerConfig(BaseModel):
+    hidden_size: int = Field(64, ge=8)
+    layers: int = Field(2, ge=1)
+    heads: int = Field(2, ge=1)
+    max_len: int = Field(50, ge=2)
+    queries_per_scenario: int = Field(2, ge=1, le=16)
+    querying: Literal["scenario", "last"] = "scenario"
+    side_info: bool = True
+    dropout: float = Field(0.1, ge=0, lt=1)
+    gradient_checkpointing: bool = False
+
+
+class UserTower(nn.Module):
+    def __init__(self, cfg: UserTowerConfig, n_scenarios: int, n_actions: int):
+        super().__init__()
+        from transformers import LlamaConfig, LlamaModel
+
+        self.cfg = cfg
+        H = cfg.hidden_size
+        conf = LlamaConfig(
+            vocab_size=1,  # inputs are embeddings; the token table is unused
+            bos_token_id=None,
+            eos_token_id=None,
+            pad_token_id=None,
+            hidden_size=H,
+            intermediate_size=2 * H,
+            num_hidden_layers=cfg.layers,
+            num_attention_heads=cfg.heads,
+            num_key_value_heads=cfg.heads,
+            max_position_embeddings=cfg.max_len + 2,
+            attention_dropout=cfg.dropout,
+        )
+        conf._attn_implementation = "sdpa"
+        self.decoder = LlamaModel(conf)
+        if cfg.gradient_checkpointing:
+            self.decoder.gradient_checkpointing_enable()
+        self.n_scenarios = n_scenarios
+        if cfg.side_info:
+            self.scenario_emb = nn.Embedding(n_scenarios, H)
+            self.action_emb = nn.Embedding(n_actions, H)
+            self.hour_emb = nn.Embedding(24, H)
+            self.spos_emb = nn.Embedding(cfg.max_len, H)
+        if cfg.querying == "scenario":
+            self.queries = nn.Parameter(torch.randn(n_scenarios, cfg.queries_per_scenario, H) * 0.02)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    @property
+    def k(self) -> int:
+        return self.cfg.queries_per_scenario if self.cfg.querying == "scenario" else 1
+
+    def forward(self, item_reps: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """item_reps [B, L, H] (rows past ``length`` are ignored) -> user states [B, C, K, H]."""
+        B, L, H = item_reps.shape
+        length, cut, cut_scen = batch["length"], batch["cut"], batch["cut_scen"]
+        C = cut.shape[1]
+        x = item_reps
+        if self.cfg.side_info:
+            x = x + self.scenario_emb(batch["scen"]) + self.action_emb(batch["act"]) + self.hour_emb(batch["hour"])
+            x = x + self.spos_emb(batch["spos"].clamp_max(self.cfg.max_len - 1))
+        x = self.drop(x)
+        ar = torch.arange(L, device=x.device)
+        valid = ar[None, :] < length[:, None]  # [B, L]
+        item_mask = (ar[None, :, None] >= ar[None, None, :]) & valid[:, None, :]  # causal over real items
+        item_mask = item_mask | torch.eye(L, dtype=torch.bool, device=x.device)[None]  # padding sees itself
+        if self.cfg.querying == "last":
+            pos = ar.expand(B, L)
+            h = self.decoder(inputs_embeds=x, attention_mask=item_mask[:, None], position_ids=pos).last_hidden_state
+            idx = (cut - 1).clamp_min(0)  # [B, C]
+            out = torch.gather(h, 1, idx[..., None].expand(B, C, H))
+            return out[:, :, None, :]
+        K = self.cfg.queries_per_scenario
+        Q = C * K
+        q = self.queries[cut_scen]  # [B, C, K, H]
+        q = q.reshape(B, Q, H)
+        seq = torch.cat([x, q], 1)
+        q_cut = cut.repeat_interleave(K, dim=1)  # [B, Q]
+        q_sees_items = ar[None, None, :] < q_cut[:, :, None]  # [B, Q, L]
+        top = torch.cat([item_mask, torch.zeros(B, L, Q, dtype=torch.bool, device=x.device)], 2)
+        bottom = torch.cat([q_sees_items, torch.eye(Q, dtype=torch.bool, device=x.device).expand(B, Q, Q)], 2)
+        mask = torch.cat([top, bottom], 1)[:, None]  # [B, 1, L+Q, L+Q]
+        pos = torch.cat([ar.expand(B, L), q_cut], 1)
+        h = self.decoder(inputs_embeds=seq, attention_mask=mask, position_ids=pos).last_hidden_state
+        return h[:, L:].reshape(B, C, K, H)
