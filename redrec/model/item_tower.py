@@ -69,8 +69,18 @@ def smollm2_dir(cache_root: str | Path | None = None) -> Path:
     gguf = next(src.glob("*.gguf"))
     tok = AutoTokenizer.from_pretrained(src, gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(src, gguf_file=gguf.name, dtype=torch.float32)
+    from safetensors.torch import save_file
+
     tmp = out.with_suffix(".tmp")
-    model.save_pretrained(tmp, safe_serialization=True)
+    tmp.mkdir(parents=True, exist_ok=True)
+    # transformers refuses save_pretrained on a GGUF-loaded model even though its tensors are already
+    # dequantised to float32: write the decoder's weights ourselves (the item tower never uses lm_head)
+    save_file({f"model.{k}": v.detach().clone().contiguous() for k, v in model.model.state_dict().items()},
+              str(tmp / "model.safetensors"), metadata={"format": "pt", "source": gguf.name})
+    conf = model.config
+    if hasattr(conf, "quantization_config"):
+        del conf.quantization_config
+    conf.save_pretrained(tmp)
     tok.save_pretrained(tmp)
     tmp.rename(out)  # atomic: a half-written cache is never picked up
     return out

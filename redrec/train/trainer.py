@@ -131,6 +131,8 @@ class Trainer:
         self.eligible = self.eligible.to(self.dev)
         self.gather = _gather_with_grad(self.world)
         self.state = {"epoch": 0, "batch_in_epoch": 0, "global_step": 0, "micro_steps": 0}
+        self.log(f"deepspeed: world size {self.world} on {self.dev}, ZeRO stage {train_cfg.zero_stage}, bf16 {train_cfg.bf16}, "
+                 f"{train_cfg.negatives} negatives per rank, {train_cfg.negatives * self.world} per step")
         self.history: list[dict] = []
 
     # ---- checkpoints -------------------------------------------------------------------------

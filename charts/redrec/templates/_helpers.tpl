@@ -1,0 +1,268 @@
+{{/* vim: set filetype=mustache: */}}
+
+{{- define "redrec.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{/*
+Object-name prefix. Truncated to 40 characters so that "<prefix>-<part>-<suffix>" names stay
+within the 63-character DNS label limit (CronJob names must leave room for the Job suffix).
+*/}}
+{{- define "redrec.fullname" -}}
+{{- if .Values.fullnameOverride -}}
+{{- .Values.fullnameOverride | trunc 40 | trimSuffix "-" -}}
+{{- else -}}
+{{- $name := default .Chart.Name .Values.nameOverride -}}
+{{- if contains $name .Release.Name -}}
+{{- .Release.Name | trunc 40 | trimSuffix "-" -}}
+{{- else -}}
+{{- printf "%s-%s" .Release.Name $name | trunc 40 | trimSuffix "-" -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "redrec.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{/* Labels on every object. */}}
+{{- define "redrec.labels" -}}
+helm.sh/chart: {{ include "redrec.chart" . }}
+app.kubernetes.io/name: {{ include "redrec.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: redrec
+{{- with .Values.commonLabels }}
+{{ toYaml . }}
+{{- end }}
+{{- end -}}
+
+{{/* Selector labels of one part: (dict "ctx" $ "component" "serving"). */}}
+{{- define "redrec.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "redrec.name" .ctx }}
+app.kubernetes.io/instance: {{ .ctx.Release.Name }}
+app.kubernetes.io/component: {{ .component }}
+{{- end -}}
+
+{{/* All labels of one part's objects: (dict "ctx" $ "component" "serving"). */}}
+{{- define "redrec.componentLabels" -}}
+{{ include "redrec.labels" .ctx }}
+app.kubernetes.io/component: {{ .component }}
+{{- end -}}
+
+{{- define "redrec.serving.fullname" -}}{{ include "redrec.fullname" . }}-serving{{- end -}}
+{{- define "redrec.feast.fullname" -}}{{ include "redrec.fullname" . }}-feast{{- end -}}
+{{- define "redrec.drift.fullname" -}}{{ include "redrec.fullname" . }}-drift{{- end -}}
+{{- define "redrec.config.fullname" -}}{{ include "redrec.fullname" . }}-config{{- end -}}
+
+{{- define "redrec.serving.serviceAccountName" -}}
+{{- if .Values.serving.serviceAccount.create -}}
+{{- default (include "redrec.serving.fullname" .) .Values.serving.serviceAccount.name -}}
+{{- else -}}
+{{- default "default" .Values.serving.serviceAccount.name -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "redrec.feast.serviceAccountName" -}}
+{{- if .Values.feast.serviceAccount.create -}}
+{{- default (include "redrec.feast.fullname" .) .Values.feast.serviceAccount.name -}}
+{{- else -}}
+{{- default "default" .Values.feast.serviceAccount.name -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "redrec.drift.serviceAccountName" -}}
+{{- if .Values.drift.serviceAccount.create -}}
+{{- default (include "redrec.drift.fullname" .) .Values.drift.serviceAccount.name -}}
+{{- else -}}
+{{- default "default" .Values.drift.serviceAccount.name -}}
+{{- end -}}
+{{- end -}}
+
+{{/*
+Image reference: (dict "ctx" $ "image" .Values.feast.image). Empty fields fall back to
+.Values.image; the tag falls back to the chart's appVersion; a digest wins over the tag.
+*/}}
+{{- define "redrec.image" -}}
+{{- $base := .ctx.Values.image -}}
+{{- $img := .image | default dict -}}
+{{- $repo := $img.repository | default $base.repository -}}
+{{- $digest := $img.digest | default "" -}}
+{{- $tag := $img.tag | default "" -}}
+{{- if and (not $img.repository) (not $digest) (not $tag) -}}
+{{- $digest = $base.digest -}}
+{{- $tag = $base.tag -}}
+{{- end -}}
+{{- if $digest -}}
+{{- printf "%s@%s" $repo $digest -}}
+{{- else -}}
+{{- printf "%s:%s" $repo (default .ctx.Chart.AppVersion $tag) -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "redrec.imagePullPolicy" -}}
+{{- $img := .image | default dict -}}
+{{- $img.pullPolicy | default .ctx.Values.image.pullPolicy -}}
+{{- end -}}
+
+{{/* Pod-level security context (hardening fixed, ids from values). */}}
+{{- define "redrec.podSecurityContext" -}}
+runAsNonRoot: true
+runAsUser: {{ .Values.securityContext.runAsUser }}
+runAsGroup: {{ .Values.securityContext.runAsGroup }}
+fsGroup: {{ .Values.securityContext.fsGroup }}
+fsGroupChangePolicy: OnRootMismatch
+seccompProfile:
+  type: {{ .Values.securityContext.seccompProfile.type }}
+  {{- if eq .Values.securityContext.seccompProfile.type "Localhost" }}
+  localhostProfile: {{ required "securityContext.seccompProfile.localhostProfile is required when type=Localhost" .Values.securityContext.seccompProfile.localhostProfile | quote }}
+  {{- end }}
+{{- end -}}
+
+{{/* Container-level security context: non-root, read-only root FS, no escalation, no capabilities. */}}
+{{- define "redrec.containerSecurityContext" -}}
+runAsNonRoot: true
+runAsUser: {{ .Values.securityContext.runAsUser }}
+runAsGroup: {{ .Values.securityContext.runAsGroup }}
+privileged: false
+allowPrivilegeEscalation: false
+readOnlyRootFilesystem: true
+capabilities:
+  drop:
+    - ALL
+{{- end -}}
+
+{{/*
+Port of a URL: (dict "url" "http://host:19530" "default" 80). Falls back to the scheme's
+default port (https 443, http 80) and then to "default".
+*/}}
+{{- define "redrec.urlPort" -}}
+{{- $u := urlParse .url -}}
+{{- $hostport := $u.host -}}
+{{- $parts := splitList ":" $hostport -}}
+{{- if and (gt (len $parts) 1) (regexMatch "^[0-9]+$" (last $parts)) -}}
+{{- last $parts -}}
+{{- else if eq $u.scheme "https" -}}
+443
+{{- else if eq $u.scheme "http" -}}
+80
+{{- else -}}
+{{- .default -}}
+{{- end -}}
+{{- end -}}
+
+{{/* Host of a URL. */}}
+{{- define "redrec.urlHost" -}}
+{{- $u := urlParse .url -}}
+{{- first (splitList ":" $u.host) -}}
+{{- end -}}
+
+{{/* Port of the Redis connection string "host:port[,opt=val...]" (default 6379). */}}
+{{- define "redrec.redisPort" -}}
+{{- $hostport := first (splitList "," .Values.feast.onlineStore.redis.connectionString) -}}
+{{- $parts := splitList ":" $hostport -}}
+{{- if and (gt (len $parts) 1) (regexMatch "^[0-9]+$" (last $parts)) -}}
+{{- last $parts -}}
+{{- else -}}
+6379
+{{- end -}}
+{{- end -}}
+
+{{/* URL of the feature server the serving pods use. */}}
+{{- define "redrec.featureServerUrl" -}}
+{{- if .Values.feast.enabled -}}
+{{- printf "http://%s.%s.svc:%d" (include "redrec.feast.fullname" .) .Release.Namespace (int .Values.feast.port) -}}
+{{- else -}}
+{{- required "feast.externalUrl is required when feast.enabled=false (the serving pods need a feature server)" .Values.feast.externalUrl -}}
+{{- end -}}
+{{- end -}}
+
+{{/* Namespace the KFP runs are created in. */}}
+{{- define "redrec.kfpNamespace" -}}
+{{- default .Release.Namespace .Values.kfp.namespace -}}
+{{- end -}}
+
+{{/* Name of the serving-log claim. */}}
+{{- define "redrec.servingLog.claimName" -}}
+{{- default (printf "%s-serving-log" (include "redrec.fullname" .)) .Values.serving.servingLog.persistence.existingClaim -}}
+{{- end -}}
+
+{{/* Effective minimum number of serving replicas. */}}
+{{- define "redrec.serving.minReplicas" -}}
+{{- if .Values.serving.autoscaling.enabled -}}
+{{- .Values.serving.autoscaling.minReplicas | int -}}
+{{- else -}}
+{{- .Values.serving.replicaCount | int -}}
+{{- end -}}
+{{- end -}}
+
+{{/*
+Cross-field checks the JSON schema cannot express. Included once from configmap.yaml, so any
+inconsistency stops rendering with a message naming the values to fix.
+*/}}
+{{- define "redrec.validate" -}}
+{{- $sum := 0.0 -}}
+{{- $names := list -}}
+{{- range .Values.config.experiment.arms -}}
+{{- $sum = addf $sum .share -}}
+{{- if has .name $names -}}
+{{- fail (printf "config.experiment.arms: arm name %q is used twice; arm names must be unique" .name) -}}
+{{- end -}}
+{{- $names = append $names .name -}}
+{{- end -}}
+{{- if or (lt $sum 0.999) (gt $sum 1.001) -}}
+{{- fail (printf "config.experiment.arms: the arm shares sum to %v, they must sum to 1 (the holdout is taken out first, by config.experiment.holdoutShare)" $sum) -}}
+{{- end -}}
+{{- $min := include "redrec.serving.minReplicas" . | int -}}
+{{- if and .Values.serving.pdb.enabled (lt $min 2) -}}
+{{- fail (printf "serving.pdb.enabled=true with %d serving replica(s) would block node drains; raise serving.replicaCount / serving.autoscaling.minReplicas to 2 or more, or set serving.pdb.enabled=false" $min) -}}
+{{- end -}}
+{{- if and .Values.feast.enabled .Values.feast.pdb.enabled (lt (int .Values.feast.replicaCount) 2) -}}
+{{- fail (printf "feast.pdb.enabled=true with %d feature-server replica(s) would block node drains; raise feast.replicaCount to 2 or more, or set feast.pdb.enabled=false" (int .Values.feast.replicaCount)) -}}
+{{- end -}}
+{{- if .Values.serving.autoscaling.enabled -}}
+{{- if lt (int .Values.serving.autoscaling.maxReplicas) (int .Values.serving.autoscaling.minReplicas) -}}
+{{- fail (printf "serving.autoscaling.maxReplicas (%d) is below serving.autoscaling.minReplicas (%d)" (int .Values.serving.autoscaling.maxReplicas) (int .Values.serving.autoscaling.minReplicas)) -}}
+{{- end -}}
+{{- if not (dig "requests" "cpu" "" .Values.serving.resources) -}}
+{{- fail "serving.autoscaling needs serving.resources.requests.cpu (CPU utilization is measured against the request)" -}}
+{{- end -}}
+{{- end -}}
+{{- $log := .Values.serving.servingLog.persistence -}}
+{{- if and $log.enabled (not $log.existingClaim) (gt $min 1) (not (has "ReadWriteMany" $log.accessModes)) -}}
+{{- fail "serving.servingLog.persistence: more than one serving replica shares the claim; accessModes must include ReadWriteMany (or use an existingClaim)" -}}
+{{- end -}}
+{{- if and .Values.feast.enabled (eq .Values.feast.onlineStore.type "postgres") (not .Values.feast.onlineStore.postgres.host) -}}
+{{- fail "feast.onlineStore.postgres.host is required when feast.onlineStore.type=postgres" -}}
+{{- end -}}
+{{- if and .Values.feast.enabled (eq .Values.feast.onlineStore.type "postgres") (not .Values.feast.onlineStore.postgres.passwordSecret.name) -}}
+{{- fail "feast.onlineStore.postgres.passwordSecret.name is required when feast.onlineStore.type=postgres (the password is only taken from a Secret)" -}}
+{{- end -}}
+{{- if and .Values.feast.enabled (eq .Values.feast.registry.type "sql") (not .Values.feast.registry.sql.host) -}}
+{{- fail "feast.registry.sql.host is required when feast.registry.type=sql" -}}
+{{- end -}}
+{{- if and .Values.feast.enabled (eq .Values.feast.registry.type "sql") (not .Values.feast.registry.sql.passwordSecret.name) -}}
+{{- fail "feast.registry.sql.passwordSecret.name is required when feast.registry.type=sql (the password is only taken from a Secret)" -}}
+{{- end -}}
+{{- if and .Values.feast.enabled (eq .Values.feast.registry.type "file") (not .Values.feast.registry.path) -}}
+{{- fail "feast.registry.path is required when feast.registry.type=file" -}}
+{{- end -}}
+{{- if and (not .Values.feast.enabled) (not .Values.feast.externalUrl) -}}
+{{- fail "feast.externalUrl is required when feast.enabled=false (the serving pods need a feature server)" -}}
+{{- end -}}
+{{- end -}}
+
+{{/* Egress rule for DNS (UDP and TCP 53) to networkPolicy.dnsTo. */}}
+{{- define "redrec.networkPolicy.dnsEgress" -}}
+# DNS.
+- ports:
+    - protocol: UDP
+      port: 53
+    - protocol: TCP
+      port: 53
+  {{- with .Values.networkPolicy.dnsTo }}
+  to:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+{{- end -}}

