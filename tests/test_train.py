@@ -115,7 +115,7 @@ def test_two_process_deepspeed_run_on_cpu(tmp_path):
     torchrun = Path(sys.executable).with_name("torchrun")
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     out = subprocess.run(
-        [str(torchrun), "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", "0", "-m", "redrec.cli", "train", "--config", str(cfg_path)],
+        [str(torchrun), "--standalone", "--nproc_per_node", "2", "-m", "redrec.cli", "train", "--config", str(cfg_path)],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
     )
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
