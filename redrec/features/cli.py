@@ -1,0 +1,118 @@
+"""``redrec features build|apply|materialize|history``: the Feast repo from the command line.
+
+The store is the embedded default under ``--data-dir`` (default ``$REDREC_DATA`` or ``data``, the
+folder ``feature_repo/feature_store.yaml`` points at), or the one ``--fs-yaml`` describes (a
+cluster's Redis/Postgres config, see ``feature_repo/k8s/``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import sys
+from datetime import datetime, timezone
+
+import yaml
+
+
+def _repo(args):
+    from redrec.features.store import FeatureRepo
+
+    return FeatureRepo(args.data_dir, fs_yaml=args.fs_yaml, source_dir=args.source_dir)
+
+
+def cmd_build(args) -> tuple[int, dict]:
+    from redrec.data import load_dataset
+
+    kwargs = {}
+    for kv in args.dataset_arg or []:
+        k, sep, v = kv.partition("=")
+        if not sep:
+            raise ValueError(f"--dataset-arg {kv!r}: use key=value")
+        kwargs[k] = yaml.safe_load(v)
+    data = load_dataset(args.dataset, **kwargs)
+    repo = _repo(args)
+    rep = repo.build_sources(data, seq_len=args.seq_len)
+    out = {"sources": str(rep.root), "scenarios": rep.scenarios, "seq_len": rep.seq_len, "rows": rep.rows}
+    if not args.no_apply:
+        repo.apply()
+        out["applied"] = True
+        if not args.no_materialize:
+            repo.materialize()
+            out["materialized"] = True
+    return 0, out
+
+
+def cmd_apply(args) -> tuple[int, dict]:
+    repo = _repo(args)
+    repo.apply()
+    return 0, {"project": repo.store.project, "scenarios": repo.scenarios,
+               "feature_views": sorted(fv.name for fv in repo.store.list_feature_views()),
+               "feature_services": sorted(s.name for s in repo.store.list_feature_services())}
+
+
+def cmd_materialize(args) -> tuple[int, dict]:
+    end = datetime.fromtimestamp(args.end, timezone.utc) if args.end is not None else None
+    repo = _repo(args)
+    repo.materialize(end=end, views=args.views or None)
+    return 0, {"materialized": args.views or "all views", "end": (end or datetime.now(timezone.utc)).isoformat()}
+
+
+def cmd_history(args) -> tuple[int, dict]:
+    repo = _repo(args)
+    hist = repo.online_histories(args.user_ids, args.scenario or None)
+    return 0, {u: [h._asdict() for h in hs] for u, hs in hist.items()}
+
+
+def _guard(fn):
+    """Runs a command returning (exit code, JSON document); bad input ends with its message and
+    exit code 2, not a traceback."""
+
+    def run(args) -> int:
+        try:
+            # Feast reports progress on stdout; keep stdout for this command's JSON
+            with contextlib.redirect_stdout(sys.stderr):
+                out = fn(args)
+        except (ValueError, KeyError, FileNotFoundError) as e:
+            print(f"redrec features {args.features_command}: {e}", file=sys.stderr)
+            return 2
+        code, doc = out
+        print(json.dumps(doc, indent=2))
+        return code
+
+    return run
+
+
+def register(sub) -> None:
+    p = sub.add_parser("features", help="build, apply and materialise the Feast feature repo; read histories")
+    fsub = p.add_subparsers(dest="features_command", required=True)
+
+    def common(q):
+        q.add_argument("--data-dir", dest="data_dir", help="embedded store folder (default $REDREC_DATA or ./data)")
+        q.add_argument("--fs-yaml", dest="fs_yaml", help="use this feature_store.yaml instead (e.g. feature_repo/k8s/…)")
+        q.add_argument("--source-dir", dest="source_dir", help="parquet sources (default <data-dir>/feast_sources)")
+
+    q = fsub.add_parser("build", help="write the parquet sources from a dataset, then apply and materialise")
+    common(q)
+    q.add_argument("--dataset", default="movielens-1m", help="movielens-1m, synthetic or parquet")
+    q.add_argument("--dataset-arg", action="append", help="key=value passed to the dataset loader (repeatable)")
+    q.add_argument("--seq-len", dest="seq_len", type=int, help="events kept per user and scenario (default 50)")
+    q.add_argument("--no-apply", action="store_true")
+    q.add_argument("--no-materialize", action="store_true")
+    q.set_defaults(func=_guard(cmd_build))
+
+    q = fsub.add_parser("apply", help="register entities, sources, views and services (what `feast apply` does)")
+    common(q)
+    q.set_defaults(func=_guard(cmd_apply))
+
+    q = fsub.add_parser("materialize", help="load the latest feature rows into the online store")
+    common(q)
+    q.add_argument("--views", nargs="*", help="only these feature views")
+    q.add_argument("--end", type=int, help="unix seconds (default now)")
+    q.set_defaults(func=_guard(cmd_materialize))
+
+    q = fsub.add_parser("history", help="a user's merged online history (empty for an unknown user)")
+    common(q)
+    q.add_argument("user_ids", nargs="+")
+    q.add_argument("--scenario", action="append", help="only these scenarios (repeatable)")
+    q.set_defaults(func=_guard(cmd_history))

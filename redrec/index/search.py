@@ -1,0 +1,109 @@
+"""Serving-side retrieval: the top-k eligible items for a user's K query vectors in a scenario."""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+
+import numpy as np
+
+from redrec.index.config import IndexConfig
+from redrec.index.milvus import PK, CollectionInfo, _alias_target, _search_raw, describe
+
+log = logging.getLogger(__name__)
+_RETRIES = 2
+_info_cache: dict[tuple[str, str], CollectionInfo] = {}
+_info_lock = threading.Lock()
+
+
+class NotPublished(LookupError):
+    pass
+
+
+def _info(cfg: IndexConfig, collection: str) -> CollectionInfo:
+    # a published version is immutable, so its description is cached by (uri, collection)
+    key = (cfg.uri, collection)
+    with _info_lock:
+        hit = _info_cache.get(key)
+    if hit is None:
+        hit = describe(cfg, collection)
+        if hit.status == "ready":
+            with _info_lock:
+                _info_cache[key] = hit
+    return hit
+
+
+def search(
+    cfg: IndexConfig,
+    query_vectors: np.ndarray,
+    scenario: str,
+    k: int,
+    exclude_ids: list[str] | None = None,
+) -> list[tuple[str, float]]:
+    """Items eligible in ``scenario``, ranked by the MAX similarity over the K query vectors,
+    without ``exclude_ids``; at most ``k`` pairs ``(item_id, score)``, best first.
+
+    The alias is resolved once per call and that version is searched, so a concurrent swap makes
+    a call see the old or the new version whole; should that version be dropped meanwhile (the
+    retention step of the swap that replaced it), the alias is resolved again. Exclusions are handled by over-fetching
+    ``k + len(exclude_ids)`` per query vector (exact for the max-merge: an item of the final top-k
+    is within that rank for the query that scores it best); beyond the server's top-k limit they
+    go into the filter expression instead.
+    """
+    if k <= 0:
+        return []
+    q = np.asarray(query_vectors, dtype=np.float32)
+    if q.ndim == 1:
+        q = q[None, :]
+    if q.ndim != 2 or len(q) == 0:
+        raise ValueError(f"query_vectors must be [K, dim] with K >= 1, got shape {q.shape}")
+    if not np.isfinite(q).all():
+        raise ValueError("query vectors hold NaN or infinite values")
+    exclude = set(map(str, exclude_ids or ()))
+    # A swap may move the alias, and retention drop the old version, between resolving the alias
+    # and searching the version it named: then the search fails on a collection that is gone.
+    # Re-resolve and retry; an error with the alias unchanged is a real one.
+    target = None
+    for _ in range(_RETRIES + 1):
+        resolved = _alias_target(cfg)
+        if resolved is None:
+            raise NotPublished(f"no index is published under '{cfg.name}' at {cfg.uri}")
+        if resolved == target:
+            raise last_error
+        target = resolved
+        try:
+            return _search_version(cfg, target, q, scenario, k, exclude)
+        except (ValueError, NotPublished):
+            raise
+        except Exception as e:  # noqa: BLE001 - retried only when the alias moved meanwhile
+            last_error = e
+            log.info("search on %s failed (%s); re-resolving alias '%s'", target, e, cfg.name)
+    raise last_error
+
+
+def _search_version(cfg: IndexConfig, target: str, q: np.ndarray, scenario: str, k: int, exclude: set[str]) -> list[tuple[str, float]]:
+    info = _info(cfg, target)
+    if info.dim is not None and q.shape[1] != info.dim:
+        raise ValueError(f"query vectors have dim {q.shape[1]}, the served index {target} has dim {info.dim}")
+    field = info.scenarios.get(scenario)
+    if field is None:
+        raise ValueError(f"scenario {scenario!r} has no eligible items in {target}; it knows {sorted(info.scenarios)}")
+    metric = info.metric or cfg.metric
+    if metric == "COSINE":
+        q = q / np.linalg.norm(q, axis=1, keepdims=True).clip(1e-12)
+    flt = f"{field} == true"
+    limit = k + len(exclude)
+    if limit > cfg.max_topk:
+        flt += f" and {PK} not in {json.dumps(sorted(exclude))}"
+        limit = k
+    params = info.search_params or {}
+    scfg = cfg if metric == cfg.metric else cfg.model_copy(update={"metric": metric})
+    best: dict[str, float] = {}
+    for hits in _search_raw(scfg, target, q, min(limit, cfg.max_topk), params, flt):
+        for iid, score in hits:
+            if iid in exclude:
+                continue
+            if score > best.get(iid, -np.inf):
+                best[iid] = score
+    return sorted(best.items(), key=lambda kv: (-kv[1], kv[0]))[:k]
