@@ -30,11 +30,28 @@ def test_masking_same_item_near_duplicate_and_ineligible():
     neg_ids = torch.tensor([5, 6, 7, 8])
     eligible = torch.ones(1, 10, dtype=torch.bool)
     eligible[0, 8] = False
+    # the near-duplicate test reads fixed reference vectors: item 6 duplicates item 5 there
+    ref = torch.zeros(10, 2)
+    ref[:, 1] = 1.0
+    ref[5], ref[6] = unit(1.0, 0.0), unit(0.995, 0.1)
     loss, stats = next_window_infonce(user, targets, target_ids, negs, neg_ids, torch.tensor(2.0),
-                                      eligible=eligible, sample_scen=torch.tensor([0]), in_batch=0)
+                                      eligible=eligible, sample_scen=torch.tensor([0]), in_batch=0, dup_ref=ref)
     # only item 7 (cosine 0) survives: loss = log(e^2 + e^0) - 2
     assert float(loss) == pytest.approx(math.log(1 + math.exp(-2.0)), rel=1e-5)
     assert stats["masked_negatives"] == pytest.approx(0.75)
+
+
+def test_near_duplicate_mask_ignores_the_learned_vectors():
+    """Collapsed learned embeddings must not mask their negatives away (the loss would reward collapse)."""
+    user = unit(1.0, 0.0)[None, None]
+    targets = unit(1.0, 0.0)[None, None]
+    negs = unit(1.0, 0.0)[None]  # learned negative identical to the target
+    ref = torch.eye(10, 2)  # but different items by their content: ids 0 and 1 differ, 2.. are zero
+    ref[3], ref[4] = unit(1.0, 0.0), unit(0.0, 1.0)
+    loss, stats = next_window_infonce(user, targets, torch.tensor([[3]]), negs, torch.tensor([4]), torch.tensor(1.0),
+                                      in_batch=0, dup_ref=ref)
+    assert stats["masked_negatives"] == 0.0
+    assert float(loss) == pytest.approx(math.log(2.0), rel=1e-5)
 
 
 def test_in_batch_positives_are_negatives_for_the_other_samples():

@@ -5,7 +5,9 @@ each positive is matched to one of the K query vectors (cosine k-means on the ta
 optimal cluster->query assignment); negatives are catalogue items sampled once and shared by the
 whole batch, plus the other samples' positives (in-batch); a negative equal to one of the
 sample's positives, ineligible in the sample's scenario, or with cosine > ``false_negative_cos``
-to the positive is masked. The logit scale is learnable, starts at 1/0.07 and is capped at 100.
+to the positive is masked. That cosine is taken on fixed reference vectors (the item LLM's cached
+text embeddings), never on the embeddings being learned: masked negatives lower the loss, so a
+mask computed on learned vectors rewards collapsing every item onto one point. The logit scale is learnable, starts at 1/0.07 and is capped at 100.
 """
 
 from __future__ import annotations
@@ -84,6 +86,7 @@ def next_window_infonce(
     sample_scen: torch.Tensor | None = None,  # [N] scenario of each sample
     in_batch: int = 512,
     false_negative_cos: float = 0.98,
+    dup_ref: torch.Tensor | None = None,  # [n_items + 1, D] fixed unit vectors for the near-duplicate test
 ) -> tuple[torch.Tensor, dict[str, float]]:
     N, W, d = targets.shape
     mask = target_ids > 0
@@ -111,8 +114,9 @@ def next_window_infonce(
         ok = torch.ones(N, neg_ids.shape[0], dtype=torch.bool, device=user.device)
     neg = torch.einsum("nwd,md->nwm", u, neg_vecs)  # [N, W, M']
     same_item = (target_ids[:, :, None] == neg_ids[None, None, :]).any(1, keepdim=True)  # neg is any positive of the sample
-    near_dup = torch.einsum("nwd,md->nwm", targets.detach(), neg_vecs.detach()) > false_negative_cos
-    drop = same_item | near_dup | ~ok[:, None, :]
+    drop = same_item | ~ok[:, None, :]
+    if dup_ref is not None:
+        drop = drop | (torch.einsum("nwd,md->nwm", dup_ref[target_ids], dup_ref[neg_ids]) > false_negative_cos)
     logits = torch.cat([pos[..., None], neg.masked_fill(drop, NEG_INF)], -1) * scale
     per_pos = torch.logsumexp(logits, -1) - logits[..., 0]
     loss = (per_pos * mask).sum() / mask.sum().clamp_min(1)

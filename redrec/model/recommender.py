@@ -75,6 +75,8 @@ class RecModel(nn.Module):
             else:
                 self.item_table = nn.Embedding.from_pretrained(table, freeze=False, padding_idx=0)
             self.item_adapter = nn.Sequential(nn.LayerNorm(table.shape[1]), nn.Linear(table.shape[1], H))
+            # the near-duplicate test of the loss needs fixed vectors; not part of the checkpoint
+            self.register_buffer("dup_ref", nn.functional.normalize(table, dim=-1), persistent=False)
         elif cfg.item_source == "id":
             self.item_table = nn.Embedding(n, H, padding_idx=0)
             nn.init.normal_(self.item_table.weight, std=0.02)
@@ -132,4 +134,5 @@ class RecModel(nn.Module):
             user, targets, target_ids, negatives, negative_ids, self.logit_scale(),
             eligible=eligible, sample_scen=batch["cut_scen"].reshape(-1)[valid],
             false_negative_cos=self.cfg.false_negative_cos, in_batch=self.cfg.in_batch_negatives,
+            dup_ref=getattr(self, "dup_ref", None),
         )

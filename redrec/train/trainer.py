@@ -63,7 +63,8 @@ def init_distributed(device: str) -> tuple[int, int]:
     import torch.distributed as dist
 
     backend = "nccl" if device == "cuda" else "gloo"
-    if "WORLD_SIZE" not in os.environ and not dist.is_initialized():
+    # under mpirun (the Kubeflow deepspeed-distributed runtime) ranks come from the OMPI_* variables
+    if "WORLD_SIZE" not in os.environ and "OMPI_COMM_WORLD_SIZE" not in os.environ and not dist.is_initialized():
         # one plain process: an in-memory store, so concurrent runs never race for a TCP port
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
         dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
