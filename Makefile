@@ -13,7 +13,7 @@ export TORCH_EXTENSIONS_DIR := $(CURDIR)/build/torch_extensions
 export REDREC_CACHE := $(CURDIR)/build/cache
 export PYTHONUNBUFFERED := 1
 
-.PHONY: install run test bench clean
+.PHONY: install run test quality bench clean
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -29,10 +29,13 @@ $(STAMP): pyproject.toml Makefile
 install: $(STAMP)
 
 run: install
-	$(VENV)/bin/redrec quality --config configs/ml1m-cpu.yaml --output build/quality-ml1m.json
+	$(VENV)/bin/redrec pipeline run --config configs/pipeline-ml1m.yaml --output build/pipeline-ml1m-run.json
 
 test: install
 	$(VENV)/bin/pytest
+
+quality: install
+	$(VENV)/bin/redrec quality --config configs/ml1m-cpu.yaml --output build/quality-ml1m.json
 
 bench: install
 	$(PY) bench/quality.py

@@ -11,8 +11,6 @@ import threading
 import numpy as np
 import pytest
 
-pytest.importorskip("pymilvus")
-pytest.importorskip("milvus_lite")
 
 from redrec.index import (  # noqa: E402
     IndexConfig,

@@ -1,0 +1,119 @@
+"""The RED-Rec BentoML service: routes, typed I/O and status codes over ``redrec.serving.engine``.
+
+Config: the YAML at ``$REDREC_CONFIG`` (the chart mounts it at /etc/redrec/config.yaml).
+Errors: bad input -> 4xx with ``{"error", "field"}``; Milvus/Feast down -> 503 with the reason
+(or the popularity fallback when ``serving.on_dependency_error: popularity``); the process keeps
+running. ``/readyz`` fails until the models, the index aliases and the popularity table are loaded.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Annotated, Any, Optional
+
+import bentoml
+from pydantic import BaseModel, Field
+from starlette.responses import JSONResponse
+
+os.environ.setdefault("BENTOML_DO_NOT_TRACK", "True")
+
+from redrec.serving.config import ServingConfig  # noqa: E402
+from redrec.serving.engine import Engine, ServingError  # noqa: E402
+
+log = logging.getLogger("redrec.serving")
+
+
+class Recommendation(BaseModel):
+    request_id: str
+    experiment: str
+    user_id: str
+    scenario: str
+    arm: str = Field(description="experiment arm, or 'holdout'")
+    model_version: str = Field(description="model that ranked the items ('popularity' for holdout/fallback)")
+    items: list[str]
+    scores: list[float]
+    cold_start: bool = Field(description="no usable history: the scenario's popular items")
+    fallback: bool = Field(description="a dependency was down: popularity served instead")
+
+
+class SimilarItems(BaseModel):
+    item_id: str
+    scenario: str
+    model_version: str
+    items: list[str]
+    scores: list[float]
+
+
+class Event(BaseModel):
+    user_id: Annotated[str, Field(min_length=1)]
+    item_id: Annotated[str, Field(min_length=1)]
+    scenario: Annotated[str, Field(min_length=1)]
+    action: Annotated[str, Field(min_length=1)]
+    ts: Optional[int] = Field(None, ge=0, description="unix seconds; default: now")
+    request_id: Optional[str] = Field(None, max_length=128, description="the response this event reacts to")
+
+
+class Recorded(BaseModel):
+    accepted: int
+    skipped_duplicates: int
+
+
+def _error(e: ServingError) -> JSONResponse:
+    return JSONResponse(e.body(), status_code=e.status)
+
+
+@bentoml.service(name="redrec", workers=1, traffic={"timeout": 30, "max_concurrency": 512})
+class RedRec:
+    def __init__(self) -> None:
+        self.cfg = ServingConfig.from_env()
+        logging.getLogger("redrec").setLevel(self.cfg.log_level.upper())
+        self.engine = Engine(self.cfg)
+
+    def __is_ready__(self) -> bool:
+        ok, why = self.engine.ready()
+        if not ok:
+            log.warning("not ready: %s", why)
+        return ok
+
+    @bentoml.api(route="/recommend")
+    async def recommend(
+        self,
+        user_id: Annotated[str, Field(min_length=1, max_length=4096)],
+        scenario: str,
+        k: Annotated[int, Field(ge=1)] = 10,
+        exclude_seen: bool = True,
+        context: Optional[dict[str, Any]] = None,
+    ) -> Recommendation:
+        """Top-k items for a user in one scenario, read from their behaviour in every scenario."""
+        try:
+            return Recommendation(**await self.engine.recommend(user_id, scenario, k, exclude_seen, context))
+        except ServingError as e:
+            return _error(e)
+
+    @bentoml.api(route="/similar_items")
+    async def similar_items(
+        self,
+        item_id: Annotated[str, Field(min_length=1, max_length=4096)],
+        scenario: str,
+        k: Annotated[int, Field(ge=1)] = 10,
+        user_id: Optional[str] = None,
+    ) -> SimilarItems:
+        """Items eligible in the scenario closest to ``item_id`` (the arm of ``user_id``, else control)."""
+        try:
+            return SimilarItems(**await self.engine.similar_items(item_id, scenario, k, user_id))
+        except ServingError as e:
+            return _error(e)
+
+    @bentoml.api(route="/record_events")
+    async def record_events(self, events: list[Event]) -> Recorded:
+        """Push fresh behaviour to Feast (the next request sees it) and log it as feedback."""
+        try:
+            return Recorded(**await self.engine.record_events([e.model_dump() for e in events]))
+        except ServingError as e:
+            return _error(e)
+
+    @bentoml.api(route="/batching_stats")
+    def batching_stats(self) -> dict:
+        """Micro-batching counters per arm (batches, items, largest, mean size)."""
+        return self.engine.stats()

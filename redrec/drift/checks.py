@@ -1,0 +1,302 @@
+"""Per-scenario checks: behaviour features, user embeddings, served scores (Evidently) and the
+online hit rate against the offline evaluation.
+
+Each check ends in one status: ``drift``, ``ok``, ``insufficient_data`` (too few rows to judge:
+never an alarm), ``skipped`` (disabled, or nothing to compare with by design) or ``error`` (the
+input is broken: the message says what and how to fix it). A scenario's verdict is ``drift`` if
+any check drifted, ``ok`` if at least one check was judged, ``error`` if a check could not run
+on broken input and nothing was judged, else ``insufficient_data``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import pandas as pd
+from evidently import DataDefinition, Dataset, Report
+from evidently.metrics import ValueDrift
+from evidently.metrics.embeddings import DistanceDriftMethod, MMDDriftMethod, ModelDriftMethod, RatioDriftMethod
+from evidently.presets import DataDriftPreset
+
+from redrec.drift.config import NUMERIC_FEATURES, PVALUE_METHODS, ScenarioThresholds, drifted
+from redrec.drift.model_side import reduce_embedding
+
+
+@dataclass
+class FeatureResult:
+    name: str
+    method: str
+    score: float | None
+    threshold: float
+    drifted: bool
+    n_reference: int
+    n_current: int
+    message: str | None = None
+    lower_drifts: bool = False  # p-values and the hit-rate ratio drift downwards
+
+    @property
+    def severity(self) -> float:
+        """How far past (or short of) the threshold, comparable across methods: > 1 is drift."""
+        if self.score is None:
+            return 0.0
+        if self.lower_drifts or self.method in PVALUE_METHODS:
+            return self.threshold / max(self.score, 1e-12)
+        return self.score / self.threshold
+
+
+@dataclass
+class CheckResult:
+    name: str
+    status: str
+    method: str | None = None
+    score: float | None = None
+    threshold: float | None = None
+    n_reference: int = 0
+    n_current: int = 0
+    message: str | None = None
+    drift_share: float | None = None
+    features: list[FeatureResult] = field(default_factory=list)
+
+    def as_dict(self) -> dict:
+        d = asdict(self)
+        d["features"] = [asdict(f) for f in self.features]
+        return d
+
+
+@dataclass
+class ScenarioResult:
+    scenario: str
+    verdict: str
+    checks: list[CheckResult]
+    problems: list[str] = field(default_factory=list)
+    snapshots: list = field(default_factory=list, repr=False)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def own_drift(self) -> bool:
+        return any(c.status == "drift" for c in self.checks if c.name in OWN_CHECKS)
+
+    @property
+    def drift_share(self) -> float | None:
+        b = self.check("behaviour")
+        return b.drift_share if b else None
+
+    def check(self, name: str) -> CheckResult | None:
+        return next((c for c in self.checks if c.name == name), None)
+
+    def drifted_features(self) -> list[FeatureResult]:
+        """Everything that drifted, worst first: behaviour features and the model-side checks
+        (those only when they made the verdict, not when attributed to another scenario)."""
+        out = []
+        for c in self.checks:
+            if c.name == "behaviour":
+                out += [f for f in c.features if f.drifted]
+            elif c.status == "drift" and (c.name in OWN_CHECKS or self.verdict == "drift"):
+                out.append(FeatureResult(c.name, c.method or "", c.score, c.threshold or 0, True, c.n_reference, c.n_current,
+                                         lower_drifts=c.name == "online_hit_rate" or c.method in PVALUE_METHODS))
+        return sorted(out, key=lambda f: -f.severity)
+
+    def as_dict(self) -> dict:
+        return {
+            "scenario": self.scenario,
+            "verdict": self.verdict,
+            "drift_share": self.drift_share,
+            "top_drifted": [f.name for f in self.drifted_features()],
+            "checks": [c.as_dict() for c in self.checks],
+            "problems": self.problems,
+            "notes": self.notes,
+        }
+
+
+def _sample(df: pd.DataFrame, n: int, seed: int) -> pd.DataFrame:
+    return df.sample(n, random_state=seed) if len(df) > n else df
+
+
+def _nan_only(ref: pd.DataFrame, cur: pd.DataFrame, cols: list[str], what: str) -> tuple[list[str], list[str]]:
+    """Columns usable on both sides, and a message for each column with no values on one side."""
+    ok, problems = [], []
+    for c in cols:
+        side = [name for name, df in (("reference", ref), ("current", cur)) if len(df) and df[c].notna().sum() == 0]
+        if side:
+            problems.append(f"{what} '{c}' is NaN in every {' and '.join(side)} row: its producer writes no values; fix it or disable the feature in the thresholds")
+        else:
+            ok.append(c)
+    return ok, problems
+
+
+def behaviour_check(ref: pd.DataFrame, cur: pd.DataFrame, th: ScenarioThresholds, seed: int) -> tuple[CheckResult, list[str], object]:
+    bt = th.behaviour
+    cols = [f for f in bt.features if bt.features[f].enabled]
+    res = CheckResult("behaviour", "insufficient_data", method="evidently DataDriftPreset", threshold=bt.drift_share,
+                      n_reference=len(ref), n_current=len(cur))
+    if len(ref) < bt.min_reference_rows:
+        res.message = f"reference has {len(ref)} events for this scenario, at least {bt.min_reference_rows} needed"
+        return res, [], None
+    if len(cur) < bt.min_current_rows:
+        res.message = f"current window has {len(cur)} events for this scenario, at least {bt.min_current_rows} needed"
+        return res, [], None
+    cols, problems = _nan_only(ref, cur, cols, "behaviour feature")
+    if not cols:
+        res.status, res.message = "error", "no usable behaviour feature: " + "; ".join(problems)
+        return res, problems, None
+    ref, cur = _sample(ref[cols], bt.max_rows, seed), _sample(cur[cols], bt.max_rows, seed)
+    num = [c for c in cols if c in NUMERIC_FEATURES]
+    defn = DataDefinition(numerical_columns=num, categorical_columns=[c for c in cols if c not in num])
+    preset = DataDriftPreset(
+        columns=cols, drift_share=bt.drift_share,
+        per_column_method={c: bt.features[c].method for c in cols},
+        per_column_threshold={c: bt.features[c].threshold for c in cols},
+    )
+    snap = Report([preset]).run(Dataset.from_pandas(cur, data_definition=defn), Dataset.from_pandas(ref, data_definition=defn))
+    for m in snap.dict()["metrics"]:
+        cfg = m["config"]
+        if cfg["type"].endswith(":ValueDrift"):
+            c = cfg["column"]
+            score = float(m["value"])
+            ft = bt.features[c]
+            res.features.append(FeatureResult(c, ft.method, score, ft.threshold, drifted(ft.method, score, ft.threshold),
+                                              int(ref[c].notna().sum()), int(cur[c].notna().sum())))
+        elif cfg["type"].endswith(":DriftedColumnsCount"):
+            res.drift_share = float(m["value"]["share"])
+    n_drift = sum(f.drifted for f in res.features)
+    # Evidently's own count and ours must agree: a mismatch means a method's direction is wrong
+    if res.drift_share is None or not math.isclose(res.drift_share, n_drift / len(res.features), abs_tol=1e-9):
+        raise RuntimeError(f"drift share mismatch: Evidently {res.drift_share}, features {n_drift}/{len(res.features)}")
+    res.score = res.drift_share
+    res.status = "drift" if res.drift_share >= bt.drift_share else "ok"
+    return res, problems, snap
+
+
+_EMB_METHODS = {"model": ModelDriftMethod, "distance": DistanceDriftMethod, "mmd": MMDDriftMethod}
+
+
+def embedding_check(ref: pd.DataFrame | None, requests: pd.DataFrame, dim: int | None, th: ScenarioThresholds, seed: int) -> tuple[CheckResult, list[str], object]:
+    et = th.embedding
+    res = CheckResult("user_embedding", "skipped", method=f"evidently embedding drift ({et.method})", threshold=et.threshold)
+    if not et.enabled:
+        res.message = "disabled in the thresholds"
+        return res, [], None
+    if ref is None or not dim:
+        res.message = "the reference was recorded without a model: no reference embeddings"
+        return res, [], None
+    cols = [f"e{d}" for d in range(dim)]
+    raw = requests["user_embedding"] if "user_embedding" in requests else pd.Series([], dtype=object)
+    present = raw.dropna()
+    vecs = [v for v in (reduce_embedding(x, dim) for x in present) if v is not None]
+    problems = []
+    if len(present) and not vecs:
+        problems.append(f"serving log 'user_embedding' holds no usable vector in {len(present)} requests "
+                        f"(need {dim} or K x {dim} finite values, the model's dim)")
+        res.status, res.message = "error", problems[0]
+        return res, problems, None
+    cur = pd.DataFrame(np.asarray(vecs).reshape(-1, dim), columns=cols)
+    res.n_reference, res.n_current = len(ref), len(cur)
+    if len(ref) < et.min_rows or len(cur) < et.min_rows:
+        res.status = "insufficient_data"
+        res.message = f"{len(ref)} reference and {len(cur)} current user embeddings, at least {et.min_rows} each needed" + (
+            " (the serving log omits 'user_embedding')" if len(requests) and not len(present) else "")
+        return res, problems, None
+    ref, cur = _sample(ref[cols].reset_index(drop=True), et.max_rows, seed), _sample(cur, et.max_rows, seed)
+    method = RatioDriftMethod(threshold=et.threshold) if et.method == "ratio" else _EMB_METHODS[et.method](threshold=et.threshold, bootstrap=False)
+    # Evidently's drift method judges. Its EmbeddingsDrift report would add a t-SNE map that
+    # takes ~40 s per scenario on 2 cores, so the report shows instead the distribution of each
+    # embedding's cosine to the reference mean: one cheap histogram that moves when they move
+    score, _, _ = method(cur.copy(), ref.copy())
+    res.score = float(score)
+    res.status = "drift" if res.score > et.threshold else "ok"
+    centre = ref.to_numpy().mean(0)
+    centre /= max(np.linalg.norm(centre), 1e-12)
+    col = "user_embedding_cos_to_reference_mean"
+    defn = DataDefinition(numerical_columns=[col])
+    snap = Report([ValueDrift(column=col, method="wasserstein", threshold=0.1)]).run(
+        Dataset.from_pandas(pd.DataFrame({col: cur.to_numpy() @ centre}), data_definition=defn),
+        Dataset.from_pandas(pd.DataFrame({col: ref.to_numpy() @ centre}), data_definition=defn))
+    return res, problems, snap
+
+
+def prediction_check(ref: pd.DataFrame | None, requests: pd.DataFrame, th: ScenarioThresholds, seed: int) -> tuple[CheckResult, list[str], object]:
+    pt = th.prediction
+    res = CheckResult("served_score", "skipped", method=pt.method, threshold=pt.threshold)
+    if not pt.enabled:
+        res.message = "disabled in the thresholds"
+        return res, [], None
+    if ref is None:
+        res.message = "the reference was recorded without a model: no reference scores"
+        return res, [], None
+    ref = ref.loc[ref["rank"] < pt.top_k, ["score"]]
+    cur = pd.DataFrame({"score": [s for row in requests.get("scores", []) for s in row[: pt.top_k]]}, dtype="float64")
+    problems = []
+    finite = np.isfinite(cur["score"].to_numpy())
+    if len(cur) and not finite.any():
+        problems.append(f"serving log 'scores' are NaN/inf in all {len(cur)} served items: the serving path logs broken scores")
+        res.status, res.message, res.n_current = "error", problems[0], len(cur)
+        return res, problems, None
+    cur = cur[finite]
+    res.n_reference, res.n_current = len(ref), len(cur)
+    if len(ref) < pt.min_rows or len(cur) < pt.min_rows:
+        res.status = "insufficient_data"
+        res.message = f"{len(ref)} reference and {len(cur)} current served scores, at least {pt.min_rows} each needed"
+        return res, problems, None
+    ref, cur = _sample(ref, pt.max_rows, seed), _sample(cur, pt.max_rows, seed)
+    defn = DataDefinition(numerical_columns=["score"])
+    snap = Report([ValueDrift(column="score", method=pt.method, threshold=pt.threshold)]).run(
+        Dataset.from_pandas(cur, data_definition=defn), Dataset.from_pandas(ref, data_definition=defn))
+    res.score = float(snap.dict()["metrics"][0]["value"])
+    res.status = "drift" if drifted(pt.method, res.score, pt.threshold) else "ok"
+    return res, problems, snap
+
+
+def hit_rate_check(requests: pd.DataFrame, feedback: pd.DataFrame, offline: dict, th: ScenarioThresholds) -> CheckResult:
+    ht = th.hit_rate
+    key = f"hr@{ht.k}"
+    res = CheckResult("online_hit_rate", "skipped", method=f"online {key} / offline {key}", threshold=ht.min_ratio)
+    if not ht.enabled:
+        res.message = "disabled in the thresholds"
+        return res
+    if key not in (offline or {}):
+        res.message = f"the reference has no offline {key} for this scenario (meta['offline_metrics'])"
+        return res
+    pos = feedback[~feedback["action"].isin(ht.negative_actions)] if len(feedback) else feedback
+    engaged = set(feedback["request_id"]) if len(feedback) else set()
+    served = requests[requests["request_id"].isin(engaged)] if len(requests) else requests
+    res.n_current = len(served)
+    if len(served) < ht.min_requests:
+        res.status = "insufficient_data"
+        res.message = f"{len(served)} requests with feedback, at least {ht.min_requests} needed"
+        return res
+    liked = pos.groupby("request_id")["item_id"].agg(set).to_dict() if len(pos) else {}
+    hits = sum(bool(liked.get(r, set()) & set(items[: ht.k])) for r, items in zip(served["request_id"], served["items"]))
+    online = hits / len(served)
+    off = float(offline[key])
+    res.score = online / off if off > 0 else math.inf
+    res.message = f"online {key} {online:.4f} over {len(served)} requests vs offline {off:.4f}"
+    res.status = "drift" if res.score < ht.min_ratio else "ok"
+    return res
+
+
+OWN_CHECKS = ("behaviour", "online_hit_rate", "reference")
+
+
+def verdict(checks: list[CheckResult], drifted_elsewhere: list[str] | None = None) -> tuple[str, list[str]]:
+    """The scenario's verdict and notes. The user tower reads every scenario's history, so a
+    behaviour shift in one scenario moves user embeddings and scores in all of them: model-side
+    drift (user_embedding, served_score) makes a scenario drifted only when no other scenario's
+    own traffic drifted; otherwise it is attributed to those scenarios in a note."""
+    own = {c.status for c in checks if c.name in OWN_CHECKS}
+    model_drift = [c.name for c in checks if c.name not in OWN_CHECKS and c.status == "drift"]
+    status = {c.status for c in checks}
+    notes = []
+    if "drift" in own:
+        return "drift", notes
+    if model_drift:
+        if not drifted_elsewhere:
+            return "drift", notes
+        notes.append(f"{', '.join(model_drift)} drifted, attributed to the behaviour drift in {', '.join(drifted_elsewhere)} "
+                     "(the user tower mixes all scenarios' histories)")
+    if "ok" in status or model_drift:
+        return "ok", notes
+    if "error" in status:
+        return "error", notes
+    return "insufficient_data", notes

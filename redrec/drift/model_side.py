@@ -1,0 +1,113 @@
+"""What the model would have served during the training window: the reference for the
+user-embedding drift and the served-score (prediction) drift.
+
+A user has K vectors per scenario; drift is measured on their L2-normalised mean, one
+``dim``-sized vector per request. Serving-log embeddings are reduced the same way
+(``reduce_embedding``), whether the log holds the K x dim vectors or the mean already.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from redrec.data.dataset import RecData, encode
+from redrec.model.checkpoint import load_for_serving
+from redrec.train.batches import BatchBuilder
+
+
+def reduce_embedding(vec, dim: int) -> np.ndarray | None:
+    """``dim`` values, or K x ``dim`` values (K query vectors), to one unit vector; None if unusable."""
+    a = np.asarray(vec, dtype=np.float64).ravel()
+    if a.size == 0 or a.size % dim or not np.isfinite(a).all():
+        return None
+    m = a.reshape(-1, dim).mean(0)
+    n = np.linalg.norm(m)
+    return m / n if n > 0 else None
+
+
+def reference_model_outputs(
+    events: pd.DataFrame, items: pd.DataFrame, model_dir: str | Path, scenarios: list[str],
+    top_k: int = 10, max_requests: int = 2000, seed: int = 0,
+) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
+    """(embeddings: scenario + e0..e{d-1}, scores: scenario + rank + score, model info).
+
+    Requests are replayed at a sample of the window's own events (history = the user's events
+    before it), so the reference mixes cold, short and long histories the way traffic does; an
+    end-of-window snapshot would only hold long histories and flag every live window as drift.
+    """
+    rng = np.random.default_rng(seed)
+    picks = []
+    for s in scenarios:
+        idx = np.flatnonzero(events["scenario"].to_numpy() == s)
+        if len(idx) > max_requests:
+            idx = np.sort(rng.choice(idx, size=max_requests, replace=False))
+        picks.append(idx)
+    req = events.iloc[np.concatenate(picks)][["user_id", "scenario", "ts"]].reset_index(drop=True)
+    req.insert(0, "request_id", [f"ref-{i}" for i in range(len(req))])
+    served, info = serve_like(model_dir, events, items, req, top_k)
+    dim = int(info["model"]["dim"])
+    vecs = [reduce_embedding(v, dim) for v in served["user_embedding"]]
+    keep = [i for i, v in enumerate(vecs) if v is not None]
+    emb = pd.DataFrame(np.asarray([vecs[i] for i in keep]).reshape(-1, dim), columns=[f"e{d}" for d in range(dim)])
+    emb.insert(0, "scenario", served["scenario"].to_numpy()[keep])
+    scores = served[["scenario", "scores"]].explode("scores").rename(columns={"scores": "score"})
+    scores["rank"] = scores.groupby(level=0).cumcount()
+    scores = scores.dropna().astype({"score": "float64"}).reset_index(drop=True)[["scenario", "rank", "score"]]
+    meta = {"dim": dim, "variant": info["model"].get("variant"), "n_requests": int(len(req))}
+    return emb, scores, meta
+
+
+@torch.no_grad()
+def serve_like(model_dir: str | Path, events: pd.DataFrame, items: pd.DataFrame, requests: pd.DataFrame, top_k: int = 10) -> tuple[pd.DataFrame, dict]:
+    """Recommendations computed the way the serving path does, one per request row (request_id,
+    user_id, scenario, ts): the user's events strictly before ts are the history, seen items and
+    items not eligible in the scenario are masked. Returns serving-log records (contract 1) and
+    the checkpoint info. The reference uses it; tests and the benchmark use it to write a
+    serving log from a real model without the HTTP service."""
+    model, info = load_for_serving(model_dir)
+    cfg = model.cfg
+    item_ids = info["item_ids"]
+    cat = items.drop_duplicates("item_id").set_index("item_id")
+    missing = [i for i in item_ids if i not in cat.index]
+    if missing:
+        raise ValueError(f"{model_dir}: the model knows {len(missing)} item(s) missing from the items given, e.g. {missing[:3]}")
+    ev = events[events["item_id"].isin(set(item_ids)) & events["scenario"].isin(cfg.scenarios) & events["action"].isin(cfg.actions)]
+    enc = encode(RecData("serve-like", ev.copy(), cat.loc[item_ids].reset_index(), list(cfg.scenarios), list(cfg.actions)))
+    builder = BatchBuilder(enc, cfg.user_tower.max_len, cfg.window, cfg.history_mode)
+    per_scen = builder.mode == "per-scenario"
+    uidx = {u: i for i, u in enumerate(enc.user_ids)}
+    item_emb = model.all_item_embeddings()
+    version = str(info.get("variant") or info["model"].get("variant"))
+    out = []
+    reqs = requests.reset_index(drop=True)
+    for i in range(0, len(reqs), 256):
+        rows, ctx = [], []
+        for r in reqs.iloc[i : i + 256].itertuples(index=False):
+            j = cfg.scenarios.index(r.scenario)
+            u = uidx.get(str(r.user_id))
+            if u is None:  # cold start: no history at all
+                start = end = 0
+                rows.append(builder.history_row(0, int(enc.offsets[0]), j if per_scen else None))
+            else:
+                start = int(enc.offsets[u])
+                end = start + int(np.searchsorted(enc.ts[enc.user_slice(u)], int(r.ts), side="left"))
+                rows.append(builder.history_row(u, end, j if per_scen else None))
+            ctx.append((r, j, start, end))
+        vecs = model.user_vectors(builder.eval_batch(rows))  # [B, C, K, d]
+        for b, (r, j, start, end) in enumerate(ctx):
+            v = vecs[b, 0] if per_scen else vecs[b, j]
+            scores = (v @ item_emb.T).max(0).values.numpy().astype(np.float64)
+            scores[~enc.eligible[j]] = -np.inf  # column 0 (padding) is never eligible
+            scores[enc.item[start:end]] = -np.inf
+            top = np.argsort(-scores, kind="stable")[:top_k]
+            top = top[np.isfinite(scores[top])]
+            out.append({
+                "request_id": str(r.request_id), "ts": float(r.ts), "user_id": str(r.user_id), "scenario": r.scenario,
+                "arm": "control", "model_version": version, "items": [item_ids[t - 1] for t in top],
+                "scores": [float(scores[t]) for t in top], "cold_start": end == start, "user_embedding": v.numpy().ravel().tolist(),
+            })
+    return pd.DataFrame(out), info

@@ -1,0 +1,150 @@
+"""One drift check: load the reference and the current window, judge each scenario, maybe start
+retraining, write the run. ``redrec drift check`` and the chart's CronJob both call ``run_check``.
+
+Exit codes (the CronJob's Job status follows them):
+  0  every scenario judged (ok, drift or insufficient data); retraining started or not needed
+  2  the run could not judge at all (no reference, broken input files); an error run is written
+  3  at least one scenario could not be judged (absent from the reference, unusable features)
+  4  drift was found but the retraining pipeline could not be started (or, local, it failed)
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from datetime import datetime, timezone
+from pathlib import Path
+
+import pandas as pd
+
+from redrec.drift import checks as C
+from redrec.drift.config import DriftConfig
+from redrec.drift.features import behaviour_features
+from redrec.drift.reference import Reference, ReferenceError, load_reference
+from redrec.drift.report import SUMMARY_FORMAT, write_run
+from redrec.drift.servinglog import read_serving_log
+from redrec.drift.trigger import maybe_trigger
+from redrec.schema import EVENT_COLUMNS, SchemaError, validate_events
+
+log = logging.getLogger("redrec.drift")
+
+
+class InputError(ValueError):
+    """An input file cannot be used; the message names the file, the field and the fix."""
+
+
+def _read_events(path: Path) -> pd.DataFrame:
+    if not path.exists():
+        raise InputError(f"events file {path} does not exist")
+    if path.suffix == ".parquet":
+        df = pd.read_parquet(path)
+    elif path.suffix in (".csv", ".tsv"):
+        df = pd.read_csv(path, sep="\t" if path.suffix == ".tsv" else ",")
+    else:
+        raise InputError(f"events file {path}: use .parquet or .csv (canonical columns {', '.join(EVENT_COLUMNS)})")
+    try:
+        # strict: a broken export should stop the check, not quietly shrink the window
+        return validate_events(df, str(path))[0]
+    except SchemaError as e:
+        raise InputError(str(e)) from None
+
+
+def current_events(cfg: DriftConfig, feedback: pd.DataFrame, start: float, end: float) -> pd.DataFrame:
+    parts = []
+    if len(feedback):
+        fb = feedback[list(EVENT_COLUMNS)].copy()
+        fb["ts"] = fb["ts"].astype("int64")
+        parts.append(fb)
+    for p in cfg.events:
+        ev = _read_events(Path(p))
+        parts.append(ev[(ev["ts"] >= start) & (ev["ts"] < end)])
+    if not parts:
+        return pd.DataFrame({c: pd.Series(dtype="int64" if c == "ts" else object) for c in EVENT_COLUMNS})
+    ev = pd.concat(parts, ignore_index=True)
+    for c in ("user_id", "item_id", "scenario", "action"):
+        ev[c] = ev[c].astype(str)
+    return ev.drop_duplicates().sort_values(["user_id", "ts"], kind="stable").reset_index(drop=True)
+
+
+def judge_scenario(s: str, ref: Reference, cur_feats: pd.DataFrame, requests: pd.DataFrame, feedback: pd.DataFrame, cfg: DriftConfig) -> C.ScenarioResult:
+    th = cfg.thresholds.for_scenario(s)
+    if s not in ref.info["scenarios"]:
+        msg = (f"scenario '{s}' is absent from the reference (it has {ref.info['scenarios']}): re-record the reference "
+               f"from a training window that includes '{s}', or remove it from config 'scenarios'")
+        return C.ScenarioResult(s, "error", [C.CheckResult("reference", "error", message=msg)], [msg])
+    req = requests[requests["scenario"] == s] if len(requests) else requests
+    fb = feedback[feedback["scenario"] == s] if len(feedback) else feedback
+    results, problems, snaps = [], [], []
+    for fn in (
+        lambda: C.behaviour_check(ref.features[ref.features["scenario"] == s], cur_feats[cur_feats["scenario"] == s], th, cfg.seed),
+        lambda: C.embedding_check(None if ref.embeddings is None else ref.embeddings[ref.embeddings["scenario"] == s], req, ref.dim, th, cfg.seed),
+        lambda: C.prediction_check(None if ref.scores is None else ref.scores[ref.scores["scenario"] == s], req, th, cfg.seed),
+    ):
+        res, probs, snap = fn()
+        results.append(res)
+        problems += probs
+        if snap is not None:
+            snaps.append(snap)
+    results.append(C.hit_rate_check(req, fb, (ref.info.get("offline_metrics") or {}).get(s, {}), th))
+    return C.ScenarioResult(s, C.verdict(results)[0], results, problems, snaps)
+
+
+def _run_id(now: float) -> str:
+    return datetime.fromtimestamp(now, timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+
+
+def run_check(cfg: DriftConfig) -> tuple[dict, Path]:
+    t0 = time.time()
+    now = cfg.now if cfg.now is not None else t0
+    start = now - cfg.window_hours * 3600
+    summary: dict = {
+        "format": SUMMARY_FORMAT, "run_id": _run_id(now), "check_uuid": uuid.uuid4().hex[:8], "started": t0, "now": now,
+        "window": {"start": start, "end": now}, "reference": {"path": str(cfg.reference_dir)},
+        "scenarios": [], "drifted": [], "trigger": None, "problems": [], "inputs": {},
+    }
+    results: list[C.ScenarioResult] = []
+    try:
+        ref = load_reference(cfg.reference_dir)
+        summary["reference"].update({k: ref.info.get(k) for k in ("window", "created", "n_events", "events_per_scenario", "model")})
+        lookback = float(ref.info.get("seq_lookback_hours", 24.0))
+        # read a lookback margin before the window so sequence lengths at its start are complete
+        margin_start = start - lookback * 3600
+        logs = read_serving_log(cfg.serving_log_dir, margin_start, now)
+        summary["problems"] += logs.problems()
+        events = current_events(cfg, logs.feedback, margin_start, now)
+        feats = behaviour_features(events, ref.items, lookback)
+        feats = feats[feats["ts"] >= start].reset_index(drop=True)
+        requests = logs.requests[logs.requests["ts"] >= start] if len(logs.requests) else logs.requests
+        feedback = logs.feedback[logs.feedback["ts"] >= start] if len(logs.feedback) else logs.feedback
+        summary["inputs"] = {
+            "serving_log_dir": str(cfg.serving_log_dir) if cfg.serving_log_dir else None, "serving_log_files": logs.files,
+            "requests": int(len(requests)), "feedback": int(len(feedback)), "events_files": [str(p) for p in cfg.events],
+            "current_events": int(len(feats)), "skipped_log_lines": dict(logs.skipped),
+        }
+        if len(feats) == 0 and len(requests) == 0:
+            summary["problems"].append(
+                f"the current window {_run_id(start)}..{_run_id(now)} holds no events and no requests: check that the serving "
+                f"log dir ({cfg.serving_log_dir}) is mounted and written, or pass --events")
+        for s in cfg.scenarios:
+            r = judge_scenario(s, ref, feats, requests, feedback, cfg)
+            log.info("scenario %s: %s %s", s, r.verdict, [f.name for f in r.drifted_features()])
+            results.append(r)
+        own = [r.scenario for r in results if r.own_drift]
+        for r in results:  # attribution needs every scenario's own verdict first
+            r.verdict, r.notes = C.verdict(r.checks, [x for x in own if x != r.scenario])
+    except (ReferenceError, InputError) as e:
+        summary["problems"].insert(0, str(e))
+        summary.update(status="error", exit_code=2, finished=time.time())
+        return summary, write_run(cfg.report_dir, summary, [])
+    summary["scenarios"] = [r.as_dict() for r in results]
+    summary["drifted"] = [r.scenario for r in results if r.verdict == "drift"]
+    trig = maybe_trigger(cfg, summary["drifted"], summary["run_id"], now)
+    summary["trigger"] = trig.as_dict()
+    verdicts = {r.verdict for r in results}
+    summary["status"] = "drift" if summary["drifted"] else "error" if "error" in verdicts else "ok" if "ok" in verdicts else "insufficient_data"
+    summary["exit_code"] = 4 if trig.error else 3 if "error" in verdicts else 0
+    summary["finished"] = time.time()
+    summary["duration_s"] = summary["finished"] - t0
+    return summary, write_run(cfg.report_dir, summary, results)
+

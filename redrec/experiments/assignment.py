@@ -1,0 +1,92 @@
+"""Deterministic arm assignment: a hash of (experiment, user_id) mapped onto the arms' shares.
+
+The hash is SHA-256 (not Python's ``hash``, which is salted per process), so every replica and
+every restart puts a user in the same arm. Renaming the experiment reshuffles users, which is
+what a new experiment should do; changing one arm's share only moves users at the boundaries.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import re
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+HOLDOUT = "holdout"
+_SCALE = float(2**64)
+
+
+class Arm(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1, max_length=64)
+    model_version: str = Field(min_length=1, max_length=128)
+    index_alias: str = Field("", max_length=200)  # empty: milvus.collection_alias
+    share: float = Field(gt=0, le=1)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9_.-]+", v):
+            raise ValueError(f"arm name {v!r} must be letters, digits, '_', '.' or '-'")
+        if v == HOLDOUT:
+            raise ValueError(f"arm name {HOLDOUT!r} is reserved for the holdout group")
+        return v
+
+
+class ExperimentSpec(BaseModel):
+    """``experiment`` section of config.yaml: arms and the holdout (users outside every arm)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field("default", min_length=1, max_length=128)
+    holdout_share: float = Field(0.0, ge=0, le=0.5)
+    arms: list[Arm] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _shares(self) -> "ExperimentSpec":
+        total = sum(a.share for a in self.arms)
+        if not math.isclose(total, 1.0, abs_tol=1e-6):
+            raise ValueError(f"experiment.arms: shares sum to {total:.6g}, they must sum to 1 "
+                             f"({', '.join(f'{a.name}={a.share}' for a in self.arms)})")
+        names = [a.name for a in self.arms]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"experiment.arms: duplicate arm name(s) {dup}")
+        return self
+
+    def check_versions(self, known: set[str] | list[str]) -> None:
+        """Every arm must serve a model version that exists (in the BentoML model store)."""
+        known = set(known)
+        bad = [f"{a.name}: {a.model_version!r}" for a in self.arms if a.model_version not in known]
+        if bad:
+            raise ValueError(f"experiment.arms[].model_version: unknown version(s) {bad}; "
+                             f"known: {sorted(known)} (store one with `redrec serving save-model`)")
+
+    def expected_shares(self) -> dict[str, float]:
+        """Share of all traffic per group, holdout included."""
+        out = {a.name: (1 - self.holdout_share) * a.share for a in self.arms}
+        if self.holdout_share > 0:
+            out[HOLDOUT] = self.holdout_share
+        return out
+
+
+def unit_hash(*parts: str) -> float:
+    """A uniform number in [0, 1) from the parts, the same on every machine and Python version."""
+    h = hashlib.sha256("\x1f".join(parts).encode()).digest()
+    return int.from_bytes(h[:8], "big") / _SCALE
+
+
+def assign(spec: ExperimentSpec, user_id: str) -> str:
+    """The arm name (or ``"holdout"``) for a user. Holdout and arm split use independent hashes,
+    so changing the holdout share does not reshuffle users between arms."""
+    if spec.holdout_share > 0 and unit_hash(spec.name, "holdout", str(user_id)) < spec.holdout_share:
+        return HOLDOUT
+    u = unit_hash(spec.name, "arm", str(user_id))
+    acc = 0.0
+    for a in spec.arms:
+        acc += a.share
+        if u < acc:
+            return a.name
+    return spec.arms[-1].name  # float rounding at the top end

@@ -1,0 +1,47 @@
+"""``redrec ab report``: the A/B analysis of a serving log directory."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+
+def cmd_report(args) -> int:
+    from redrec.experiments.report import analyse, format_text, write_report
+
+    spec = None
+    if args.config:
+        from redrec.serving.config import ConfigError, ServingConfig
+
+        try:
+            spec = ServingConfig.from_yaml(args.config).experiment
+        except ConfigError as e:
+            print(f"error: {e}")
+            return 2
+    log_dir = args.log_dir or os.environ.get("REDREC_SERVING_LOG_DIR")
+    if not log_dir:
+        print("error: --log-dir: give the serving log directory (or set REDREC_SERVING_LOG_DIR)")
+        return 2
+    try:
+        rep = analyse(log_dir, spec, control=args.control, confidence=args.confidence)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}")
+        return 2
+    paths = write_report(rep, args.out)
+    print(format_text(rep))
+    print(json.dumps({k: str(v) for k, v in paths.items()}))
+    return 1 if (args.fail_on_srm and rep.srm.get("mismatch")) else 0
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("ab", help="A/B experiments")
+    sub = p.add_subparsers(dest="ab_command", required=True)
+    r = sub.add_parser("report", help="per arm and scenario CTR / hit rate, lift with CI, SRM check; HTML + JSON")
+    r.add_argument("--log-dir", help="serving log dir (default: $REDREC_SERVING_LOG_DIR)")
+    r.add_argument("--config", help="serving config.yaml (arms, shares, holdout) for the SRM check and arm order")
+    r.add_argument("--control", help="control arm (default: the first arm)")
+    r.add_argument("--confidence", type=float, default=0.95)
+    r.add_argument("--out", default="ab-report", type=Path, help="output dir for ab_report.{json,html} and ab_lift.svg")
+    r.add_argument("--fail-on-srm", action="store_true", help="exit 1 when the sample ratio mismatches")
+    r.set_defaults(func=cmd_report)

@@ -1,0 +1,270 @@
+"""A/B analysis of the serving log: CTR and hit rate per arm and scenario, lift vs control with a
+confidence interval and a significance test, a sample-ratio-mismatch check, HTML + JSON + SVG.
+
+Units. The randomisation unit is the user (arms are assigned per user), so every variance is
+computed over users, never over requests (requests of one user are correlated):
+- CTR = clicked responses / responses, a ratio of per-user sums; its variance comes from the
+  delta method over users (cluster-robust).
+- hit rate = share of exposed users with at least one click, a per-user proportion.
+Relative lift = treatment / control - 1; its CI is the delta-method CI of log(ratio),
+exponentiated (asymmetric, never below -100%); the p-value is a two-sided z test of the
+difference. SRM: a chi-square goodness-of-fit test of users per group against the configured
+shares (holdout included); p < 0.001 flags the experiment as untrustworthy.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from scipy import stats
+
+from redrec.experiments.assignment import HOLDOUT, ExperimentSpec
+from redrec.experiments.log import read_feedback, read_serving_log
+
+POSITIVE_ACTIONS = ("click", "like", "share", "purchase", "conversion", "save", "comment", "follow")
+SRM_ALPHA = 1e-3
+
+
+@dataclass
+class ArmStats:
+    arm: str
+    users: int
+    responses: int
+    clicked_responses: int
+    hit_users: int
+    ctr: float
+    ctr_se: float
+    hit_rate: float
+    hit_rate_se: float
+
+
+@dataclass
+class Lift:
+    metric: str
+    arm: str
+    control: str
+    value: float  # relative lift (0.05 = +5 %)
+    ci_low: float
+    ci_high: float
+    p_value: float
+    significant: bool
+
+
+@dataclass
+class Report:
+    experiment: str | None
+    control: str
+    confidence: float
+    n_responses: int
+    n_feedback: int
+    n_feedback_unjoined: int
+    torn_lines: int
+    overall: dict[str, ArmStats]
+    per_scenario: dict[str, dict[str, ArmStats]]
+    lifts: dict[str, list[Lift]]  # "overall" / scenario -> lifts
+    srm: dict = field(default_factory=dict)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def join_feedback(responses: pd.DataFrame, feedback: pd.DataFrame, positive: tuple[str, ...]) -> tuple[pd.DataFrame, int]:
+    """Per response: ``clicked`` (a positive feedback event on one of its items). Returns the
+    responses with the flag and the number of feedback lines whose request_id matches none."""
+    r = responses.copy()
+    if feedback.empty:
+        r["clicked"] = False
+        return r, 0
+    fb = feedback[feedback["request_id"].notna()]
+    known = set(r["request_id"])
+    unjoined = int((~fb["request_id"].isin(known)).sum())
+    fb = fb[fb["request_id"].isin(known) & fb["action"].isin(positive)]
+    served = r[["request_id", "items"]].explode("items").rename(columns={"items": "item_id"})
+    hits = served.merge(fb[["request_id", "item_id"]].drop_duplicates(), on=["request_id", "item_id"])
+    r["clicked"] = r["request_id"].isin(set(hits["request_id"]))
+    return r, unjoined
+
+
+def _arm_stats(arm: str, g: pd.DataFrame) -> ArmStats:
+    per_user = g.groupby("user_id").agg(m=("clicked", "size"), c=("clicked", "sum"))
+    n = len(per_user)
+    m, c = per_user["m"].to_numpy(float), per_user["c"].to_numpy(float)
+    ctr = c.sum() / m.sum() if m.sum() else 0.0
+    # delta method for a ratio of per-user sums (cluster-robust over users)
+    ctr_se = math.sqrt(np.var(c - ctr * m, ddof=1) / n) / m.mean() if n > 1 else float("nan")
+    hit = (c > 0).astype(float)
+    hr = hit.mean() if n else 0.0
+    hr_se = math.sqrt(hr * (1 - hr) / n) if n else float("nan")
+    return ArmStats(arm, n, int(m.sum()), int(c.sum()), int(hit.sum()), float(ctr), float(ctr_se), float(hr), float(hr_se))
+
+
+def _lift(metric: str, t: ArmStats, c: ArmStats, conf: float) -> Lift:
+    vt, st = (t.ctr, t.ctr_se) if metric == "ctr" else (t.hit_rate, t.hit_rate_se)
+    vc, sc = (c.ctr, c.ctr_se) if metric == "ctr" else (c.hit_rate, c.hit_rate_se)
+    z = stats.norm.ppf(0.5 + conf / 2)
+    nan = float("nan")
+    if vt <= 0 or vc <= 0 or not (np.isfinite(st) and np.isfinite(sc)):
+        return Lift(metric, t.arm, c.arm, (vt / vc - 1) if vc > 0 else nan, nan, nan, nan, False)
+    se_diff = math.sqrt(st**2 + sc**2)
+    p = float(2 * stats.norm.sf(abs(vt - vc) / se_diff)) if se_diff > 0 else (0.0 if vt != vc else 1.0)
+    se_log = math.sqrt((st / vt) ** 2 + (sc / vc) ** 2)
+    ratio = vt / vc
+    lo, hi = ratio * math.exp(-z * se_log) - 1, ratio * math.exp(z * se_log) - 1
+    return Lift(metric, t.arm, c.arm, ratio - 1, lo, hi, p, p < 1 - conf)
+
+
+def srm_check(users_per_group: dict[str, int], expected_shares: dict[str, float]) -> dict:
+    groups = [g for g in expected_shares if expected_shares[g] > 0]
+    obs = np.array([users_per_group.get(g, 0) for g in groups], float)
+    unexpected = {g: n for g, n in users_per_group.items() if g not in expected_shares}
+    total = obs.sum()
+    if total == 0 or len(groups) < 2:
+        return {"groups": groups, "observed": obs.astype(int).tolist(), "p_value": None, "mismatch": bool(unexpected),
+                "unexpected_groups": unexpected, "note": "fewer than two groups or no users: no test"}
+    exp = np.array([expected_shares[g] for g in groups]) * total
+    chi2, p = stats.chisquare(obs, exp)
+    return {"groups": groups, "observed": obs.astype(int).tolist(), "expected": exp.round(2).tolist(),
+            "chi2": float(chi2), "p_value": float(p), "alpha": SRM_ALPHA,
+            "mismatch": bool(p < SRM_ALPHA or unexpected), "unexpected_groups": unexpected}
+
+
+def analyse(
+    log_dir: str | Path,
+    spec: ExperimentSpec | None = None,
+    control: str | None = None,
+    confidence: float = 0.95,
+    positive_actions: tuple[str, ...] = POSITIVE_ACTIONS,
+) -> Report:
+    if not 0.5 <= confidence < 1:
+        raise ValueError(f"confidence must be in [0.5, 1), got {confidence}")
+    responses = read_serving_log(log_dir)
+    feedback = read_feedback(log_dir)
+    if responses.empty:
+        raise ValueError(f"no serving log lines under {log_dir} (files *.jsonl other than feedback-*.jsonl)")
+    if spec is not None and "experiment" in responses.columns:
+        # a log dir may hold several experiments over time: analyse only this one's responses
+        responses = responses[responses["experiment"].fillna(spec.name) == spec.name]
+    r, unjoined = join_feedback(responses, feedback, positive_actions)
+    arms = list(dict.fromkeys([a.name for a in spec.arms] if spec else sorted(set(r["arm"]) - {HOLDOUT})))
+    control = control or arms[0]
+    if control not in set(r["arm"]):
+        raise ValueError(f"--control: arm {control!r} has no logged responses; arms in the log: {sorted(set(r['arm']))}")
+    groups = arms + ([HOLDOUT] if HOLDOUT in set(r["arm"]) else [])
+
+    def block(df: pd.DataFrame) -> tuple[dict[str, ArmStats], list[Lift]]:
+        st = {a: _arm_stats(a, g) for a, g in df.groupby("arm") if a in groups}
+        lifts = []
+        if control in st:
+            for a in groups:
+                if a != control and a in st:
+                    lifts += [_lift("ctr", st[a], st[control], confidence), _lift("hit_rate", st[a], st[control], confidence)]
+        return {a: st[a] for a in groups if a in st}, lifts
+
+    overall, lifts_all = block(r)
+    per_scen, lifts = {}, {"overall": lifts_all}
+    for s, g in r.groupby("scenario"):
+        per_scen[s], lifts[s] = block(g)
+    users = r.groupby("arm")["user_id"].nunique().to_dict()
+    expected = spec.expected_shares() if spec else {a: 1 / len(arms) for a in arms}
+    return Report(
+        experiment=spec.name if spec else None, control=control, confidence=confidence, n_responses=len(r),
+        n_feedback=len(feedback), n_feedback_unjoined=unjoined,
+        torn_lines=int(responses.attrs.get("torn_lines", 0)) + int(feedback.attrs.get("torn_lines", 0)),
+        overall=overall, per_scenario=per_scen, lifts=lifts, srm=srm_check({k: int(v) for k, v in users.items()}, expected),
+    )
+
+
+# ---- rendering ------------------------------------------------------------------------------
+def lift_svg(rep: Report, metric: str = "ctr") -> str:
+    """A forest plot (relative lift and its CI per scenario and arm), as standalone SVG: no plotting
+    library, no script, renders offline in any browser."""
+    rows = [(scope, l) for scope, ls in rep.lifts.items() for l in ls if l.metric == metric]
+    w, left, right, rh, top = 640, 190, 30, 26, 40
+    h = top + rh * max(len(rows), 1) + 40
+    vals = [v for _, l in rows for v in (l.ci_low, l.ci_high, l.value) if np.isfinite(v)] or [0.0]
+    lo, hi = min(min(vals), 0.0), max(max(vals), 0.0)
+    pad = (hi - lo) * 0.1 or 0.1
+    lo, hi = lo - pad, hi + pad
+    x = lambda v: left + (v - lo) / (hi - lo) * (w - left - right)  # noqa: E731
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" font-size="12">',
+           f'<text x="{w/2}" y="18" text-anchor="middle" font-weight="bold">relative {metric} lift vs {html.escape(rep.control)} '
+           f'({rep.confidence:.0%} CI)</text>',
+           f'<line x1="{x(0):.1f}" y1="{top-8}" x2="{x(0):.1f}" y2="{h-30}" stroke="#888" stroke-dasharray="4"/>']
+    for i, (scope, l) in enumerate(rows):
+        y = top + i * rh + rh / 2
+        color = "#1a7f37" if l.significant and l.value > 0 else "#cf222e" if l.significant else "#444"
+        out.append(f'<text x="{left-8}" y="{y+4:.1f}" text-anchor="end">{html.escape(f"{scope} / {l.arm}")}</text>')
+        if np.isfinite(l.ci_low) and np.isfinite(l.ci_high):
+            out.append(f'<line x1="{x(l.ci_low):.1f}" y1="{y:.1f}" x2="{x(l.ci_high):.1f}" y2="{y:.1f}" stroke="{color}" stroke-width="2"/>')
+        if np.isfinite(l.value):
+            out.append(f'<circle cx="{x(l.value):.1f}" cy="{y:.1f}" r="4" fill="{color}"/>')
+    for t in np.linspace(lo, hi, 5):
+        out.append(f'<text x="{x(t):.1f}" y="{h-12}" text-anchor="middle">{t:+.0%}</text>')
+    out.append("</svg>")
+    return "\n".join(out)
+
+
+def _table(title: str, st: dict[str, ArmStats]) -> str:
+    head = "<tr><th>arm</th><th>users</th><th>responses</th><th>clicked</th><th>CTR</th><th>hit rate</th></tr>"
+    body = "".join(
+        f"<tr><td>{html.escape(a)}</td><td>{s.users}</td><td>{s.responses}</td><td>{s.clicked_responses}</td>"
+        f"<td>{s.ctr:.4f} ± {1.96*s.ctr_se:.4f}</td><td>{s.hit_rate:.4f} ± {1.96*s.hit_rate_se:.4f}</td></tr>"
+        for a, s in st.items())
+    return f"<h3>{html.escape(title)}</h3><table>{head}{body}</table>"
+
+
+def _lift_table(lifts: list[Lift]) -> str:
+    if not lifts:
+        return ""
+    head = "<tr><th>metric</th><th>arm</th><th>lift</th><th>CI</th><th>p</th><th>significant</th></tr>"
+    body = "".join(
+        f"<tr><td>{l.metric}</td><td>{html.escape(l.arm)}</td><td>{l.value:+.2%}</td>"
+        f"<td>[{l.ci_low:+.2%}, {l.ci_high:+.2%}]</td><td>{l.p_value:.4g}</td><td>{'yes' if l.significant else 'no'}</td></tr>"
+        for l in lifts)
+    return f"<table>{head}{body}</table>"
+
+
+def render_html(rep: Report) -> str:
+    srm = rep.srm
+    srm_line = (f"<p class='{'bad' if srm.get('mismatch') else 'ok'}'>Sample ratio: observed {srm.get('observed')} users for "
+                f"{srm.get('groups')}, expected {srm.get('expected')}; p = {srm.get('p_value')} "
+                f"{'— MISMATCH: do not trust the lifts' if srm.get('mismatch') else '(no mismatch)'}</p>")
+    parts = [f"<h1>A/B report: {html.escape(str(rep.experiment))}</h1>",
+             f"<p>{rep.n_responses} responses, {rep.n_feedback} feedback events ({rep.n_feedback_unjoined} not joined to a "
+             f"response), control <b>{html.escape(rep.control)}</b>, {rep.confidence:.0%} confidence.</p>", srm_line,
+             lift_svg(rep, "ctr"), lift_svg(rep, "hit_rate"),
+             _table("overall", rep.overall), _lift_table(rep.lifts["overall"])]
+    for s, st in rep.per_scenario.items():
+        parts += [_table(f"scenario {s}", st), _lift_table(rep.lifts.get(s, []))]
+    style = ("body{font-family:sans-serif;margin:2em}table{border-collapse:collapse;margin:.5em 0}"
+             "td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}.bad{color:#cf222e}.ok{color:#1a7f37}")
+    return f"<!doctype html><html><head><meta charset='utf-8'><title>A/B report</title><style>{style}</style></head><body>{''.join(parts)}</body></html>"
+
+
+def write_report(rep: Report, out_dir: str | Path) -> dict[str, Path]:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"json": out / "ab_report.json", "html": out / "ab_report.html", "svg": out / "ab_lift.svg"}
+    paths["json"].write_text(json.dumps(rep.as_dict(), indent=2, default=float))
+    paths["html"].write_text(render_html(rep))
+    paths["svg"].write_text(lift_svg(rep, "ctr"))
+    return paths
+
+
+def format_text(rep: Report) -> str:
+    lines = [f"{'scope':<12} {'arm':<12} {'users':>6} {'resp':>7} {'CTR':>8} {'hit':>7}  lift CTR [CI] p"]
+    scopes = [("overall", rep.overall)] + list(rep.per_scenario.items())
+    for scope, st in scopes:
+        lift = {l.arm: l for l in rep.lifts.get(scope, []) if l.metric == "ctr"}
+        for a, s in st.items():
+            l = lift.get(a)
+            ls = f"{l.value:+.2%} [{l.ci_low:+.2%}, {l.ci_high:+.2%}] p={l.p_value:.3g}" if l else "(control)" if a == rep.control else ""
+            lines.append(f"{scope:<12} {a:<12} {s.users:>6} {s.responses:>7} {s.ctr:>8.4f} {s.hit_rate:>7.4f}  {ls}")
+    lines.append(f"SRM: p={rep.srm.get('p_value')} mismatch={rep.srm.get('mismatch')}")
+    return "\n".join(lines)

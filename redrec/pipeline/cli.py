@@ -1,0 +1,108 @@
+"""``redrec pipeline run|compile|submit|stop``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def _config(args):
+    from redrec.pipeline.config import RunConfig
+
+    over = {"dataset": args.dataset, "workspace": getattr(args, "workspace", None)}
+    try:
+        return RunConfig.from_yaml(args.config, **over)
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
+
+
+def cmd_run(args) -> int:
+    from redrec.pipeline.localrun import run_local
+
+    rc = _config(args)
+    extra = {"serving_log_dir": args.serving_log_dir or "", "since_hours": args.since_hours} if args.pipeline == "monitoring" else None
+    res = run_local(rc.params, pipeline=args.pipeline, extra=extra)
+    print("\nstep times (wall, this machine):\n" + res.table())
+    s = res.summary
+    print("\nwhere things are:")
+    for key in ("evaluation_table", "metrics", "model", "gate_report", "candidate_version", "gate_passed",
+                "index_alias", "milvus_uri", "deployed_version", "service"):
+        print(f"  {key:<18} {s.get(key)}")
+    if s.get("evaluation_table"):
+        print("\n" + Path(s["evaluation_table"]).read_text())
+    if args.output:
+        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.output).write_text(json.dumps({"ok": res.ok, "seconds": res.seconds, "steps": res.steps,
+                                                 "error": res.error, "summary": s}, indent=2, default=str))
+    if not res.ok:
+        print(f"\npipeline FAILED: {res.error}")
+        return 1
+    if s.get("service"):
+        print(f"\nthe service keeps running at {s['service']}; stop it with `redrec pipeline stop --config {args.config}`")
+    return 0
+
+
+def cmd_compile(args) -> int:
+    from redrec.pipeline.cluster import compile_pipelines
+
+    rc = _config(args)
+    for p in compile_pipelines(rc.params, rc.cluster, args.output):
+        print(p)
+    return 0
+
+
+def cmd_submit(args) -> int:
+    from redrec.pipeline.cluster import submit
+
+    rc = _config(args)
+    out = submit(rc.params, rc.cluster, args.host, pipeline=args.pipeline, schedule=args.schedule,
+                 experiment=args.experiment, work_dir=args.work_dir)
+    print(json.dumps(out, indent=2))
+    return 0
+
+
+def cmd_stop(args) -> int:
+    from redrec.pipeline.deploy import stop_local
+    from redrec.pipeline.localrun import stop_milvus
+
+    ws = _config(args).params.workspace
+    stop_local(ws)
+    stop_milvus(ws)
+    print(f"stopped the local service and Milvus Lite server of {ws}")
+    return 0
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("pipeline", help="run the training/monitoring pipelines locally, compile or submit them")
+    sub = p.add_subparsers(dest="pipeline_command", required=True)
+
+    def common(q):
+        q.add_argument("--config", required=True, help="pipeline YAML (e.g. configs/pipeline-ml1m.yaml)")
+        q.add_argument("--dataset", help="override params.dataset")
+
+    r = sub.add_parser("run", help="run a pipeline with kfp.local (SubprocessRunner) on this machine")
+    common(r)
+    r.add_argument("--pipeline", choices=("training", "monitoring"), default="training")
+    r.add_argument("--workspace", help="override params.workspace")
+    r.add_argument("--serving-log-dir", dest="serving_log_dir", help="monitoring: the serving log (default <workspace>/serving-log)")
+    r.add_argument("--since-hours", dest="since_hours", type=float, default=24.0, help="monitoring: window of the log")
+    r.add_argument("--output", help="write the run summary JSON here")
+    r.set_defaults(func=cmd_run)
+
+    c = sub.add_parser("compile", help="write one KFP YAML per pipeline, with the cluster settings")
+    common(c)
+    c.add_argument("--output", required=True, help="directory for redrec-training.yaml and redrec-monitoring.yaml")
+    c.set_defaults(func=cmd_compile)
+
+    s = sub.add_parser("submit", help="submit a run (or, with --schedule, a recurring run) to a KFP backend")
+    common(s)
+    s.add_argument("--host", required=True, help="KFP API endpoint, e.g. http://ml-pipeline.kubeflow:8888")
+    s.add_argument("--pipeline", choices=("training", "monitoring"), default="training")
+    s.add_argument("--schedule", help="6-field cron for a recurring run, e.g. '0 0 */6 * * *'")
+    s.add_argument("--experiment", default="redrec")
+    s.add_argument("--work-dir", dest="work_dir", default="build/pipelines", help="where the submitted YAML is compiled")
+    s.set_defaults(func=cmd_submit)
+
+    t = sub.add_parser("stop", help="stop the local service and Milvus Lite server a run left running")
+    common(t)
+    t.set_defaults(func=cmd_stop)

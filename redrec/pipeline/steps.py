@@ -1,0 +1,363 @@
+"""The plain-Python logic of each pipeline step; the KFP components are thin shells over these.
+
+Every step reads its inputs from paths, writes its outputs through ``atomic_output`` (all or
+nothing) and prints a progress line with its wall time. Steps that touch what serves traffic
+(publish, deploy) either finish or leave the index alias and the deployed model as they were.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from redrec.pipeline.config import PipelineParams
+from redrec.pipeline.gate import GateDecision, decide, format_gate
+from redrec.pipeline.outputs import atomic_output, fault_point, progress
+
+# ---- data ------------------------------------------------------------------------------------
+
+
+def prepare_data(params: PipelineParams, out_dir: str | Path) -> dict:
+    """Load the dataset, keep the requested scenarios, write events/items parquet + meta.json."""
+    from redrec.data import RecData, load_dataset
+
+    with progress("prepare-data"):
+        data = load_dataset(params.dataset, **params.dataset_args)
+        if params.scenarios:
+            unknown = sorted(set(params.scenarios) - set(data.scenarios))
+            if unknown:
+                raise ValueError(f"parameter 'scenarios' names {unknown}, which dataset {params.dataset!r} does not have; "
+                                 f"it has {data.scenarios}")
+            keep = list(params.scenarios)
+            items = data.items.copy()
+            items["scenarios"] = [[s for s in ss if s in keep] for ss in items["scenarios"]]
+            items = items[items["scenarios"].map(len) > 0].reset_index(drop=True)
+            events = data.events[data.events["scenario"].isin(keep) & data.events["item_id"].isin(set(items["item_id"]))]
+            data = RecData(data.name, events, items, [s for s in data.scenarios if s in keep], data.actions, data.reports)
+        desc = data.describe()
+        with atomic_output(out_dir) as tmp:
+            tmp.mkdir(parents=True)
+            data.events.to_parquet(tmp / "events.parquet", index=False)
+            data.items.to_parquet(tmp / "items.parquet", index=False)
+            (tmp / "meta.json").write_text(json.dumps({"name": data.name, "scenarios": data.scenarios,
+                                                       "actions": data.actions, "describe": desc}, indent=2))
+        print(f"[redrec-pipeline] data: {desc}", flush=True)
+    return desc
+
+
+def load_prepared(data_dir: str | Path):
+    """The ``RecData`` written by ``prepare_data``, read with the parquet adapter: every step,
+    and ``redrec train`` on a TrainJob's nodes, then encodes items, scenarios and actions in the
+    same order."""
+    from redrec.data.parquet import load_parquet
+
+    d = Path(data_dir)
+    return load_parquet(d / "events.parquet", d / "items.parquet")
+
+
+def _split(params: PipelineParams, data):
+    from redrec.data import chronological_split, encode
+
+    cfg = params.experiment_config("unused")
+    enc = encode(data)
+    return enc, chronological_split(enc, cfg.test_events, cfg.valid_events)
+
+
+# ---- features --------------------------------------------------------------------------------
+
+
+def label_rows(enc, split) -> pd.DataFrame:
+    """One entity row per user at the end of its training window (the time of its first held-out
+    event, or just after its last event when it has none): the features the model may see."""
+    has_heldout = split.train_end < enc.offsets[1:]
+    first_heldout = enc.ts[np.minimum(split.train_end, len(enc.ts) - 1)]
+    label_ts = np.where(has_heldout, first_heldout, enc.ts[enc.offsets[1:] - 1] + 1)
+    return pd.DataFrame({"user_id": enc.user_ids, "ts": label_ts.astype(np.int64)})
+
+
+def build_features(params: PipelineParams, data_dir: str | Path, out_dir: str | Path) -> dict:
+    """Feast: write the sources, ``apply`` the definitions, materialise the online store (what
+    serving reads), and build the training set with ``get_historical_features`` at each user's
+    training cut-off. The set is checked point-in-time: no history event at or after its label."""
+    from redrec.features.definitions import seq_view_name
+    from redrec.features.sources import SEQ_FEATURES
+    from redrec.features.store import FeatureRepo
+
+    with progress("features"):
+        data = load_prepared(data_dir)
+        enc, split = _split(params, data)
+        seq_len = params.experiment_config("unused").model.user_tower.max_len
+        repo = FeatureRepo(Path(params.workspace) / "feast", seq_len=seq_len)
+        rep = repo.build_sources(data)
+        repo.apply()
+        repo.materialize()
+        ts = repo.training_set(label_rows(enc, split))
+        df = ts.df
+        label = (df["event_timestamp"].astype("datetime64[us, UTC]").astype("int64") // 10**6).to_numpy()
+        leaks, filled = 0, 0
+        for s in repo.scenarios:
+            col = f"{seq_view_name(s)}__{SEQ_FEATURES[2]}"
+            for t, lab in zip(df[col], label):
+                if t is not None and not (isinstance(t, float) and np.isnan(t)) and len(t):
+                    filled += 1
+                    leaks += int(max(t) >= lab)
+        if leaks:
+            raise RuntimeError(f"training set: {leaks} history window(s) hold events at or after their label time; "
+                               "the point-in-time join leaked (check the sources' timestamps)")
+        report = {"rows": len(df), "windows_filled": filled, "scenarios": repo.scenarios, "seq_len": repo.seq_len,
+                  "seconds": round(ts.seconds, 2), "source_rows": rep.rows, "duplicates": str(ts.duplicates)}
+        with atomic_output(out_dir) as tmp:
+            tmp.mkdir(parents=True)
+            df.to_parquet(tmp / "training_set.parquet", index=False)
+            (tmp / "report.json").write_text(json.dumps(report, indent=2, default=str))
+        print(f"[redrec-pipeline] training set: {len(df)} rows, {filled} scenario windows, point-in-time ok", flush=True)
+    return report
+
+
+# ---- train -----------------------------------------------------------------------------------
+
+
+def new_version() -> str:
+    """A sortable, collection-name-safe model version: UTC time + 4 hex of entropy."""
+    return time.strftime("%Y%m%d%H%M%S", time.gmtime()) + "_" + os.urandom(2).hex()
+
+
+def resolve_launcher(params: PipelineParams) -> str:
+    if params.launcher != "auto":
+        return params.launcher
+    return "trainjob" if params.nodes * max(params.gpus_per_node, 1) > 1 else "in-process"
+
+
+def _training_set_digest(training_set_dir: str | Path) -> dict:
+    p = Path(training_set_dir) / "training_set.parquet"
+    h = hashlib.sha256(p.read_bytes()).hexdigest()[:16]
+    return {"training_set_sha256": h, "training_set_rows": int(pd.read_parquet(p, columns=["user_id"]).shape[0])}
+
+
+def train(params: PipelineParams, data_dir: str | Path, training_set_dir: str | Path, out_dir: str | Path,
+          version: str | None = None) -> dict:
+    """Train RED-Rec and export the serving checkpoint to ``out_dir``; returns its version.
+
+    In-process (one machine, DeepSpeed in a single rank) or, on a cluster with more than one
+    device, as a Kubeflow Trainer ``TrainJob`` on the ``deepspeed-distributed`` runtime that
+    runs ``redrec train`` on every node and exports to the shared workspace.
+    """
+    from redrec.evaluate import evaluate_model
+    from redrec.experiment import train_variant
+    from redrec.model.checkpoint import export_checkpoint
+
+    with progress("train"):
+        version = version or new_version()
+        scratch = Path(params.workspace) / "scratch" / f"train-{version}"
+        cfg = params.experiment_config(scratch)
+        lineage = _training_set_digest(training_set_dir)
+        launcher = resolve_launcher(params)
+        meta = {"version": version, "dataset": params.dataset, "launcher": launcher, **lineage}
+        try:
+            if launcher == "trainjob":
+                from redrec.pipeline.trainjob import TrainJobSpec, run_trainjob
+
+                exported = run_trainjob(TrainJobSpec.from_params(params, cfg, data_dir, scratch, version))
+                with atomic_output(out_dir) as tmp:
+                    shutil.copytree(exported, tmp)
+                    fault_point("train", params.inject_fault, "after the TrainJob, while writing the model")
+            else:
+                data = load_prepared(data_dir)
+                enc, split = _split(params, data)
+                trainer, fit = train_variant(cfg, "redrec", data, enc, split, scratch / "redrec", resume=False)
+                valid = evaluate_model(trainer.module, trainer.builder, enc, split, on="valid")
+                meta.update(train={k: v for k, v in fit.items() if k != "history"}, history=fit["history"],
+                            valid=valid.as_dict())
+                with atomic_output(out_dir) as tmp:
+                    export_checkpoint(trainer.module, tmp, enc.item_ids, meta)
+                    fault_point("train", params.inject_fault, "after writing part of the model")
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+        print(f"[redrec-pipeline] model version {version} ({launcher})", flush=True)
+    return meta
+
+
+# ---- evaluate --------------------------------------------------------------------------------
+
+
+def _index_cfg(params: PipelineParams, dim: int = 64):
+    from redrec.index.config import IndexConfig
+
+    if not params.milvus_uri:
+        raise ValueError("parameter 'milvus_uri' is empty: `redrec pipeline run` starts the workspace's Milvus Lite "
+                         "server and passes its URI; on a cluster pass the Milvus service URI")
+    return IndexConfig(uri=params.milvus_uri, name=params.index_alias, dim=dim,
+                       token=os.environ.get("MILVUS_TOKEN", ""))
+
+
+def production_version(params: PipelineParams) -> str | None:
+    """The model version that serves traffic: the one whose index the alias points at (publish
+    and deploy move together; a failed deploy moves the alias back)."""
+    from redrec.index.milvus import current_version
+
+    return current_version(_index_cfg(params))
+
+
+def evaluate(params: PipelineParams, data_dir: str | Path, model_dir: str | Path, metrics_out: str | Path,
+             table_out: str | Path) -> dict:
+    """Full-ranking metrics of the candidate, the production model (re-scored on the same split)
+    and popularity; writes metrics JSON and a Markdown table."""
+    from redrec.evaluate import evaluate_model, evaluate_popularity, format_table
+    from redrec.model.checkpoint import load_for_serving
+    from redrec.train.batches import BatchBuilder
+
+    with progress("evaluate"):
+        data = load_prepared(data_dir)
+        enc, split = _split(params, data)
+        model, info = load_for_serving(model_dir)
+        if info["item_ids"] != enc.item_ids:
+            raise ValueError(f"{model_dir}: the model's catalogue differs from the prepared data's; "
+                             "evaluate the model on the data it was trained with")
+
+        def score(m):
+            b = BatchBuilder(enc, m.cfg.user_tower.max_len, m.cfg.window, m.cfg.history_mode)
+            return evaluate_model(m, b, enc, split)
+
+        results = {"candidate": score(model), "popularity": evaluate_popularity(enc, split)}
+        prod_v = production_version(params)
+        prod_how = None
+        stored_prod = None
+        if prod_v is not None:
+            from redrec.serving.registry import load_model
+
+            pm, pmeta = load_model(prod_v)
+            if list(pmeta.get("item_ids", [])) == enc.item_ids:
+                results["production"] = score(pm)
+                prod_how = "re-scored on this split"
+            else:
+                # a new catalogue: the old model cannot rank the new items, so compare with the
+                # metrics it had when it was published
+                stored_prod = pmeta.get("metrics")
+                prod_how = "metrics recorded at its publication (catalogue changed)"
+        fault_point("evaluate", params.inject_fault, "after scoring, before writing the metrics")
+        out = {"candidate_version": info.get("version"), "production_version": prod_v, "production_source": prod_how,
+               "results": {k: v.as_dict() for k, v in results.items()}}
+        if stored_prod is not None:
+            out["results"]["production"] = stored_prod
+        table = format_table(results, enc.scenarios, ref="popularity")
+        with atomic_output(metrics_out) as tmp:
+            tmp.write_text(json.dumps(out, indent=2))
+        with atomic_output(table_out) as tmp:
+            tmp.write_text(f"# Evaluation of model {info.get('version')}\n\nFull ranking, protocol "
+                           f"{split.protocol}; production: {prod_v or 'none'} ({prod_how or '-'})\n\n```\n{table}\n```\n")
+        print(table, flush=True)
+    return out
+
+
+def gate(params: PipelineParams, metrics_path: str | Path, report_out: str | Path | None = None) -> GateDecision:
+    with progress("gate"):
+        m = json.loads(Path(metrics_path).read_text())
+        d = decide(m["results"]["candidate"], m["results"].get("production"), params.gate_metrics, params.gate_margin)
+        text = format_gate(d, m.get("candidate_version"), m.get("production_version"))
+        if report_out is not None:
+            with atomic_output(report_out) as tmp:
+                tmp.write_text(text)
+        print(text, flush=True)
+    return d
+
+
+# ---- publish ---------------------------------------------------------------------------------
+
+
+def publish(params: PipelineParams, data_dir: str | Path, model_dir: str | Path) -> dict:
+    """Publish the model's item embeddings as a new Milvus collection, verify it against exact
+    search, then move the alias (``redrec.index.milvus.publish``); a failure leaves the alias."""
+    import redrec.index.milvus as milvus
+
+    with progress("publish"):
+        model_dir = Path(model_dir)
+        info = json.loads((model_dir / "config.json").read_text())
+        version = info["version"]
+        ids = json.loads((model_dir / "item_ids.json").read_text())
+        vecs = np.load(model_dir / "item_embeddings.npy")
+        items = load_prepared(data_dir).items.set_index("item_id")
+        scen = [list(items.at[i, "scenarios"]) for i in ids]
+        cfg = _index_cfg(params, dim=int(vecs.shape[1]))
+        if params.inject_fault == "publish":
+            real = milvus._build_index
+
+            def failing_build(*a, **kw):  # the collection exists and holds rows when this fires
+                real(*a, **kw)
+                fault_point("publish", "publish", "after inserting and indexing, before verification")
+
+            milvus._build_index = failing_build
+        res = milvus.publish(cfg, version, ids, vecs, scen, set(items.index))
+        out = {"version": version, "collection": res.collection, "alias": res.alias,
+               "previous_collection": res.previous_collection, "recall": res.recall, "seconds": res.seconds,
+               "n_items": res.n_items}
+        print(f"[redrec-pipeline] index: alias {res.alias} -> {res.collection} (recall {res.recall:.3f}, "
+              f"previous {res.previous_collection})", flush=True)
+    return out
+
+
+# ---- deploy ----------------------------------------------------------------------------------
+
+
+def deploy(params: PipelineParams, model_dir: str | Path, previous_collection: str | None) -> dict:
+    """Store the model in the BentoML model store and roll the serving deployment to it.
+
+    If anything fails, the alias is moved back to ``previous_collection`` (publish moved it) and
+    the previous deployment keeps serving, so index and model stay on the same version.
+    """
+    from redrec.pipeline.deploy import deploy_model
+
+    with progress("deploy"):
+        model_dir = Path(model_dir)
+        version = json.loads((model_dir / "config.json").read_text())["version"]
+        try:
+            out = deploy_model(params, model_dir, version)
+        except BaseException:
+            _restore_alias(params, previous_collection)
+            raise
+    return out
+
+
+def _restore_alias(params: PipelineParams, previous_collection: str | None) -> None:
+    from redrec.index.milvus import _alias_target, client
+
+    cfg = _index_cfg(params)
+    c = client(cfg)
+    if previous_collection is None:
+        if _alias_target(cfg) is not None:
+            c.drop_alias(cfg.name)
+    elif _alias_target(cfg) != previous_collection:
+        c.alter_alias(previous_collection, cfg.name)
+    print(f"[redrec-pipeline] deploy failed: alias {cfg.name} restored to {previous_collection}", flush=True)
+
+
+# ---- drift reference -------------------------------------------------------------------------
+
+
+def record_reference(params: PipelineParams, data_dir: str | Path, model_dir: str | Path,
+                     metrics_path: str | Path | None = None) -> dict:
+    """The training window becomes the drift monitor's reference (``redrec.drift.reference``)."""
+    from redrec.drift.reference import record_reference as record
+
+    with progress("drift-reference"):
+        data = load_prepared(data_dir)
+        enc, split = _split(params, data)
+        keep = np.zeros(len(enc.item), dtype=bool)
+        for u in range(enc.n_users):
+            keep[enc.offsets[u] : split.train_end[u]] = True
+        info = json.loads((Path(model_dir) / "config.json").read_text())
+        meta = {"model_version": info.get("version"), "dataset": params.dataset}
+        if metrics_path is not None:
+            # the online hit rate is later compared with these offline numbers, per scenario
+            cand = json.loads(Path(metrics_path).read_text())["results"]["candidate"]
+            meta["offline_metrics"] = cand["per_scenario"]
+        out = Path(params.workspace) / "drift" / "reference"
+        path = record(data.events[keep].reset_index(drop=True), data.items, out, model_dir=Path(model_dir), meta=meta)
+        print(f"[redrec-pipeline] drift reference: {path}", flush=True)
+    return {"path": str(path), "events": int(keep.sum())}

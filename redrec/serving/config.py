@@ -1,0 +1,133 @@
+"""Typed serving config: the chart's ``config.yaml`` (REDREC_CONFIG) plus ``feast.repo_path``.
+
+Environment variables set by the chart override the file (they carry the same values there, and
+let a developer point a local config at other endpoints): ``REDREC_FEATURE_SERVER_URL``,
+``REDREC_SERVING_LOG_DIR``, ``MILVUS_URI``, ``MILVUS_TOKEN`` (the token is never in the file).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from redrec.experiments.assignment import ExperimentSpec
+
+
+class ConfigError(ValueError):
+    pass
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ServingLogConfig(_Strict):
+    dir: str = "data/serving-log"
+    per_pod_file: bool = True  # always true here: each process writes its own file
+    fsync: bool = False  # fsync every line (power-loss safe) instead of write() only (process-crash safe)
+
+
+class ServingSection(_Strict):
+    max_k: int = Field(200, ge=1, le=10_000)
+    port: int = Field(3000, ge=1, le=65535)
+    feature_server_url: str = ""  # empty: open the embedded Feast repo (feast.repo_path) directly
+    serving_log: ServingLogConfig = Field(default_factory=ServingLogConfig)
+    max_user_id_len: int = Field(256, ge=1, le=4096)
+    max_events_per_call: int = Field(1000, ge=1)
+    # Milvus or Feast down: "error" answers 503 with the reason; "popularity" serves the
+    # scenario's popular items (flagged fallback=true in the response and the log)
+    on_dependency_error: Literal["error", "popularity"] = "error"
+    batch_max_size: int = Field(64, ge=1, le=4096)
+    batch_max_wait_ms: float = Field(2.0, ge=0, le=1000)
+    popularity_refresh_s: float = Field(60.0, ge=1)
+    log_user_embedding: bool = True
+    torch_threads: int = Field(0, ge=0)  # 0: torch's default
+
+    @field_validator("feature_server_url")
+    @classmethod
+    def _url(cls, v: str) -> str:
+        v = v.strip().rstrip("/")
+        if v and not v.startswith(("http://", "https://")):
+            raise ValueError(f"serving.feature_server_url {v!r} must start with http:// or https://")
+        return v
+
+
+class MilvusSection(_Strict):
+    uri: str = ""
+    collection_alias: str = "redrec_items"
+    token: str = Field("", repr=False)
+    timeout_s: float = Field(5.0, gt=0)
+
+
+class FeastSection(_Strict):
+    repo_path: str = "data"  # the embedded repo (FeatureRepo data dir)
+    # registry for the remote (feature-server) mode; empty: <repo_path>/feast_registry.db
+    registry: str = ""
+    project: str = "redrec"
+
+
+class ServingConfig(_Strict):
+    scenarios: list[str] = Field(min_length=1)
+    log_level: str = "INFO"
+    experiment: ExperimentSpec
+    serving: ServingSection = Field(default_factory=ServingSection)
+    milvus: MilvusSection = Field(default_factory=MilvusSection)
+    feast: FeastSection = Field(default_factory=FeastSection)
+    drift: dict[str, Any] = Field(default_factory=dict)  # read by the drift monitor, not by serving
+
+    @field_validator("scenarios")
+    @classmethod
+    def _scen(cls, v: list[str]) -> list[str]:
+        dup = sorted({s for s in v if v.count(s) > 1})
+        if dup:
+            raise ValueError(f"scenarios: duplicate(s) {dup}")
+        return [str(s) for s in v]
+
+    @model_validator(mode="after")
+    def _env(self) -> "ServingConfig":
+        env = os.environ
+        if env.get("REDREC_FEATURE_SERVER_URL") is not None:
+            self.serving.feature_server_url = ServingSection._url(env["REDREC_FEATURE_SERVER_URL"])
+        if env.get("REDREC_SERVING_LOG_DIR"):
+            self.serving.serving_log.dir = env["REDREC_SERVING_LOG_DIR"]
+        if env.get("MILVUS_URI"):
+            self.milvus.uri = env["MILVUS_URI"]
+        if env.get("MILVUS_TOKEN"):
+            self.milvus.token = env["MILVUS_TOKEN"]
+        if not self.milvus.uri:
+            raise ValueError("milvus.uri is empty: set it in the config or MILVUS_URI")
+        return self
+
+    def alias_for(self, arm_name: str) -> str:
+        arm = next(a for a in self.experiment.arms if a.name == arm_name)
+        return arm.index_alias or self.milvus.collection_alias
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> "ServingConfig":
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"serving config {p} does not exist (set REDREC_CONFIG to the config.yaml)")
+        try:
+            raw = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{p}: not valid YAML: {e}") from None
+        return cls.from_dict(raw, source=str(p))
+
+    @classmethod
+    def from_dict(cls, raw: dict, source: str = "config") -> "ServingConfig":
+        try:
+            return cls.model_validate(raw)
+        except ValidationError as e:
+            lines = [f"  {'.'.join(str(x) for x in err['loc']) or '(top level)'}: {err['msg']}" for err in e.errors()]
+            raise ConfigError(f"{source}: invalid serving config:\n" + "\n".join(lines)) from None
+
+    @classmethod
+    def from_env(cls) -> "ServingConfig":
+        path = os.environ.get("REDREC_CONFIG")
+        if not path:
+            raise ConfigError("REDREC_CONFIG is not set: point it at the serving config.yaml")
+        return cls.from_yaml(path)

@@ -1,0 +1,339 @@
+"""The recommendation engine behind the BentoML service (no HTTP here; ``bentos/service.py`` is a
+thin shell that maps these calls and errors to routes and status codes).
+
+recommend: experiment arm of the user -> the user's recent behaviour across ALL scenarios from
+Feast -> user tower with the requested scenario's queries (micro-batched per arm) -> Milvus search
+of the arm's alias restricted to items eligible in the scenario, seen items excluded. No usable
+history -> the scenario's popular items, flagged ``cold_start``. Every response is appended to the
+serving log before it is returned.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import torch
+
+from redrec.experiments.assignment import HOLDOUT, assign
+from redrec.experiments.log import AppendLog
+from redrec.features.store import HistoryEvent
+from redrec.index.config import IndexConfig
+from redrec.index.search import NotPublished, search
+from redrec.serving import registry
+from redrec.serving.batching import MicroBatcher
+from redrec.serving.config import ServingConfig
+from redrec.serving.features import item_catalogue, open_repo
+from redrec.serving.history import Vocab, collate, encode_row
+
+log = logging.getLogger(__name__)
+
+
+class ServingError(Exception):
+    status = 500
+
+    def __init__(self, message: str, field: str | None = None):
+        super().__init__(message)
+        self.field = field
+
+    def body(self) -> dict:
+        return {"error": str(self), **({"field": self.field} if self.field else {})}
+
+
+class BadRequest(ServingError):
+    status = 400
+
+
+class NotFound(ServingError):
+    status = 404
+
+
+class Unavailable(ServingError):
+    status = 503
+
+
+@dataclass
+class ArmRuntime:
+    name: str
+    version: str
+    model: torch.nn.Module
+    vocab: Vocab
+    item_ids: list[str]
+    item_emb: np.ndarray  # [n_items, dim], row i-1 = item index i
+    index: IndexConfig
+    batcher: MicroBatcher | None = None
+
+
+def _dependency(e: BaseException) -> str | None:
+    """The dependency an exception comes from, if it is an outage rather than a bug."""
+    mod = type(e).__module__ or ""
+    if isinstance(e, NotPublished) or mod.startswith(("pymilvus", "grpc")):
+        return "milvus"
+    if mod.startswith(("requests", "urllib3", "feast", "sqlite3")) or isinstance(e, (ConnectionError, TimeoutError)):
+        return "feast"
+    if isinstance(e, RuntimeError) and "online features" in str(e):  # feast's remote store wraps HTTP errors so
+        return "feast"
+    return None
+
+
+class Engine:
+    def __init__(self, cfg: ServingConfig):
+        self.cfg = cfg
+        if cfg.serving.torch_threads:
+            torch.set_num_threads(cfg.serving.torch_threads)
+        self.scenarios = list(cfg.scenarios)
+        self.repo = open_repo(cfg)
+        self.arms: dict[str, ArmRuntime] = {}
+        cfg.experiment.check_versions([*registry.list_versions(), registry.BUNDLED])
+        models: dict[str, tuple] = {}
+        for arm in cfg.experiment.arms:
+            if arm.model_version not in models:
+                models[arm.model_version] = registry.load_model(arm.model_version)
+            model, info = models[arm.model_version]
+            missing = [s for s in self.scenarios if s not in info["model"]["scenarios"]]
+            if missing:
+                raise ValueError(f"experiment.arms[{arm.name}].model_version {arm.model_version}: the model has no "
+                                 f"queries for scenario(s) {missing} (it knows {info['model']['scenarios']})")
+            emb = np.load(registry.model_path(arm.model_version) / "item_embeddings.npy")
+            idx = IndexConfig(uri=cfg.milvus.uri, token=cfg.milvus.token, name=cfg.alias_for(arm.name),
+                              dim=int(emb.shape[1]), timeout_s=cfg.milvus.timeout_s)
+            rt = ArmRuntime(arm.name, info["model_version"], model, Vocab.from_info(info), list(info["item_ids"]), emb, idx)
+            rt.batcher = MicroBatcher(lambda reqs, rt=rt: self._user_vectors(rt, reqs), cfg.serving.batch_max_size,
+                                      cfg.serving.batch_max_wait_ms, name=f"arm-{arm.name}")
+            self.arms[arm.name] = rt
+        self.control = cfg.experiment.arms[0].name
+        self.catalogue = sorted({i for a in self.arms.values() for i in a.item_ids})
+        self.known_items = set(self.catalogue)
+        self.actions = sorted({a for rt in self.arms.values() for a in rt.vocab.action_index})
+        sl = cfg.serving.serving_log
+        self.log = AppendLog.for_process(sl.dir, "serving", fsync=sl.fsync)
+        self.feedback = AppendLog.for_process(sl.dir, "feedback", fsync=sl.fsync)
+        self._popular: dict[str, list[tuple[str, float]]] | None = None
+        self._popular_at = 0.0
+        self._pop_lock = threading.Lock()
+        self._ready_cache: tuple[float, bool, str] = (0.0, False, "not checked yet")
+        self.refresh_popularity(raise_errors=False)
+
+    # ---- popularity (cold start and fallback) ---------------------------------------------------
+    def refresh_popularity(self, raise_errors: bool = True) -> None:
+        try:
+            scen, pop = item_catalogue(self.repo, self.catalogue)
+        except Exception as e:
+            if raise_errors:
+                raise
+            log.warning("item popularity not loaded yet: %s", e)
+            return
+        table = {}
+        for s in self.scenarios:
+            ranked = sorted(((i, float(pop[i])) for i in self.catalogue if s in scen[i]), key=lambda kv: (-kv[1], kv[0]))
+            table[s] = ranked
+        with self._pop_lock:
+            self._popular, self._popular_at = table, time.monotonic()
+
+    def popular(self, scenario: str, k: int, exclude: set[str]) -> list[tuple[str, float]]:
+        if self._popular is None or time.monotonic() - self._popular_at > self.cfg.serving.popularity_refresh_s:
+            try:
+                self.refresh_popularity()
+            except Exception as e:  # keep serving the last table; without one, this is an outage
+                if self._popular is None:
+                    raise Unavailable(f"feature store unavailable, popularity not loaded: {type(e).__name__}: {e}") from e
+                log.warning("popularity refresh failed, serving the previous table: %s", e)
+                self._popular_at = time.monotonic()
+        return [(i, s) for i, s in self._popular[scenario] if i not in exclude][:k]
+
+    # ---- readiness ------------------------------------------------------------------------------
+    def ready(self) -> tuple[bool, str]:
+        """Models are loaded in __init__; ready once every arm's alias answers in Milvus and the
+        popularity table is loaded. Cached for 2 s: probes must stay cheap."""
+        t, ok, why = self._ready_cache
+        if time.monotonic() - t < 2.0:
+            return ok, why
+        ok, why = True, "ready"
+        try:
+            from redrec.index.milvus import _alias_target
+
+            for rt in self.arms.values():
+                if _alias_target(rt.index) is None:
+                    ok, why = False, f"index alias '{rt.index.name}' is not published in Milvus"
+                    break
+        except Exception as e:
+            ok, why = False, f"milvus unreachable: {type(e).__name__}"
+        if ok and self._popular is None:
+            self.refresh_popularity(raise_errors=False)
+            if self._popular is None:
+                ok, why = False, "item popularity not loaded (feature store unreachable?)"
+        self._ready_cache = (time.monotonic(), ok, why)
+        return ok, why
+
+    # ---- validation -----------------------------------------------------------------------------
+    def _check_common(self, user_id: str | None, scenario: str, k: int) -> None:
+        if scenario not in self.scenarios:
+            raise BadRequest(f"scenario: unknown scenario {scenario!r}; use one of {self.scenarios}", "scenario")
+        if not 1 <= k <= self.cfg.serving.max_k:
+            raise BadRequest(f"k: must be between 1 and {self.cfg.serving.max_k} (serving.max_k), got {k}", "k")
+        if user_id is not None:
+            self._check_user(user_id)
+
+    def _check_user(self, user_id: str, field: str = "user_id") -> None:
+        if not user_id.strip():
+            raise BadRequest(f"{field}: must not be empty", field)
+        if len(user_id) > self.cfg.serving.max_user_id_len:
+            raise BadRequest(f"{field}: longer than {self.cfg.serving.max_user_id_len} characters "
+                             f"(serving.max_user_id_len)", field)
+
+    # ---- user tower (batched) -------------------------------------------------------------------
+    def _user_vectors(self, rt: ArmRuntime, reqs: list[tuple[str, str]]) -> list:
+        """(user_id, scenario) per request -> (history, [K, dim] vectors or None for cold users)."""
+        users = list(dict.fromkeys(u for u, _ in reqs))
+        hist = self.repo.online_histories(users)
+        rows = [encode_row(rt.vocab, hist[u]) for u, _ in reqs]
+        warm = [i for i, r in enumerate(rows) if len(r["items"])]
+        out: list = [(hist[u], None) for u, _ in reqs]
+        if warm:
+            batch = collate([rows[i] for i in warm], [rt.vocab.scenario_index[reqs[i][1]] for i in warm])
+            with torch.inference_mode():
+                vec = rt.model.user_vectors(batch)[:, 0].float().numpy()  # [B, K, dim]
+            for j, i in enumerate(warm):
+                out[i] = (hist[reqs[i][0]], vec[j])
+        return out
+
+    def _search(self, rt: ArmRuntime, vec: np.ndarray, scenario: str, k: int, exclude: list[str]):
+        try:
+            return search(rt.index, vec, scenario, k, exclude)
+        except Exception as e:
+            # a restarted Milvus (Lite always, a standalone after some failures) comes back with
+            # the collection released: load it once and retry instead of failing until a redeploy
+            if "load" not in str(e).lower() or _dependency(e) != "milvus":
+                raise
+            from redrec.index.milvus import _alias_target, client
+
+            target = _alias_target(rt.index)
+            log.warning("collection %s is not loaded in Milvus; loading it", target)
+            client(rt.index).load_collection(target, timeout=rt.index.timeout_s)
+            return search(rt.index, vec, scenario, k, exclude)
+
+    # ---- API ------------------------------------------------------------------------------------
+    def arm_for(self, user_id: str) -> str:
+        return assign(self.cfg.experiment, user_id)
+
+    async def recommend(self, user_id: str, scenario: str, k: int = 10, exclude_seen: bool = True,
+                        context: dict | None = None) -> dict:
+        self._check_common(user_id, scenario, k)
+        t0 = time.perf_counter()
+        arm = self.arm_for(user_id)
+        rt = self.arms[self.control] if arm == HOLDOUT else self.arms[arm]
+        fallback, cold, history, vec, reason = False, False, [], None, None
+        t_user = None
+        try:
+            history, vec = await rt.batcher.submit((user_id, scenario))
+            t_user = time.perf_counter()
+        except Exception as e:
+            dep = _dependency(e)
+            if dep is None:
+                raise
+            reason = f"{dep} unavailable: {type(e).__name__}: {str(e)[:200]}"
+            if self.cfg.serving.on_dependency_error != "popularity":
+                raise Unavailable(reason) from e
+            fallback = True
+        seen = {h.item_id for h in history} if exclude_seen else set()
+        if arm == HOLDOUT or vec is None or fallback:
+            # holdout users get the non-personalised baseline, the reference for the arms' total lift
+            cold = vec is None and not fallback
+            hits = await asyncio.to_thread(self.popular, scenario, k, seen)
+            version = "popularity" if arm == HOLDOUT or fallback else rt.version
+        else:
+            try:
+                hits = await asyncio.to_thread(self._search, rt, vec, scenario, k, sorted(seen))
+            except Exception as e:
+                dep = _dependency(e)
+                if dep is None:
+                    raise
+                reason = f"{dep} unavailable: {type(e).__name__}: {str(e)[:200]}"
+                if self.cfg.serving.on_dependency_error != "popularity":
+                    raise Unavailable(reason) from e
+                fallback = True
+                hits = await asyncio.to_thread(self.popular, scenario, k, seen)
+            version = "popularity" if fallback else rt.version
+        resp = {
+            "request_id": uuid.uuid4().hex,
+            "experiment": self.cfg.experiment.name,
+            "user_id": user_id,
+            "scenario": scenario,
+            "arm": arm,
+            "model_version": version,
+            "items": [i for i, _ in hits],
+            "scores": [round(float(s), 6) for _, s in hits],
+            "cold_start": cold,
+            "fallback": fallback,
+        }
+        t_end = time.perf_counter()
+        record = {**resp, "ts": time.time(), "latency_ms": round((t_end - t0) * 1000, 3)}
+        if t_user is not None:  # where the time went: queue + Feast read + user tower, then search
+            record["user_ms"] = round((t_user - t0) * 1000, 3)
+            record["search_ms"] = round((t_end - t_user) * 1000, 3)
+        if reason:
+            record["fallback_reason"] = reason
+        if context:
+            record["context"] = context
+        if vec is not None and self.cfg.serving.log_user_embedding:
+            m = vec.mean(0)
+            record["user_embedding"] = [round(float(x), 5) for x in m / max(np.linalg.norm(m), 1e-12)]
+        self.log.append(record)  # before returning: an acknowledged response is on the log
+        return resp
+
+    async def similar_items(self, item_id: str, scenario: str, k: int = 10, user_id: str | None = None) -> dict:
+        self._check_common(user_id, scenario, k)
+        arm = self.arm_for(user_id) if user_id else self.control
+        rt = self.arms[self.control] if arm == HOLDOUT else self.arms[arm]
+        idx = rt.vocab.item_index.get(item_id)
+        if idx is None:
+            raise NotFound(f"item_id: unknown item {item_id!r} (not in the catalogue of model {rt.version})", "item_id")
+        try:
+            hits = await asyncio.to_thread(self._search, rt, rt.item_emb[idx - 1], scenario, k, [item_id])
+        except Exception as e:
+            dep = _dependency(e)
+            if dep is None:
+                raise
+            raise Unavailable(f"{dep} unavailable: {type(e).__name__}: {str(e)[:200]}") from e
+        return {"item_id": item_id, "scenario": scenario, "model_version": rt.version,
+                "items": [i for i, _ in hits], "scores": [round(float(s), 6) for _, s in hits]}
+
+    async def record_events(self, events: list[dict]) -> dict:
+        if not events:
+            raise BadRequest("events: empty list; send at least one event", "events")
+        if len(events) > self.cfg.serving.max_events_per_call:
+            raise BadRequest(f"events: {len(events)} events, at most {self.cfg.serving.max_events_per_call} per call", "events")
+        now = int(time.time())
+        rows = []
+        for n, e in enumerate(events):
+            self._check_user(e["user_id"], f"events[{n}].user_id")
+            if e["scenario"] not in self.scenarios:
+                raise BadRequest(f"events[{n}].scenario: unknown scenario {e['scenario']!r}; use one of {self.scenarios}",
+                                 f"events[{n}].scenario")
+            if e["item_id"] not in self.known_items:
+                raise BadRequest(f"events[{n}].item_id: unknown item {e['item_id']!r}", f"events[{n}].item_id")
+            if e["action"] not in self.actions:
+                raise BadRequest(f"events[{n}].action: unknown action {e['action']!r}; use one of {self.actions}",
+                                 f"events[{n}].action")
+            ts = int(e["ts"]) if e.get("ts") is not None else now
+            rows.append({"user_id": e["user_id"], "item_id": e["item_id"], "scenario": e["scenario"],
+                         "action": e["action"], "ts": ts, "request_id": e.get("request_id")})
+        df = pd.DataFrame(rows)
+        try:
+            rep = await asyncio.to_thread(self.repo.push_events, df[["user_id", "item_id", "scenario", "action", "ts"]])
+        except Exception as e:
+            dep = _dependency(e)
+            if dep is None:
+                raise
+            raise Unavailable(f"{dep} unavailable, events not recorded: {type(e).__name__}: {str(e)[:200]}") from e
+        self.feedback.append_many(rows)
+        return {"accepted": len(rows), "skipped_duplicates": rep.skipped_duplicates}
+
+    def stats(self) -> dict:
+        return {name: rt.batcher.stats() for name, rt in self.arms.items()}

@@ -1,0 +1,50 @@
+"""How serving reaches Feast: always through ``FeatureRepo``.
+
+With ``serving.feature_server_url`` set (Kubernetes, and the tests), the repo gets a generated
+``feature_store.yaml`` whose online store is Feast's ``remote`` store: every online read and every
+push goes over HTTP to ``feast serve``; the registry (feature definitions only) is read from
+``feast.registry``. Without it, the embedded repo at ``feast.repo_path`` (SQLite) is opened
+directly. The calling code is the same in both cases.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import yaml
+
+from redrec.features.definitions import ITEM_POP_VIEW, ITEM_TEXT_VIEW
+from redrec.features.store import FeatureRepo
+from redrec.serving.config import ServingConfig
+
+
+def remote_store_yaml(cfg: ServingConfig) -> dict:
+    registry = cfg.feast.registry or str((Path(cfg.feast.repo_path) / "feast_registry.db").resolve())
+    return {
+        "project": cfg.feast.project,
+        "provider": "local",
+        "registry": {"registry_type": "file", "path": registry, "cache_ttl_seconds": 60},
+        "online_store": {"type": "remote", "path": cfg.serving.feature_server_url, "connection_retries": 1},
+        "entity_key_serialization_version": 3,
+    }
+
+
+def open_repo(cfg: ServingConfig) -> FeatureRepo:
+    if not cfg.serving.feature_server_url:
+        return FeatureRepo(cfg.feast.repo_path, scenarios=cfg.scenarios)
+    d = Path(tempfile.mkdtemp(prefix="redrec-feast-"))
+    fs_yaml = d / "feature_store.yaml"
+    fs_yaml.write_text(yaml.safe_dump(remote_store_yaml(cfg), sort_keys=False))
+    return FeatureRepo(cfg.feast.repo_path, fs_yaml=fs_yaml, scenarios=cfg.scenarios)
+
+
+def item_catalogue(repo: FeatureRepo, item_ids: list[str]) -> tuple[dict[str, list[str]], dict[str, int]]:
+    """Per item: the scenarios it may be shown in, and its popularity (both from the online store)."""
+    res = repo.store.get_online_features(
+        features=[f"{ITEM_TEXT_VIEW}:scenarios", f"{ITEM_POP_VIEW}:popularity"],
+        entity_rows=[{"item_id": str(i)} for i in item_ids],
+    ).to_dict()
+    scen = {str(i): list(s or []) for i, s in zip(item_ids, res["scenarios"])}
+    pop = {str(i): int(p or 0) for i, p in zip(item_ids, res["popularity"])}
+    return scen, pop

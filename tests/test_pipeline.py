@@ -1,0 +1,285 @@
+"""The training pipeline for real: kfp.local runs (Feast, Milvus Lite, BentoML server), the gate
+both ways, injected faults in train, evaluate, publish and deploy, and the compiled cluster specs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+
+from redrec.pipeline import steps
+from redrec.pipeline.config import ClusterConfig, PipelineParams, RunConfig
+from redrec.pipeline.gate import decide
+from redrec.pipeline.outputs import InjectedFault
+
+ROOT = Path(__file__).resolve().parents[1]
+
+TINY = {
+    "dataset": "synthetic",
+    "dataset_args": {"n_users": 100, "n_items": 160, "seed": 5},
+    "experiment": {"model": {"item_source": "cache-finetune", "user_tower": {"hidden_size": 32, "layers": 1, "heads": 2, "max_len": 20}},
+                   "train": {"epochs": 1, "batch_size": 16, "negatives": 64, "warmup_steps": 2}},
+}
+
+
+# ---- configuration and gate (no services) ------------------------------------------------------
+
+
+def test_bad_parameters_name_the_field_and_the_fix(tmp_path):
+    with pytest.raises(ValueError, match=r"gate_metrics \['ndcg10'\]: use ndcg@K"):
+        PipelineParams(gate_metrics=["ndcg10"])
+    with pytest.raises(ValueError, match="inject_fault"):
+        PipelineParams(inject_fault="gate")
+    with pytest.raises(ValueError, match="zero_stage"):
+        PipelineParams(zero_stage=4)
+    cfg = tmp_path / "p.yaml"
+    cfg.write_text(yaml.safe_dump({"params": {"dataset": "synthetic", "experiment": {"train": {"epochs": "many"}}}}))
+    p = RunConfig.from_yaml(cfg).params
+    with pytest.raises(ValueError, match=r"(?s)parameter 'experiment'.*train.epochs"):
+        p.experiment_config(tmp_path)
+    cfg.write_text(yaml.safe_dump({"experiment_config": "nope.yaml"}))
+    with pytest.raises(ValueError, match="'experiment_config' names nope.yaml"):
+        RunConfig.from_yaml(cfg)
+
+
+def test_run_config_merges_the_experiment_file_and_typed_overrides():
+    rc = RunConfig.from_yaml(ROOT / "configs" / "pipeline-ml1m.yaml")
+    assert rc.params.dataset == "movielens-1m"
+    exp = rc.params.experiment_config("build/x")
+    assert exp.model.item_tower.backbone == "minilm" and exp.variants == ["redrec"]
+    p = rc.params.model_copy(update={"hidden_size": 96, "zero_stage": 2, "epochs": 3})
+    e = p.experiment_config("build/x")
+    assert (e.model.user_tower.hidden_size, e.train.zero_stage, e.train.epochs) == (96, 2, 3)
+
+
+def _res(overall: float, search: float) -> dict:
+    return {"overall": {"ndcg@10": overall, "hr@10": overall * 2}, "per_scenario": {"search": {"ndcg@10": search}}}
+
+
+def test_gate_decides_both_ways():
+    assert decide(_res(0.1, 0.1), None, ["ndcg@10"], 0.05).passed  # first model: nothing to beat
+    assert decide(_res(0.2101, 0.2), _res(0.2, 0.2), ["ndcg@10"], 0.05).passed  # just over +5%
+    d = decide(_res(0.209, 0.3), _res(0.2, 0.2), ["ndcg@10", "ndcg@10:search"], 0.05)
+    assert not d.passed and "ndcg@10" in d.reason and [c["passed"] for c in d.checks] == [False, True]
+    d = decide(_res(0.3, 0.19), _res(0.2, 0.2), ["ndcg@10", "ndcg@10:search"], 0.0)
+    assert not d.passed and d.reason.endswith("ndcg@10:search")
+    # a metric the candidate was not evaluated on fails rather than passes silently
+    assert not decide(_res(0.3, 0.3), _res(0.2, 0.2), ["ndcg@10:ads"], 0.0).passed
+
+
+# ---- compiled cluster specs ----------------------------------------------------------------------
+
+
+def _executor(spec: dict, task: str) -> dict:
+    return spec["platform"]["platforms"]["kubernetes"]["deploymentSpec"]["executors"][f"exec-{task}"]
+
+
+def test_compiled_pipelines_carry_the_cluster_settings(tmp_path):
+    from redrec.pipeline.cluster import compile_pipelines
+
+    rc = RunConfig.from_yaml(ROOT / "configs" / "pipeline-ml1m.yaml")
+    cluster = ClusterConfig(gpu_limit=4, accelerator_type="nvidia.com/gpu", milvus_secret="milvus-auth",
+                            train_node_selector={"pool": "a100"}, image="registry.example/redrec:1.2")
+    paths = compile_pipelines(rc.params, cluster, tmp_path)
+    assert sorted(p.name for p in paths) == ["redrec-monitoring.yaml", "redrec-training.yaml"]
+    for path in paths:
+        docs = list(yaml.safe_load_all(path.read_text()))
+        pipe, platform = docs[0], {"platform": docs[1]}
+        execs = pipe["deploymentSpec"]["executors"]
+        res = execs["exec-train"]["container"]["resources"]["accelerator"]
+        assert res["resourceType"] == "nvidia.com/gpu" and int(res["resourceCount"]) == 4
+        assert all(e["container"]["image"] == "registry.example/redrec:1.2" for e in execs.values())
+        # no step pip-installs at run time
+        assert not any("pip install" in " ".join(e["container"].get("command", [])) for e in execs.values())
+        train = _executor(platform, "train")
+        assert train["nodeSelector"]["labels"] == {"pool": "a100"}
+        assert train["tolerations"][0]["key"] == "nvidia.com/gpu"
+        for task in ("evaluate", "publish", "deploy"):
+            env = _executor(platform, task)["secretAsEnv"][0]
+            assert env["secretName"] == "milvus-auth" and env["keyToEnv"][0]["envVar"] == "MILVUS_TOKEN"
+        assert _executor(platform, "build-features")["pvcMount"][0]["mountPath"] == cluster.workspace_mount
+        params = pipe["root"]["inputDefinitions"]["parameters"]
+        for name in ("dataset", "scenarios", "hidden_size", "layers", "zero_stage", "nodes", "gpus_per_node",
+                     "gate_metrics", "gate_margin"):
+            assert name in params, name
+        assert params["nodes"]["parameterType"] == "NUMBER_INTEGER" and params["gate_margin"]["parameterType"] == "NUMBER_DOUBLE"
+        assert params["dataset"]["defaultValue"] == "movielens-1m"
+        assert params["workspace"]["defaultValue"] == cluster.workspace_mount
+        assert params["deploy_target"]["defaultValue"] == "kubernetes"
+        assert pipe["defaultPipelineRoot"] == cluster.pipeline_root
+    mon = next(yaml.safe_load_all(next(p for p in paths if p.name == "redrec-monitoring.yaml").read_text()))
+    assert "exec-check-drift" in mon["deploymentSpec"]["executors"]
+    assert "drift-detected" in json.dumps(mon["root"]["dag"]["tasks"])
+
+
+# ---- the pipeline, run locally -------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """A workspace with its Milvus Lite server and a private BentoML home, torn down at the end."""
+    import os
+
+    from redrec.pipeline.deploy import stop_local
+    from redrec.pipeline.localrun import ensure_milvus, release_milvus_connections, stop_milvus
+
+    base = tmp_path_factory.mktemp("pipeline")
+    old = os.environ.get("BENTOML_HOME")
+    os.environ["BENTOML_HOME"] = str(base / "bentoml")
+    ws = base / "ws"
+    uri = ensure_milvus(ws)
+    params = PipelineParams(**TINY, workspace=str(ws), milvus_uri=uri, serving_port=_free_port())
+    yield params
+    stop_local(ws)
+    release_milvus_connections()
+    stop_milvus(ws)
+    if old is None:
+        os.environ.pop("BENTOML_HOME", None)
+    else:
+        os.environ["BENTOML_HOME"] = old
+
+
+def _free_port() -> int:
+    from redrec.index.lite import free_port
+
+    return free_port()
+
+
+def _served(params: PipelineParams) -> tuple[str | None, list[str]]:
+    """(collection the alias serves, every collection of the index)."""
+    from redrec.index.config import IndexConfig
+    from redrec.index.milvus import current_collection, list_versions
+    from redrec.pipeline.localrun import release_milvus_connections
+
+    cfg = IndexConfig(uri=params.milvus_uri, name=params.index_alias)
+    try:
+        return current_collection(cfg), sorted(v.name for v in list_versions(cfg))
+    finally:
+        release_milvus_connections()
+
+
+def _recommend(url: str) -> dict:
+    r = httpx.post(url + "/recommend", json={"user_id": "u0001", "scenario": "homefeed", "k": 5}, timeout=60)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+@pytest.fixture(scope="module")
+def first_run(world):
+    from redrec.pipeline.localrun import run_local
+
+    res = run_local(world)
+    assert res.ok, res.error
+    return res
+
+
+@pytest.mark.slow
+def test_pipeline_runs_end_to_end_and_serves_the_model(world, first_run):
+    from redrec.pipeline.deploy import deployed_version
+    from redrec.pipeline.localrun import task_output
+
+    res = first_run
+    version = task_output(res.run_dir, "train")
+    assert res.summary["candidate_version"] == version and res.summary["gate_passed"] is True
+    # every step reported its time
+    assert [s["step"] for s in res.steps] == ["prepare-data", "features", "train", "evaluate", "gate", "publish",
+                                              "deploy", "drift-reference"]
+    metrics = json.loads(Path(res.summary["metrics"]).read_text())
+    assert metrics["production_version"] is None and metrics["candidate_version"] == version
+    cand, pop = metrics["results"]["candidate"]["overall"], metrics["results"]["popularity"]["overall"]
+    assert 0 < cand["ndcg@10"] <= 1 and 0 < pop["ndcg@10"] <= 1
+    assert "ndcg@10" in Path(res.summary["evaluation_table"]).read_text()
+    ts = json.loads((res.run_dir / "build-features" / "training_set" / "report.json").read_text())
+    assert ts["rows"] == 100 and ts["windows_filled"] > 100
+    assert _served(world)[0] == f"redrec_items_v{version}"
+    assert deployed_version(world.workspace) == version
+    assert res.summary["service"] and _recommend(res.summary["service"])["model_version"] == version
+    ref = Path(world.workspace) / "drift" / "reference" / "reference.json"
+    assert json.loads(ref.read_text())["model"]  # the reference knows the model it was recorded with
+
+
+@pytest.mark.slow
+def test_gate_rejects_a_candidate_short_of_the_margin(world, first_run):
+    from redrec.pipeline.localrun import run_local, task_output
+
+    before = _served(world)
+    res = run_local(world.model_copy(update={"gate_margin": 1.0}))  # must double production's NDCG: impossible here
+    assert res.ok, res.error
+    assert res.summary["gate_passed"] is False
+    assert task_output(res.run_dir, "publish") is None and not (res.run_dir / "deploy").exists()
+    metrics = json.loads(Path(res.summary["metrics"]).read_text())
+    assert metrics["production_version"] == task_output(first_run.run_dir, "train")
+    assert "production" in metrics["results"]  # re-scored on the same split
+    assert "REJECTED" in (res.run_dir / "gate" / "report").read_text()
+    assert _served(world) == before
+
+
+@pytest.mark.slow
+def test_failed_publish_changes_nothing_and_a_rerun_succeeds(world, first_run):
+    from redrec.pipeline.deploy import deployed_version
+    from redrec.pipeline.localrun import run_local, task_output
+
+    v1 = task_output(first_run.run_dir, "train")
+    before = _served(world)
+    res = run_local(world.model_copy(update={"inject_fault": "publish"}))
+    assert not res.ok and "publish" in res.error
+    assert _served(world) == before  # the half-built collection was dropped, the alias did not move
+    assert deployed_version(world.workspace) == v1
+    assert _recommend(first_run.summary["service"])["model_version"] == v1
+
+    again = run_local(world)
+    assert again.ok, again.error
+    v2 = task_output(again.run_dir, "train")
+    assert v2 != v1 and _served(world)[0] == f"redrec_items_v{v2}"
+    assert deployed_version(world.workspace) == v2
+    assert _recommend(again.summary["service"])["model_version"] == v2
+
+
+@pytest.mark.slow
+def test_failed_train_and_evaluate_leave_no_output_and_change_nothing(world, first_run):
+    from redrec.pipeline.deploy import deployed_version
+
+    run = first_run.run_dir
+    before, deployed = _served(world), deployed_version(world.workspace)
+    p = world.model_copy(update={"inject_fault": "train", "max_steps": 2})
+    out = Path(world.workspace) / "fault" / "model"
+    with pytest.raises(InjectedFault, match="step 'train'"):
+        steps.train(p, run / "prepare-data" / "data", run / "build-features" / "training_set", out)
+    assert not out.exists() and not out.with_name("model.partial").exists()
+    assert not list((Path(world.workspace) / "scratch").glob("*"))  # DeepSpeed scratch removed too
+
+    p = world.model_copy(update={"inject_fault": "evaluate"})
+    m, t = Path(world.workspace) / "fault" / "metrics", Path(world.workspace) / "fault" / "table"
+    with pytest.raises(InjectedFault, match="step 'evaluate'"):
+        steps.evaluate(p, run / "prepare-data" / "data", run / "train" / "model", m, t)
+    assert not m.exists() and not t.exists()
+    assert _served(world) == before and deployed_version(world.workspace) == deployed
+
+
+@pytest.mark.slow
+def test_failed_deploy_moves_the_alias_back(world, first_run):
+    """Publish moved the alias; the deploy that follows fails: the alias returns to the served version."""
+    from redrec.index.config import IndexConfig
+    from redrec.index.milvus import publish
+    from redrec.pipeline.deploy import deployed_version
+    from redrec.pipeline.localrun import release_milvus_connections
+
+    import numpy as np
+
+    run = first_run.run_dir
+    before, deployed = _served(world), deployed_version(world.workspace)
+    model = run / "train" / "model"
+    ids = json.loads((model / "item_ids.json").read_text())
+    vecs = np.load(model / "item_embeddings.npy")
+    items = steps.load_prepared(run / "prepare-data" / "data").items.set_index("item_id")
+    cfg = IndexConfig(uri=world.milvus_uri, name=world.index_alias, dim=vecs.shape[1])
+    publish(cfg, "deployfault", ids, vecs, [list(items.at[i, "scenarios"]) for i in ids], set(ids))
+    release_milvus_connections()
+    assert _served(world)[0] == "redrec_items_vdeployfault"
+    with pytest.raises(InjectedFault, match="step 'deploy'"):
+        steps.deploy(world.model_copy(update={"inject_fault": "deploy", "deploy_target": "none"}), model, before[0])
+    assert _served(world)[0] == before[0]
+    assert deployed_version(world.workspace) == deployed

@@ -1,0 +1,312 @@
+"""BentoML serving for real: `bentoml serve` on 127.0.0.1 over a real Feast feature server
+(`feast serve`, remote online store) and a real Milvus Lite server, called with BentoML's own
+client and with raw HTTP."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+# the BentoML model store of this test session; set before bentoml is imported anywhere
+os.environ.setdefault("BENTOML_HOME", tempfile.mkdtemp(prefix="redrec-bentoml-"))
+
+import httpx  # noqa: E402
+import yaml  # noqa: E402
+
+from redrec.data.split import chronological_split  # noqa: E402
+from redrec.data import encode  # noqa: E402
+from redrec.data.synthetic import SyntheticConfig, generate  # noqa: E402
+from redrec.experiment import ExperimentConfig, train_variant  # noqa: E402
+from redrec.model.checkpoint import export_checkpoint  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+SEQ_LEN = 20
+
+
+def tiny_model(data, out_dir: Path, seed: int) -> Path:
+    cfg = ExperimentConfig.model_validate({
+        "dataset": "synthetic", "variants": ["redrec"],
+        "model": {"item_source": "cache-finetune", "user_tower": {"hidden_size": 32, "layers": 1, "heads": 2, "max_len": SEQ_LEN}},
+        "train": {"epochs": 1, "batch_size": 16, "negatives": 64, "progress": False, "warmup_steps": 2, "max_steps": 8, "seed": seed},
+        "out_dir": str(out_dir),
+    })
+    enc = encode(data)
+    trainer, _ = train_variant(cfg, "redrec", data, enc, chronological_split(enc), out_dir / "redrec", resume=False)
+    return export_checkpoint(trainer.module, out_dir / "model", enc.item_ids, {"variant": "redrec"})
+
+
+@pytest.fixture(scope="session")
+def world(tmp_path_factory):
+    from redrec.index.lite import LiteServer
+    from redrec.serving.feast_server import FeatureServer
+    from redrec.serving.stack import prepare
+
+    work = tmp_path_factory.mktemp("serving")
+    data = generate(SyntheticConfig(n_users=120, n_items=200, seed=3))
+    models = {"v1": tiny_model(data, work / "m1", 0), "v2": tiny_model(data, work / "m2", 1)}
+    lite = LiteServer(work / "milvus.db")
+    lite.start()
+    fs = None
+    try:
+        arms = [{"name": "control", "model_version": "v1", "index_alias": "", "share": 0.5},
+                {"name": "treatment", "model_version": "v2", "index_alias": "redrec_items_b", "share": 0.5}]
+        cfg_path = prepare(data, models, work, lite.uri, arms, experiment="exp1", holdout_share=0.1, seq_len=SEQ_LEN,
+                           serving={"max_k": 50, "batch_max_wait_ms": 2.0})
+        fs = FeatureServer(work / "feast")
+        fs.start()
+    except BaseException:
+        if fs is not None:
+            fs.stop()
+        lite.stop()
+        raise
+    cfg = yaml.safe_load(cfg_path.read_text())
+    cfg["serving"]["feature_server_url"] = fs.url
+    cfg_path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    w = {"work": work, "data": data, "models": models, "lite": lite, "fs": fs, "config": cfg_path, "cfg": cfg}
+    yield w
+    w["fs"].stop()
+    w["lite"].stop()
+
+
+@pytest.fixture(scope="session")
+def server(world):
+    from redrec.serving.local import LocalServer
+
+    srv = LocalServer(world["config"])
+    srv.start(timeout_s=240)
+    yield srv
+    srv.stop()
+
+
+def post(server, route, **body):
+    return httpx.post(server.url + route, json=body, timeout=30)
+
+
+def rec(server, user, scenario, k=10, **kw):
+    r = post(server, "/recommend", user_id=user, scenario=scenario, k=k, **kw)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def warm_users(world, n=5):
+    ev = world["data"].events
+    counts = ev.groupby("user_id")["scenario"].nunique()
+    return [str(u) for u in counts[counts == 3].index[:n]]
+
+
+def seen_items(world, user):
+    """What the feature store holds for the user: the last SEQ_LEN events per scenario."""
+    ev = world["data"].events
+    ev = ev[ev["user_id"] == user]
+    return {i for _, g in ev.groupby("scenario") for i in g["item_id"].tail(SEQ_LEN)}
+
+
+def eligible(world, scenario):
+    items = world["data"].items
+    return {i for i, s in zip(items["item_id"], items["scenarios"]) if scenario in list(s)}
+
+
+def test_health_routes_and_openapi(server):
+    assert httpx.get(server.url + "/livez").status_code == 200
+    assert httpx.get(server.url + "/readyz").status_code == 200
+    spec = httpx.get(server.url + "/docs.json").json()
+    for route in ("/recommend", "/similar_items", "/record_events"):
+        assert route in spec["paths"], sorted(spec["paths"])
+
+
+def test_bentoml_client_and_raw_http_agree(server, world):
+    import bentoml
+
+    user = warm_users(world)[0]
+    with bentoml.SyncHTTPClient(server.url) as client:
+        via_client = client.recommend(user_id=user, scenario="search", k=7)
+    raw = rec(server, user, "search", k=7)
+    via_client = via_client if isinstance(via_client, dict) else via_client.model_dump()
+    assert via_client["items"] == raw["items"] and len(raw["items"]) == 7
+    assert via_client["request_id"] != raw["request_id"]
+    assert raw["scores"] == sorted(raw["scores"], reverse=True)
+
+
+def test_scenarios_differ_and_respect_eligibility_and_seen_items(server, world):
+    for user in warm_users(world, 4):
+        seen = seen_items(world, user)
+        lists = {}
+        for s in world["data"].scenarios:
+            out = rec(server, user, s, k=10)
+            assert not out["cold_start"] and out["model_version"] in ("v1", "v2", "popularity")
+            assert set(out["items"]) <= eligible(world, s), s
+            assert not set(out["items"]) & seen, "a seen item was recommended"
+            lists[s] = out["items"]
+        assert len({tuple(v) for v in lists.values()}) == len(lists), lists
+    # without exclusion, the seen items are back in the candidate set
+    user = warm_users(world)[0]
+    full = rec(server, user, "homefeed", k=50, exclude_seen=False)
+    assert set(full["items"]) & seen_items(world, user)
+
+
+def test_recorded_events_change_the_next_answer(server, world):
+    user = warm_users(world, 6)[5]
+    first = rec(server, user, "homefeed", k=10)
+    top = first["items"][0]
+    r = post(server, "/record_events", events=[
+        {"user_id": user, "item_id": top, "scenario": "homefeed", "action": "click", "ts": int(time.time()),
+         "request_id": first["request_id"]}])
+    assert r.status_code == 200, r.text
+    assert r.json()["accepted"] == 1
+    second = rec(server, user, "homefeed", k=10)
+    assert top not in second["items"]  # now seen, so excluded
+    assert second["items"] != first["items"][1:] + second["items"][-1:] or second["scores"] != first["scores"][1:]
+    fb = [json.loads(l) for f in (world["work"] / "serving-log").glob("feedback-*.jsonl") for l in f.read_text().splitlines()]
+    assert any(l["request_id"] == first["request_id"] and l["item_id"] == top for l in fb)
+
+
+def test_user_vector_changes_with_the_new_event(server, world):
+    """Not only the exclusion: the tower reads the fresh event (with exclusion off, scores move)."""
+    user = warm_users(world, 7)[6]
+    before = rec(server, user, "search", k=20, exclude_seen=False)
+    item = sorted(eligible(world, "ads"))[3]
+    r = post(server, "/record_events", events=[{"user_id": user, "item_id": item, "scenario": "ads", "action": "share"}])
+    assert r.status_code == 200, r.text
+    after = rec(server, user, "search", k=20, exclude_seen=False)
+    assert before["scores"] != after["scores"]
+
+
+def test_cold_start_user_gets_the_scenarios_popular_items(server, world):
+    ev = world["data"].events
+    for s in world["data"].scenarios:
+        out = rec(server, "brand-new-user-1", s, k=5)
+        assert out["cold_start"] is True
+        assert set(out["items"]) <= eligible(world, s)
+        assert out["scores"] == sorted(out["scores"], reverse=True)
+        # popularity counts every event of an item (any scenario) from the online store
+        top = ev["item_id"].value_counts().reindex(sorted(eligible(world, s))).fillna(0).max()
+        assert top <= out["scores"][0] <= top + 5  # earlier tests push a few events
+
+
+def test_similar_items(server, world):
+    item = sorted(eligible(world, "homefeed"))[0]
+    r = post(server, "/similar_items", item_id=item, scenario="homefeed", k=5)
+    assert r.status_code == 200, r.text
+    out = r.json()
+    assert len(out["items"]) == 5 and item not in out["items"]
+    assert set(out["items"]) <= eligible(world, "homefeed")
+
+
+@pytest.mark.parametrize("route,body,status,field", [
+    ("/recommend", {"user_id": "u1", "scenario": "nope", "k": 5}, 400, "scenario"),
+    ("/recommend", {"user_id": "u1", "scenario": "search", "k": 0}, 400, "k"),
+    ("/recommend", {"user_id": "u1", "scenario": "search", "k": -3}, 400, "k"),
+    ("/recommend", {"user_id": "u1", "scenario": "search", "k": 51}, 400, "k"),
+    ("/recommend", {"user_id": "u1", "scenario": "search", "k": "ten"}, 400, "k"),
+    ("/recommend", {"user_id": "", "scenario": "search", "k": 5}, 400, "user_id"),
+    ("/recommend", {"user_id": "   ", "scenario": "search", "k": 5}, 400, "user_id"),
+    ("/recommend", {"user_id": "x" * 300, "scenario": "search", "k": 5}, 400, "user_id"),
+    ("/recommend", {"user_id": "x" * 5000, "scenario": "search", "k": 5}, 400, "user_id"),
+    ("/recommend", {"scenario": "search", "k": 5}, 400, "user_id"),
+    ("/similar_items", {"item_id": "no-such-item", "scenario": "search", "k": 5}, 404, "item_id"),
+    ("/similar_items", {"item_id": "it0000001", "scenario": "search", "k": 0}, 400, "k"),
+    ("/record_events", {"events": []}, 400, "events"),
+    ("/record_events", {"events": [{"user_id": "u1", "item_id": "nope", "scenario": "search", "action": "click"}]}, 400, "item_id"),
+    ("/record_events", {"events": [{"user_id": "u1", "item_id": "it0000001", "scenario": "x", "action": "click"}]}, 400, "scenario"),
+    ("/record_events", {"events": [{"user_id": "u1", "item_id": "it0000001", "scenario": "search", "action": "clik"}]}, 400, "action"),
+])
+def test_bad_input_gets_a_4xx_naming_the_field(server, route, body, status, field):
+    r = post(server, route, **body)
+    assert r.status_code == status, (r.status_code, r.text)
+    assert field in r.text, r.text
+
+
+def test_malformed_json_is_a_400(server):
+    for payload in (b'{"user_id": "u1", "scenario": ', b"not json", b"[1, 2]"):
+        r = httpx.post(server.url + "/recommend", content=payload, headers={"content-type": "application/json"})
+        assert r.status_code == 400, (payload, r.status_code, r.text)
+
+
+def test_arms_are_the_hash_assignment_and_every_response_is_logged(server, world):
+    from redrec.experiments.assignment import assign
+    from redrec.experiments.log import read_serving_log
+    from redrec.serving.config import ServingConfig
+
+    spec = ServingConfig.from_yaml(world["config"]).experiment
+    users = [f"arm-user-{i}" for i in range(40)] + warm_users(world, 10)
+    got = {}
+    for u in users:
+        out = rec(server, u, "ads", k=3)
+        assert out["arm"] == assign(spec, u)
+        again = rec(server, u, "ads", k=3)
+        assert again["arm"] == out["arm"]  # stable
+        got[out["request_id"]] = out
+        if out["arm"] == "treatment" and not out["cold_start"]:
+            assert out["model_version"] == "v2"
+        if out["arm"] == "holdout":
+            assert out["model_version"] == "popularity"
+    assert {o["arm"] for o in got.values()} >= {"control", "treatment"}
+    logged = read_serving_log(world["work"] / "serving-log").set_index("request_id")
+    for rid, out in got.items():
+        row = logged.loc[rid]
+        assert row["arm"] == out["arm"] and list(row["items"]) == out["items"] and row["user_id"] == out["user_id"]
+
+
+def test_bento_builds_offline(world):
+    import bentoml
+
+    from redrec.serving.local import build_bento
+
+    tag = build_bento(models=["redrec:v1"])
+    bento = bentoml.get(tag)
+    assert "redrec:v1" in {str(m.tag) for m in bento.info.models}
+    assert (Path(bento.path) / "src" / "redrec" / "serving" / "engine.py").is_file()
+
+
+def test_killed_milvus_gives_503_and_the_server_keeps_running(server, world):
+    import signal
+
+    from redrec.index.lite import LiteServer
+
+    user = warm_users(world)[1]
+    assert rec(server, user, "search")["items"]
+    lite = world["lite"]
+    os.killpg(lite.proc.pid, signal.SIGKILL)
+    lite.proc.wait()
+    lite.proc = None
+    try:
+        r = post(server, "/recommend", user_id=user, scenario="search", k=5)
+        assert r.status_code == 503, r.text
+        assert "milvus" in r.json()["error"].lower()
+        assert httpx.get(server.url + "/livez").status_code == 200
+        assert server.alive()
+        time.sleep(2.1)  # readiness is cached for 2 s
+        assert httpx.get(server.url + "/readyz").status_code == 503
+        # a cold user needs no index: still served
+        assert rec(server, "cold-during-outage", "search")["cold_start"]
+    finally:
+        world["lite"] = LiteServer(lite.data_path, port=lite.port)
+        world["lite"].start()
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        r = post(server, "/recommend", user_id=user, scenario="search", k=5)
+        if r.status_code == 200:
+            break
+        time.sleep(1)
+    assert r.status_code == 200, r.text
+
+
+def test_feature_server_down_gives_503(server, world):
+    from redrec.serving.feast_server import FeatureServer
+
+    fs = world["fs"]
+    fs.stop()
+    try:
+        r = post(server, "/recommend", user_id=warm_users(world)[2], scenario="homefeed", k=5)
+        assert r.status_code == 503, r.text
+        assert "feast" in r.json()["error"].lower()
+        assert server.alive() and httpx.get(server.url + "/livez").status_code == 200
+    finally:
+        world["fs"] = FeatureServer(fs.repo_dir, port=fs.port)
+        world["fs"].start()
+    assert rec(server, warm_users(world)[2], "homefeed")["items"]
