@@ -7,11 +7,13 @@ Stack (all on 127.0.0.1): `bentoml serve` (1 worker, micro-batched user tower) -
 (remote online store, SQLite behind it) for the user's history -> `milvus-lite server` for the
 scenario-filtered search. Clients: C closed-loop clients (httpx, asyncio) calling /recommend for
 random users with history and random scenarios for D seconds after a warm-up; reported:
-throughput, p50/p90/p99, and the micro-batch sizes the server saw.
+throughput, p50/p90/p99, the micro-batch sizes the server saw, the load generator's own CPU per
+request (aiohttp by default; ``--client httpx`` costs it 15-20x more) and the load average.
 
 Floor, in the same run: for the same (user, scenario) requests, the same user-tower forward
 (history already in memory, one user at a time) plus an exact in-process search (numpy dot
-product over the scenario's eligible items, seen items excluded): no HTTP, no Feast, no Milvus.
+product over the scenario's eligible items, seen items excluded): no HTTP, no Feast, no Milvus;
+torch with the server's intra-op thread count (``--torch-threads``).
 The clients share the machine's cores with the server (noted in the JSON).
 """
 
@@ -41,7 +43,9 @@ def pct(xs, q):
     return float(np.percentile(np.asarray(xs) * 1000, q)) if len(xs) else float("nan")
 
 
-async def drive(url: str, reqs: list[tuple[str, str]], clients: int, seconds: float, k: int) -> dict:
+async def drive(url: str, reqs: list[tuple[str, str]], clients: int, seconds: float, k: int, client: str = "aiohttp") -> dict:
+    if client == "aiohttp":
+        return await drive_aiohttp(url, reqs, clients, seconds, k)
     import httpx
 
     lat, errors, stop = [], 0, time.perf_counter() + seconds
@@ -59,6 +63,40 @@ async def drive(url: str, reqs: list[tuple[str, str]], clients: int, seconds: fl
                     errors += 1
                     continue
                 if r.status_code == 200:
+                    lat.append(time.perf_counter() - t)
+                else:
+                    errors += 1
+        t0 = time.perf_counter()
+        await asyncio.gather(*(client(i) for i in range(clients)))
+        wall = time.perf_counter() - t0
+    return {"clients": clients, "seconds": round(wall, 2), "requests": len(lat), "errors": errors,
+            "throughput_rps": round(len(lat) / wall, 1), "p50_ms": round(pct(lat, 50), 2),
+            "p90_ms": round(pct(lat, 90), 2), "p99_ms": round(pct(lat, 99), 2)}
+
+
+async def drive_aiohttp(url: str, reqs: list[tuple[str, str]], clients: int, seconds: float, k: int) -> dict:
+    """``drive`` with aiohttp: the same closed-loop clients for a fraction of httpx's CPU per request
+    (measured here: 0.5 ms against 7-11 ms), CPU the load generator would otherwise take from the
+    server on the shared cores."""
+    import aiohttp
+
+    lat, errors, stop = [], 0, time.perf_counter() + seconds
+    conn = aiohttp.TCPConnector(limit=clients)
+    async with aiohttp.ClientSession(base_url=url, connector=conn, timeout=aiohttp.ClientTimeout(total=60)) as c:
+        async def client(seed):
+            nonlocal errors
+            rng = random.Random(seed)
+            while time.perf_counter() < stop:
+                u, s = rng.choice(reqs)
+                t = time.perf_counter()
+                try:
+                    async with c.post("/recommend", json={"user_id": u, "scenario": s, "k": k}) as r:
+                        await r.read()
+                        ok = r.status == 200
+                except (aiohttp.ClientError, asyncio.TimeoutError):
+                    errors += 1
+                    continue
+                if ok:
                     lat.append(time.perf_counter() - t)
                 else:
                     errors += 1
@@ -119,6 +157,8 @@ def main() -> int:
     ap.add_argument("--seconds", type=float, default=20.0)
     ap.add_argument("--k", type=int, default=10)
     ap.add_argument("--seq-len", type=int, default=50)
+    ap.add_argument("--client", choices=["aiohttp", "httpx"], default="aiohttp", help="load generator's HTTP client")
+    ap.add_argument("--torch-threads", type=int, default=1, help="serving.torch_threads, also used by the floor")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "serving.json"))
     args = ap.parse_args()
 
@@ -151,11 +191,12 @@ def main() -> int:
     rng = random.Random(0)
     reqs = [(rng.choice(users), rng.choice(list(data.scenarios))) for _ in range(5000)]
 
+    load0 = os.getloadavg()
     t = time.perf_counter()
     with LiteServer(work / "milvus.db") as uri:
         cfg_path = prepare(data, {"bench": ckpt}, work, uri,
                            [{"name": "control", "model_version": "bench", "index_alias": "", "share": 1.0}],
-                           seq_len=args.seq_len, serving={"max_k": 100})
+                           seq_len=args.seq_len, serving={"max_k": 100, "torch_threads": args.torch_threads})
         with FeatureServer(work / "feast") as fs_url:
             import yaml
 
@@ -164,14 +205,24 @@ def main() -> int:
             cfg_path.write_text(yaml.safe_dump(c))
             setup_s = time.perf_counter() - t
             with LocalServer(cfg_path) as srv:
-                asyncio.run(drive(srv.url, reqs, 10, 5.0, args.k))  # warm-up
-                runs = [asyncio.run(drive(srv.url, reqs, n, args.seconds, args.k)) for n in args.clients]
+                asyncio.run(drive(srv.url, reqs, 10, 5.0, args.k, args.client))  # warm-up
+                runs = []
+                for n in args.clients:
+                    cpu = time.process_time()
+                    r = asyncio.run(drive(srv.url, reqs, n, args.seconds, args.k, args.client))
+                    r["client_cpu_ms_per_request"] = round((time.process_time() - cpu) * 1000 / max(r["requests"], 1), 2)
+                    r["load_average_1m_after"] = round(os.getloadavg()[0], 2)
+                    runs.append(r)
                 batching = httpx.post(srv.url + "/batching_stats", json={}).json()
                 from redrec.experiments.log import read_serving_log
 
                 log = read_serving_log(work / "serving-log")
                 stages = {c: {"p50_ms": round(float(log[c].median()), 2), "p99_ms": round(float(log[c].quantile(0.99)), 2)}
                           for c in ("user_ms", "search_ms", "latency_ms") if c in log}
+    import torch
+
+    if args.torch_threads:
+        torch.set_num_threads(args.torch_threads)  # the floor runs the forward as the server does
     fl = floor(ckpt, data, reqs, args.k, args.seq_len, 2000)
     for r in runs:
         r["p50_vs_floor"] = round(r["p50_ms"] / fl["p50_ms"], 1)
@@ -180,6 +231,7 @@ def main() -> int:
         "benchmark": "serving", "model": model_desc, "k": args.k, "seq_len": args.seq_len,
         "cpu_count": os.cpu_count(), "machine": platform.machine(), "python": platform.python_version(),
         "note": "2 CPU cores shared with other jobs and with the load generator itself; timings are noisy",
+        "client": args.client, "torch_threads": args.torch_threads, "load_average_at_start": [round(x, 2) for x in load0],
         "setup_seconds": round(setup_s, 1), "server": runs, "floor_in_process": fl, "batching": batching,
         "server_side_stages_all_runs": stages,
         "targets": {"p99_ms_at_100_clients": 50, "server_within_x_of_floor": 3},

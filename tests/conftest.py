@@ -1,4 +1,5 @@
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -9,6 +10,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / "build" / "torch_extensions"))
 os.environ.setdefault("REDREC_CACHE", str(ROOT / "build" / "cache"))
+# one private BentoML home for the whole session: bentoml reads it once per process, so a test
+# that changed it later would leave in-process code and spawned servers on different stores
+os.environ.setdefault("BENTOML_HOME", tempfile.mkdtemp(prefix="redrec-bentoml-"))
 
 
 @pytest.fixture(scope="session")

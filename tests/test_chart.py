@@ -499,6 +499,7 @@ def test_feature_server_command_probes_and_config_mount(render):
     assert c["args"][:3] == ["--chdir", "/etc/feast", "serve"]
     args = c["args"][3:]
     assert args[args.index("--host") + 1] == "0.0.0.0" and args[args.index("--port") + 1] == "6566"
+    assert args[args.index("--max-requests") + 1] == "0"  # no periodic worker recycling (multi-second stalls)
     assert "-c" not in args and "--chdir" not in args
     assert c["ports"] == [{"name": "http", "containerPort": 6566, "protocol": "TCP"}]
     assert c["readinessProbe"]["httpGet"] == {"path": "/health", "port": "http"}
@@ -639,13 +640,93 @@ def test_drift_cronjob_production(render):
     assert cj["spec"]["schedule"] == "*/30 * * * *" and cj["spec"]["timeZone"] == "Europe/Paris"
     assert cj["spec"]["concurrencyPolicy"] == "Forbid"
     c = container(cj, "drift-check")
-    assert c["args"][-2:] == ["--scenarios", "homefeed,search"]  # drift.extraArgs appended
+    assert c["args"][-2:] == ["--window-hours", "6"]  # drift.extraArgs appended (a real `drift check` option)
     assert c["args"][c["args"].index("--pipeline-id") + 1] == PIPELINE_ID
     spec = pod_template(cj)["spec"]
     volumes = {v["name"]: v for v in spec["volumes"]}
     assert volumes["serving-log"]["persistentVolumeClaim"] == {"claimName": f"{RELEASE}-redrec-serving-log", "readOnly": True}
     log_mount = [m for m in c["volumeMounts"] if m["name"] == "serving-log"][0]
     assert log_mount["readOnly"] is True and log_mount["mountPath"] == env_map(c)["REDREC_SERVING_LOG_DIR"]["value"]
+
+
+def _drift_volume(cj: dict) -> tuple[dict, dict]:
+    """The drift-data mount of the drift-check container and its volume."""
+    c = container(cj, "drift-check")
+    (mount,) = [m for m in c["volumeMounts"] if m["name"] == "drift-data"]
+    (volume,) = [v for v in pod_template(cj)["spec"]["volumes"] if v["name"] == "drift-data"]
+    return mount, volume
+
+
+def _under(path: str, parent: str) -> bool:
+    return (path.rstrip("/") + "/").startswith(parent.rstrip("/") + "/")
+
+
+def test_drift_persistence_defaults_to_the_pipeline_workspace(render):
+    docs = render("default")
+    cj = one(docs, "CronJob", f"{RELEASE}-redrec-drift")
+    mount, volume = _drift_volume(cj)
+    pipeline = yaml.safe_load((REPO / "configs" / "pipeline-ml1m.yaml").read_text())["cluster"]
+    # the claim and mount path the training pipeline records the reference on
+    assert volume["persistentVolumeClaim"] == {"claimName": pipeline["workspace_pvc"]}
+    assert mount == {"name": "drift-data", "mountPath": pipeline["workspace_mount"]}  # writable, no subPath
+    drift = config_yaml(docs)["drift"]
+    # where the pipeline's monitoring step looks too (redrec.pipeline.monitor: <workspace>/drift/...)
+    assert drift["reference_dir"] == pipeline["workspace_mount"] + "/drift/reference"
+    assert drift["report_dir"] == pipeline["workspace_mount"] + "/drift/reports"
+    assert _under(drift["reference_dir"], mount["mountPath"]) and _under(drift["report_dir"], mount["mountPath"])
+    assert container(cj, "drift-check")["securityContext"]["readOnlyRootFilesystem"] is True
+
+
+def test_drift_persistence_claim_subpath_and_emptydir(helm):
+    docs = helm.template("-f", CI_VALUES / "default-values.yaml",
+                         "--set", "drift.persistence.existingClaim=recsys-workspace",
+                         "--set", "drift.persistence.subPath=redrec/drift",
+                         "--set", "drift.persistence.mountPath=/data/drift",
+                         "--set", "drift.referenceDir=/data/drift/reference",
+                         "--set", "drift.reportDir=/data/drift/reports")
+    mount, volume = _drift_volume(one(docs, "CronJob"))
+    assert volume["persistentVolumeClaim"] == {"claimName": "recsys-workspace"}
+    assert mount == {"name": "drift-data", "mountPath": "/data/drift", "subPath": "redrec/drift"}
+    drift = config_yaml(docs)["drift"]
+    assert (drift["reference_dir"], drift["report_dir"]) == ("/data/drift/reference", "/data/drift/reports")
+    for kv in KUBE_VERSIONS:
+        assert validate_objects(docs, kv) == []
+
+    docs = helm.template("-f", CI_VALUES / "default-values.yaml", "--set", "drift.persistence.enabled=false",
+                         "--set", "drift.persistence.subPath=ignored")
+    mount, volume = _drift_volume(one(docs, "CronJob"))
+    assert volume["emptyDir"] == {"sizeLimit": "1Gi"} and "persistentVolumeClaim" not in volume
+    assert mount == {"name": "drift-data", "mountPath": "/var/lib/redrec"}
+    assert validate_objects(docs, KUBE_VERSIONS[0]) == []
+
+
+def test_rendered_drift_config_loads_in_the_drift_cli(render, tmp_path, monkeypatch):
+    """What the CronJob runs: the real argument parser and config loader on the rendered objects
+    (a missing reference_dir/report_dir or a bad threshold would make `redrec drift check` exit 2)."""
+    from redrec.cli import build_parser
+    from redrec.drift.config import DEFAULT_THRESHOLDS, Thresholds, load_drift_config
+
+    docs = render("default")
+    cj = one(docs, "CronJob", f"{RELEASE}-redrec-drift")
+    c = container(cj, "drift-check")
+    args = build_parser().parse_args(c["args"])
+    assert args.func.__module__ == "redrec.drift.cli" and args.config == "/etc/redrec/config.yaml"
+    path = tmp_path / "config.yaml"
+    path.write_text(one(docs, "ConfigMap", f"{RELEASE}-redrec-config")["data"]["config.yaml"])
+    for k, e in env_map(c).items():
+        if "value" in e:
+            monkeypatch.setenv(k, e["value"])
+    overrides = {"kfp_host": args.kfp_host, "pipeline_id": args.pipeline_id}
+    cfg = load_drift_config(path, overrides)
+    assert str(cfg.reference_dir) == "/var/lib/redrec/drift/reference"
+    assert str(cfg.report_dir) == "/var/lib/redrec/drift/reports"
+    assert cfg.window_hours == 24 and cfg.cooldown_hours == 6 and cfg.trigger is True and cfg.cluster
+    assert cfg.scenarios == ["homefeed", "search", "ads"] and cfg.kfp_namespace == NAMESPACE
+    assert str(cfg.serving_log_dir) == "/var/lib/redrec/serving-log"
+    assert cfg.thresholds == Thresholds.from_yaml(DEFAULT_THRESHOLDS)
+    assert cfg.thresholds.for_scenario("ads").behaviour.features["category"].threshold == 0.2
+    writable = [m["mountPath"] for m in c["volumeMounts"] if not m.get("readOnly")]
+    assert any(_under(str(cfg.report_dir), w) for w in writable), "reports would hit the read-only root FS"
 
 
 @pytest.mark.parametrize("value_set,kfp_ns", [("default", NAMESPACE), ("production", "kubeflow-recsys")])
@@ -687,8 +768,14 @@ def test_config_contents_default(render):
     assert cfg["serving"]["feature_server_url"] == f"http://{RELEASE}-redrec-feast.{NAMESPACE}.svc:6566"
     assert cfg["serving"]["serving_log"]["dir"] == "/var/lib/redrec/serving-log"
     assert cfg["milvus"] == {"uri": "http://milvus.milvus.svc.cluster.local:19530", "collection_alias": "redrec_items"}
+    thresholds = cfg["drift"].pop("thresholds")
     assert cfg["drift"] == {"kfp_host": "http://ml-pipeline.kubeflow.svc.cluster.local:8888",
-                            "kfp_namespace": NAMESPACE, "pipeline_id": PIPELINE_ID}
+                            "kfp_namespace": NAMESPACE, "pipeline_id": PIPELINE_ID,
+                            "reference_dir": "/var/lib/redrec/drift/reference",
+                            "report_dir": "/var/lib/redrec/drift/reports",
+                            "window_hours": 24, "cooldown_hours": 6, "trigger": True}
+    # the image carries no monitoring/thresholds.yaml: the chart's defaults are that file
+    assert thresholds == yaml.safe_load((REPO / "monitoring" / "thresholds.yaml").read_text())
     assert cfg["log_level"] == "INFO"
 
 
@@ -916,6 +1003,25 @@ SCHEMA_CASES = [
     ("no-memory-limit", {"serving": {"resources": {"limits": None}}}, "/serving/resources", "missing property 'limits'"),
     ("feast-off-without-url", {"feast": {"enabled": False}}, "/feast/externalUrl", "minLength"),
     ("milvus-uri-scheme", {"milvus": {"uri": "milvus.milvus:19530"}}, "/milvus/uri", "does not match pattern"),
+    ("relative-reference-dir", {"drift": {"referenceDir": "drift/reference"}}, "/drift/referenceDir",
+     "does not match pattern '^/[^:]*$'"),
+    ("relative-report-dir", {"drift": {"reportDir": "reports"}}, "/drift/reportDir", "does not match pattern"),
+    ("relative-drift-mount", {"drift": {"persistence": {"mountPath": "var/lib/redrec"}}},
+     "/drift/persistence/mountPath", "does not match pattern"),
+    ("escaping-subpath", {"drift": {"persistence": {"subPath": "../other"}}}, "/drift/persistence/subPath",
+     "does not match pattern"),
+    ("drift-claim-name", {"drift": {"persistence": {"existingClaim": "Pipeline_Workspace"}}},
+     "/drift/persistence/existingClaim", "does not match pattern"),
+    ("zero-window", {"drift": {"windowHours": 0}}, "/drift/windowHours", "exclusiveMinimum"),
+    ("misspelt-drift-persistence", {"drift": {"persistence": {"claim": "x"}}}, "/drift/persistence",
+     "additional properties 'claim' not allowed"),
+    ("misspelt-threshold", {"drift": {"thresholds": {"defaults": {"behaviour": {"drift_shar": 0.5}}}}},
+     "/drift/thresholds/defaults/behaviour", "additional properties 'drift_shar' not allowed"),
+    ("unknown-drift-feature",
+     {"drift": {"thresholds": {"scenarios": {"ads": {"behaviour": {"features": {"colour": {"threshold": 0.2}}}}}}}},
+     "/drift/thresholds/scenarios/ads/behaviour/features", "additional properties 'colour' not allowed"),
+    ("unknown-stat-test", {"drift": {"thresholds": {"defaults": {"prediction": {"method": "t-test"}}}}},
+     "/drift/thresholds/defaults/prediction/method", "value must be one of"),
 ]
 
 
@@ -955,6 +1061,15 @@ RULE_CASES = [
      "accessModes must include ReadWriteMany"),
     ("feast-pdb-with-one-replica", {"feast": {"replicaCount": 1}},
      "feast.pdb.enabled=true with 1 feature-server replica(s) would block node drains"),
+    ("drift-claim-missing", {"drift": {"persistence": {"existingClaim": ""}}},
+     "drift.persistence.existingClaim is required when drift.persistence.enabled=true"),
+    ("drift-reports-outside-the-volume", {"drift": {"reportDir": "/srv/drift/reports"}},
+     "drift.reportDir (/srv/drift/reports) must be under drift.persistence.mountPath (/var/lib/redrec)"),
+    ("drift-reports-beside-the-mount", {"drift": {"reportDir": "/var/lib/redrec-reports"}},
+     "drift.reportDir (/var/lib/redrec-reports) must be under drift.persistence.mountPath"),
+    ("drift-reports-into-the-reference",
+     {"drift": {"reportDir": "/var/lib/redrec/drift/reference", "referenceDir": "/var/lib/redrec/drift/reference/"}},
+     "reports must not be written into the reference"),
 ]
 
 
@@ -1056,6 +1171,12 @@ def test_notes_and_helm_test_pod(helm):
     minimal = helm.run("install", RELEASE, CHART, "--namespace", NAMESPACE, "--dry-run=client", "-o", "json",
                        "-f", CI_VALUES / "minimal-values.yaml")
     assert "Drift monitor: off" in json.loads(minimal.stdout)["info"]["notes"]
+    assert "claim redrec-pipeline-workspace, mounted at /var/lib/redrec" in notes
+    assert "report history" not in notes
+    ephemeral = helm.run("install", RELEASE, CHART, "--namespace", NAMESPACE, "--dry-run=client", "-o", "json",
+                         "-f", CI_VALUES / "default-values.yaml", "--set", "drift.persistence.enabled=false")
+    notes = json.loads(ephemeral.stdout)["info"]["notes"]
+    assert "WARNING: drift.persistence.enabled=false" in notes and "report history" in notes and "lost" in notes
 
 
 def _doc_section(title: str, doc: Path = DOC) -> str:

@@ -107,6 +107,9 @@ def test_search_is_max_over_queries_filtered_and_excluding(cfg):
         small = cfg.model_copy(update={"max_topk": 12})
         got2 = search(small, q, scenario, 10, exclude_ids=exclude)
         assert [g[0] for g in got2] == [w[0] for w in want]
+        # and so do more than overfetch_max_exclusions of them (the serving path for long histories)
+        got3 = search(cfg.model_copy(update={"overfetch_max_exclusions": 0}), q, scenario, 10, exclude_ids=exclude)
+        assert [g[0] for g in got3] == [w[0] for w in want]
     with pytest.raises(ValueError, match="scenario 'shop'"):
         search(cfg, q, "shop", 5)
     with pytest.raises(ValueError, match="dim 8"):

@@ -7,6 +7,8 @@ import json
 from pathlib import Path
 
 import httpx
+import numpy as np
+import pandas as pd
 import pytest
 import yaml
 
@@ -120,15 +122,13 @@ def test_compiled_pipelines_carry_the_cluster_settings(tmp_path):
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    """A workspace with its Milvus Lite server and a private BentoML home, torn down at the end."""
+    """A workspace with its Milvus Lite server, torn down at the end (the BentoML home is the session's: conftest)."""
     import os
 
     from redrec.pipeline.deploy import stop_local
     from redrec.pipeline.localrun import ensure_milvus, release_milvus_connections, stop_milvus
 
     base = tmp_path_factory.mktemp("pipeline")
-    old = os.environ.get("BENTOML_HOME")
-    os.environ["BENTOML_HOME"] = str(base / "bentoml")
     ws = base / "ws"
     uri = ensure_milvus(ws)
     params = PipelineParams(**TINY, workspace=str(ws), milvus_uri=uri, serving_port=_free_port())
@@ -136,10 +136,6 @@ def world(tmp_path_factory):
     stop_local(ws)
     release_milvus_connections()
     stop_milvus(ws)
-    if old is None:
-        os.environ.pop("BENTOML_HOME", None)
-    else:
-        os.environ["BENTOML_HOME"] = old
 
 
 def _free_port() -> int:
@@ -199,6 +195,43 @@ def test_pipeline_runs_end_to_end_and_serves_the_model(world, first_run):
     assert res.summary["service"] and _recommend(res.summary["service"])["model_version"] == version
     ref = Path(world.workspace) / "drift" / "reference" / "reference.json"
     assert json.loads(ref.read_text())["model"]  # the reference knows the model it was recorded with
+    # the model was trained on Feast's point-in-time training set, not on the raw event log
+    info = json.loads((Path(res.summary["model"]) / "config.json").read_text())
+    assert info["training_input"]["source"] == "feast get_historical_features"
+    assert 0 < info["training_input"]["history_events"] <= info["training_input"]["log_training_events"]
+
+
+@pytest.mark.slow
+def test_training_input_is_the_feast_training_set(world, first_run):
+    """History events come from the Feast windows (all before each user's cut-off); the held-out
+    events are the log's, so the rebuilt split holds out exactly the same events."""
+    from redrec.pipeline.steps import _split, load_prepared
+    from redrec.pipeline.training_data import from_training_set
+
+    data = load_prepared(first_run.run_dir / "prepare-data" / "data")
+    enc, split = _split(world, data)
+    ts_dir = first_run.run_dir / "build-features" / "training_set"
+    rebuilt = from_training_set(data, enc, split, ts_dir)
+    enc2, split2 = _split(world, rebuilt.data)
+    assert enc2.user_ids == enc.user_ids and enc2.item_ids == enc.item_ids
+    for u in range(enc.n_users):
+        held = enc.item[split.train_end[u] : enc.offsets[u + 1]]
+        held2 = enc2.item[split2.train_end[u] : enc2.offsets[u + 1]]
+        assert np.array_equal(held, held2), enc.user_ids[u]
+        hist2 = enc2.ts[enc2.offsets[u] : split2.train_end[u]]
+        if len(held):
+            assert (hist2 < enc.ts[split.train_end[u]]).all()  # nothing at or after the label leaks in
+        # every Feast history event is one of the user's training events in the log
+        log_hist = set(zip(enc.item[enc.offsets[u] : split.train_end[u]].tolist(), enc.ts[enc.offsets[u] : split.train_end[u]].tolist()))
+        assert set(zip(enc2.item[enc2.offsets[u] : split2.train_end[u]].tolist(), hist2.tolist())) <= log_hist
+    assert rebuilt.history_events > 0.5 * rebuilt.log_training_events  # the windows hold most of this small set
+    bad = pd.read_parquet(ts_dir / "training_set.parquet")
+    bad = pd.concat([bad, bad.iloc[:1]])
+    bad_dir = Path(world.workspace) / "bad-ts"
+    bad_dir.mkdir(exist_ok=True)
+    bad.to_parquet(bad_dir / "training_set.parquet")
+    with pytest.raises(ValueError, match="appear more than once"):
+        from_training_set(data, enc, split, bad_dir)
 
 
 @pytest.mark.slow

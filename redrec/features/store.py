@@ -28,6 +28,7 @@ import pytz
 import yaml
 from feast import FeatureStore
 from feast.data_source import PushMode
+from feast.infra.online_stores.remote import RemoteOnlineStoreConfig, get_remote_online_features
 
 from redrec.data.dataset import RecData
 from redrec.features.definitions import (
@@ -333,9 +334,7 @@ class FeatureRepo:
         """Raw windows per scenario: ``{scenario: [ {item_ids, actions, timestamps} | None per user ]}``."""
         scenarios = self._scenarios(scenarios)
         refs = [f"{seq_view_name(s)}:{f}" for s in scenarios for f in SEQ_FEATURES]
-        res = self.store.get_online_features(
-            features=refs, entity_rows=[{"user_id": str(u)} for u in user_ids], full_feature_names=True
-        ).to_dict()
+        res = self.online_columns(refs, "user_id", [str(u) for u in user_ids])
         out: dict[str, list[dict | None]] = {}
         for s in scenarios:
             v = seq_view_name(s)
@@ -343,6 +342,24 @@ class FeatureRepo:
             out[s] = [None if it is None else {"item_ids": list(it), "actions": list(a or []), "timestamps": [int(x) for x in (t or [])]}
                       for it, a, t in zip(*cols)]
         return out
+
+    def online_columns(self, refs: list[str], key: str, ids: list[str]) -> dict[str, list]:
+        """``{view__feature: [value per id]}`` (full feature names), ``None`` where missing.
+
+        Against a feature server (``online_store: remote``) the JSON answer of ``feast serve`` is
+        read directly: the SDK's remote store converts it into protobuf values (inferring the type
+        of every element of every list) and back to Python, which costs more CPU than the read
+        itself (about 2.5 ms per user for 3 windows of 50 events). Same request, transport, auth
+        and errors as the SDK."""
+        if not isinstance(self.store.config.online_store, RemoteOnlineStoreConfig):
+            return self.store.get_online_features(features=refs, entity_rows=[{key: i} for i in ids],
+                                                  full_feature_names=True).to_dict()
+        r = get_remote_online_features(config=self.store.config,
+                                       req_body={"entities": {key: ids}, "features": refs, "full_feature_names": True})
+        if r.status_code != 200:
+            raise RuntimeError(f"Failed to get online features: {r.status_code} {r.text[:500]}")
+        body = r.json()
+        return {name: col["values"] for name, col in zip(body["metadata"]["feature_names"], body["results"])}
 
     def online_histories(self, user_ids: list[str], scenarios: list[str] | None = None) -> dict[str, list[HistoryEvent]]:
         """Merged time-ordered history per user across ``scenarios`` (all by default); an unknown
@@ -355,10 +372,8 @@ class FeatureRepo:
         return self.online_histories([user_id], scenarios)[str(user_id)]
 
     def online_popularity(self, item_ids: list[str]) -> dict[str, int]:
-        res = self.store.get_online_features(
-            features=[f"{ITEM_POP_VIEW}:popularity"], entity_rows=[{"item_id": str(i)} for i in item_ids]
-        ).to_dict()
-        return {str(i): int(p or 0) for i, p in zip(item_ids, res["popularity"])}
+        res = self.online_columns([f"{ITEM_POP_VIEW}:popularity"], "item_id", [str(i) for i in item_ids])
+        return {str(i): int(p or 0) for i, p in zip(item_ids, res[f"{ITEM_POP_VIEW}__popularity"])}
 
     def push_events(self, events: pd.DataFrame) -> PushReport:
         """Make fresh events visible to the next online read, without a rematerialisation.

@@ -60,6 +60,16 @@ class IndexConfig(BaseModel):
     segment_rows: int = Field(100_000, ge=1)  # rows per sealed segment, for the nlist default
     insert_batch: int = Field(50_000, ge=1)
     max_topk: int = Field(16_384, ge=1)  # Milvus' limit on limit; more exclusions go into the filter
+    # searches excluding at most this many ids over-fetch k + len(exclude) hits per query vector;
+    # more exclusions go into the filter (``item_id not in [...]``) and only k hits are fetched:
+    # hits are what a search pays for (Milvus Lite materialises every hit's row), and a user's
+    # seen items (up to seq_len per scenario) would otherwise multiply them by ~15
+    overfetch_max_exclusions: int = Field(16, ge=0)
+    # searches may reuse the collection this process last resolved the alias to for this long
+    # (0: resolve it on every search, two round trips each; serving sets milvus.alias_ttl_s); a
+    # swap made elsewhere is seen within this time, one made by this process at once; a search
+    # always uses one version whole
+    alias_ttl_s: float = Field(0.0, ge=0)
     timeout_s: float = Field(600.0, gt=0)
 
     @field_validator("name")

@@ -179,14 +179,31 @@ def describe(cfg: IndexConfig, name: str) -> CollectionInfo:
     )
 
 
+_alias_seen: dict[tuple[str, str], tuple[float, str]] = {}  # (uri, alias) -> (monotonic time, collection)
+
+
 def _alias_target(cfg: IndexConfig) -> str | None:
     c = client(cfg)
+    key = (cfg.uri, cfg.name)
     aliases = c.list_aliases()
     names = aliases.get("aliases", []) if isinstance(aliases, dict) else list(aliases)
     if cfg.name not in names:
+        _alias_seen.pop(key, None)
         return None
     d = c.describe_alias(cfg.name)
-    return d.get("collection_name") or d.get("collection")
+    target = d.get("collection_name") or d.get("collection")
+    _alias_seen[key] = (time.monotonic(), target)
+    return target
+
+
+def recent_alias_target(cfg: IndexConfig, max_age_s: float) -> str | None:
+    """What ``_alias_target`` answered in this process at most ``max_age_s`` seconds ago, else
+    ``None``. A swap made by this process is seen at once (publish and rollback resolve the alias
+    after moving it)."""
+    hit = _alias_seen.get((cfg.uri, cfg.name))
+    if max_age_s > 0 and hit is not None and time.monotonic() - hit[0] < max_age_s:
+        return hit[1]
+    return None
 
 
 def list_versions(cfg: IndexConfig) -> list[CollectionInfo]:
@@ -638,4 +655,5 @@ def rollback(cfg: IndexConfig) -> tuple[str, str]:
         raise RollbackError(f"no version older than {served} is kept (keep_versions={cfg.keep_versions})")
     prev = versions[i - 1]
     c.alter_alias(prev.name, cfg.name)
+    _alias_target(cfg)  # refresh this process' view of the alias
     return versions[i].version or served, prev.version or prev.name

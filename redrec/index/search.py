@@ -9,7 +9,7 @@ import threading
 import numpy as np
 
 from redrec.index.config import IndexConfig
-from redrec.index.milvus import PK, CollectionInfo, _alias_target, _search_raw, describe
+from redrec.index.milvus import PK, CollectionInfo, _alias_target, _search_raw, describe, recent_alias_target
 
 log = logging.getLogger(__name__)
 _RETRIES = 2
@@ -44,12 +44,14 @@ def search(
     """Items eligible in ``scenario``, ranked by the MAX similarity over the K query vectors,
     without ``exclude_ids``; at most ``k`` pairs ``(item_id, score)``, best first.
 
-    The alias is resolved once per call and that version is searched, so a concurrent swap makes
-    a call see the old or the new version whole; should that version be dropped meanwhile (the
-    retention step of the swap that replaced it), the alias is resolved again. Exclusions are handled by over-fetching
+    The alias is resolved (or its resolution of at most ``cfg.alias_ttl_s`` ago reused) once per
+    call and that version is searched, so a concurrent swap makes a call see the old or the new
+    version whole; should that version be dropped meanwhile (the retention step of the swap that
+    replaced it), the alias is resolved again. Exclusions are handled by over-fetching
     ``k + len(exclude_ids)`` per query vector (exact for the max-merge: an item of the final top-k
     is within that rank for the query that scores it best); beyond the server's top-k limit they
-    go into the filter expression instead.
+    go into the filter expression instead, as do more than ``cfg.overfetch_max_exclusions`` of them
+    (each over-fetched hit costs the server a row; a filter on the primary key is cheaper).
     """
     if k <= 0:
         return []
@@ -65,8 +67,10 @@ def search(
     # and searching the version it named: then the search fails on a collection that is gone.
     # Re-resolve and retry; an error with the alias unchanged is a real one.
     target = None
-    for _ in range(_RETRIES + 1):
-        resolved = _alias_target(cfg)
+    for attempt in range(_RETRIES + 1):
+        # the first attempt may use the alias as resolved up to cfg.alias_ttl_s ago; a retry
+        # resolves it afresh
+        resolved = (recent_alias_target(cfg, cfg.alias_ttl_s) if attempt == 0 else None) or _alias_target(cfg)
         if resolved is None:
             raise NotPublished(f"no index is published under '{cfg.name}' at {cfg.uri}")
         if resolved == target:
@@ -94,8 +98,10 @@ def _search_version(cfg: IndexConfig, target: str, q: np.ndarray, scenario: str,
         q = q / np.linalg.norm(q, axis=1, keepdims=True).clip(1e-12)
     flt = f"{field} == true"
     limit = k + len(exclude)
-    if limit > cfg.max_topk:
-        flt += f" and {PK} not in {json.dumps(sorted(exclude))}"
+    if exclude and (len(exclude) > cfg.overfetch_max_exclusions or limit > cfg.max_topk):
+        # a JSON list of strings is a Milvus list literal; non-ASCII ids stay as they are
+        # (Milvus' expression parser has no \u escapes)
+        flt += f" and {PK} not in {json.dumps(sorted(exclude), ensure_ascii=False)}"
         limit = k
     params = info.search_params or {}
     scfg = cfg if metric == cfg.metric else cfg.model_copy(update={"metric": metric})

@@ -161,15 +161,28 @@ def train(params: PipelineParams, data_dir: str | Path, training_set_dir: str | 
         launcher = resolve_launcher(params)
         meta = {"version": version, "dataset": params.dataset, "launcher": launcher, **lineage}
         try:
+            from redrec.data.parquet import save_parquet
+            from redrec.pipeline.training_data import from_training_set
+
+            # the model learns from what Feast's point-in-time join returned, not from the raw log
+            data = load_prepared(data_dir)
+            enc, split = _split(params, data)
+            feast_data = from_training_set(data, enc, split, training_set_dir)
+            print(f"[redrec-pipeline] {feast_data.summary()}", flush=True)
+            meta["training_input"] = {"source": "feast get_historical_features", "history_events": feast_data.history_events,
+                                      "log_training_events": feast_data.log_training_events, "users": feast_data.users}
+            data = feast_data.data
             if launcher == "trainjob":
                 from redrec.pipeline.trainjob import TrainJobSpec, run_trainjob
 
-                exported = run_trainjob(TrainJobSpec.from_params(params, cfg, data_dir, scratch, version))
+                train_dir = scratch / "data"
+                train_dir.mkdir(parents=True, exist_ok=True)
+                save_parquet(data, train_dir)  # the TrainJob's nodes read it from the shared workspace
+                exported = run_trainjob(TrainJobSpec.from_params(params, cfg, train_dir, scratch, version))
                 with atomic_output(out_dir) as tmp:
                     shutil.copytree(exported, tmp)
                     fault_point("train", params.inject_fault, "after the TrainJob, while writing the model")
             else:
-                data = load_prepared(data_dir)
                 enc, split = _split(params, data)
                 trainer, fit = train_variant(cfg, "redrec", data, enc, split, scratch / "redrec", resume=False)
                 valid = evaluate_model(trainer.module, trainer.builder, enc, split, on="valid")

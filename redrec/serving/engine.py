@@ -102,7 +102,7 @@ class Engine:
                                  f"queries for scenario(s) {missing} (it knows {info['model']['scenarios']})")
             emb = np.load(registry.model_path(arm.model_version) / "item_embeddings.npy")
             idx = IndexConfig(uri=cfg.milvus.uri, token=cfg.milvus.token, name=cfg.alias_for(arm.name),
-                              dim=int(emb.shape[1]), timeout_s=cfg.milvus.timeout_s)
+                              dim=int(emb.shape[1]), timeout_s=cfg.milvus.timeout_s, alias_ttl_s=cfg.milvus.alias_ttl_s)
             rt = ArmRuntime(arm.name, info["model_version"], model, Vocab.from_info(info), list(info["item_ids"]), emb, idx)
             rt.batcher = MicroBatcher(lambda reqs, rt=rt: self._user_vectors(rt, reqs), cfg.serving.batch_max_size,
                                       cfg.serving.batch_max_wait_ms, name=f"arm-{arm.name}")

@@ -15,7 +15,10 @@ from redrec.index.lite import free_port
 
 
 class FeatureServer:
-    def __init__(self, repo_dir: str | Path, port: int | None = None, host: str = "127.0.0.1"):
+    def __init__(self, repo_dir: str | Path, port: int | None = None, host: str = "127.0.0.1", max_requests: int = 0):
+        """``max_requests``: requests a worker serves before gunicorn restarts it (feast's default is
+        1000); 0 never restarts it: with the single worker here, every restart stalls all reads for
+        the seconds the new worker takes to boot (the p99 of a load test)."""
         if host not in ("127.0.0.1", "localhost", "::1"):
             raise ValueError(f"FeatureServer binds to loopback only, not {host!r}")
         self.repo_dir = Path(repo_dir).resolve()
@@ -24,6 +27,7 @@ class FeatureServer:
             raise FileNotFoundError(f"{self.fs_yaml} missing: build the repo with FeatureRepo first")
         self.host = "127.0.0.1" if host == "localhost" else host
         self.port = port or free_port(self.host)
+        self.max_requests = max_requests
         self.proc: subprocess.Popen | None = None
         self.log_path = self.repo_dir / f"feast-serve-{self.port}.log"
 
@@ -38,7 +42,7 @@ class FeatureServer:
         self._log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
             [feast, "-c", str(self.repo_dir), "-f", str(self.fs_yaml), "serve", "-h", self.host, "-p", str(self.port),
-             "--no-access-log", "-r", "5"],
+             "--no-access-log", "-r", "5", "--max-requests", str(self.max_requests)],
             stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:

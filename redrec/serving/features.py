@@ -41,10 +41,8 @@ def open_repo(cfg: ServingConfig) -> FeatureRepo:
 
 def item_catalogue(repo: FeatureRepo, item_ids: list[str]) -> tuple[dict[str, list[str]], dict[str, int]]:
     """Per item: the scenarios it may be shown in, and its popularity (both from the online store)."""
-    res = repo.store.get_online_features(
-        features=[f"{ITEM_TEXT_VIEW}:scenarios", f"{ITEM_POP_VIEW}:popularity"],
-        entity_rows=[{"item_id": str(i)} for i in item_ids],
-    ).to_dict()
-    scen = {str(i): list(s or []) for i, s in zip(item_ids, res["scenarios"])}
-    pop = {str(i): int(p or 0) for i, p in zip(item_ids, res["popularity"])}
+    res = repo.online_columns([f"{ITEM_TEXT_VIEW}:scenarios", f"{ITEM_POP_VIEW}:popularity"], "item_id",
+                              [str(i) for i in item_ids])
+    scen = {str(i): list(s or []) for i, s in zip(item_ids, res[f"{ITEM_TEXT_VIEW}__scenarios"])}
+    pop = {str(i): int(p or 0) for i, p in zip(item_ids, res[f"{ITEM_POP_VIEW}__popularity"])}
     return scen, pop

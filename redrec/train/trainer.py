@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import time
 from pathlib import Path
 from typing import Callable, Literal
@@ -51,12 +50,6 @@ class TrainConfig(BaseModel):
     progress: bool = True
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def init_distributed(device: str) -> tuple[int, int]:
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path("build/torch_extensions").resolve()))
     import deepspeed
@@ -65,9 +58,10 @@ def init_distributed(device: str) -> tuple[int, int]:
     backend = "nccl" if device == "cuda" else "gloo"
     # under mpirun (the Kubeflow deepspeed-distributed runtime) ranks come from the OMPI_* variables
     if "WORLD_SIZE" not in os.environ and "OMPI_COMM_WORLD_SIZE" not in os.environ and not dist.is_initialized():
-        # one plain process: an in-memory store, so concurrent runs never race for a TCP port
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+        # one plain process: an in-memory store, so concurrent runs never race for a TCP port; nothing
+        # goes into os.environ, where child processes would mistake it for a launcher's rendezvous
         dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+        os.environ.setdefault("LOCAL_RANK", "0")  # the DeepSpeed engine insists on it; launchers ignore it
     if not deepspeed.comm.is_initialized():
         deepspeed.init_distributed(dist_backend=backend)
     return dist.get_rank(), dist.get_world_size()

@@ -233,6 +233,19 @@ inconsistency stops rendering with a message naming the values to fix.
 {{- if and $log.enabled (not $log.existingClaim) (gt $min 1) (not (has "ReadWriteMany" $log.accessModes)) -}}
 {{- fail "serving.servingLog.persistence: more than one serving replica shares the claim; accessModes must include ReadWriteMany (or use an existingClaim)" -}}
 {{- end -}}
+{{- if .Values.drift.enabled -}}
+{{- $dp := .Values.drift.persistence -}}
+{{- if and $dp.enabled (not $dp.existingClaim) -}}
+{{- fail "drift.persistence.existingClaim is required when drift.persistence.enabled=true (the training pipeline's workspace claim, which holds the drift reference; the chart does not create it)" -}}
+{{- end -}}
+{{- $root := trimSuffix "/" $dp.mountPath -}}
+{{- if not (hasPrefix (printf "%s/" $root) (printf "%s/" (trimSuffix "/" .Values.drift.reportDir))) -}}
+{{- fail (printf "drift.reportDir (%s) must be under drift.persistence.mountPath (%s): the drift pod's root filesystem is read-only, so reports can only be written to that volume" .Values.drift.reportDir $dp.mountPath) -}}
+{{- end -}}
+{{- if eq (trimSuffix "/" .Values.drift.reportDir) (trimSuffix "/" .Values.drift.referenceDir) -}}
+{{- fail (printf "drift.reportDir and drift.referenceDir are both %s; reports must not be written into the reference" .Values.drift.reportDir) -}}
+{{- end -}}
+{{- end -}}
 {{- if and .Values.feast.enabled (eq .Values.feast.onlineStore.type "postgres") (not .Values.feast.onlineStore.postgres.host) -}}
 {{- fail "feast.onlineStore.postgres.host is required when feast.onlineStore.type=postgres" -}}
 {{- end -}}
