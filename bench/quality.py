@@ -33,7 +33,7 @@ SYNTHETIC = {
     "dataset_args": {"n_users": 1000, "n_items": 800, "seed": 0},
     "model": {"item_source": "cache-finetune", "item_tower": {"backbone": "minilm"},
               "user_tower": {"hidden_size": 64, "layers": 2, "heads": 2, "max_len": 50, "queries_per_scenario": 2}},
-    "train": {"epochs": 8, "batch_size": 64, "negatives": 256, "progress": False, "warmup_steps": 20},
+    "train": {"epochs": 16, "batch_size": 64, "negatives": 256, "progress": False, "warmup_steps": 20},
     "leave_one_out": False,
     "out_dir": "build/bench/quality/synthetic",
 }

@@ -1283,3 +1283,22 @@ def test_documented_install_commands_render(helm, tmp_path):
             if m:
                 one(docs, {"deploy": "Deployment", "cronjob": "CronJob"}[m.group(1)], m.group(2))
     assert ["helm", "test", "redrec", "-n", ns] in commands
+
+
+@pytest.mark.parametrize("value_set", ["default", "production", "minimal"])
+def test_rendered_config_loads_in_the_serving_service(render, tmp_path, value_set):
+    """The serving pod's REDREC_CONFIG, through the service's own typed loader."""
+    from redrec.serving.config import ServingConfig
+
+    docs = render(value_set)
+    path = tmp_path / "config.yaml"
+    path.write_text(one(docs, "ConfigMap", f"{RELEASE}-redrec-config")["data"]["config.yaml"])
+    cfg = ServingConfig.from_yaml(path)
+    values = yaml.safe_load((CI_VALUES / f"{value_set}-values.yaml").read_text()) or {}
+    feast = {**yaml.safe_load((CHART / "values.yaml").read_text())["feast"], **values.get("feast", {})}
+    registry = {**yaml.safe_load((CHART / "values.yaml").read_text())["feast"]["registry"], **feast.get("registry", {})}
+    if feast["enabled"] and registry["type"] == "file":
+        # the remote online store needs the registry the feature server uses
+        assert cfg.feast.registry == registry["path"] and cfg.feast.project == feast["project"]
+    else:
+        assert cfg.feast.registry == ""

@@ -7,7 +7,9 @@ whole batch, plus the other samples' positives (in-batch); a negative equal to o
 sample's positives, ineligible in the sample's scenario, or with cosine > ``false_negative_cos``
 to the positive is masked. That cosine is taken on fixed reference vectors (the item LLM's cached
 text embeddings), never on the embeddings being learned: masked negatives lower the loss, so a
-mask computed on learned vectors rewards collapsing every item onto one point. The logit scale is learnable, starts at 1/0.07 and is capped at 100.
+mask computed on learned vectors rewards collapsing every item onto one point (an id-only model
+has no such vectors and masks same-id negatives only). The logit scale is learnable, starts at
+1/0.07 and is capped at 100.
 """
 
 from __future__ import annotations
