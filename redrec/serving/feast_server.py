@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 from redrec.index.lite import free_port
+from redrec.serving.procs import stop_process_group
 
 
 class FeatureServer:
@@ -61,13 +61,7 @@ class FeatureServer:
         p, self.proc = self.proc, None
         if p is None:
             return
-        if p.poll() is None:
-            os.killpg(p.pid, signal.SIGTERM)
-            try:
-                p.wait(timeout=timeout_s)
-            except subprocess.TimeoutExpired:
-                os.killpg(p.pid, signal.SIGKILL)
-                p.wait(timeout=10)
+        stop_process_group(p, timeout_s)
         self._log.close()
 
     def __enter__(self) -> str:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import re
-import signal
 import subprocess
 import sys
 import tempfile
@@ -15,6 +14,7 @@ from pathlib import Path
 import yaml
 
 from redrec.index.lite import free_port
+from redrec.serving.procs import stop_process_group
 
 ROOT = Path(__file__).resolve().parents[2]
 SERVICE = "bentos.service:RedRec"
@@ -85,13 +85,7 @@ class LocalServer:
         p, self.proc = self.proc, None
         if p is None:
             return
-        if p.poll() is None:
-            os.killpg(p.pid, signal.SIGTERM)
-            try:
-                p.wait(timeout=timeout_s)
-            except subprocess.TimeoutExpired:
-                os.killpg(p.pid, signal.SIGKILL)
-                p.wait(timeout=10)
+        stop_process_group(p, timeout_s)
         self._log.close()
 
     def __enter__(self) -> "LocalServer":
