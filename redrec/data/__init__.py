@@ -3,7 +3,8 @@
 from redrec.data.dataset import RecData, EncodedData, encode
 from redrec.data.split import Split, chronological_split, leave_one_out_split
 
-__all__ = ["RecData", "EncodedData", "encode", "Split", "chronological_split", "leave_one_out_split", "load_dataset"]
+__all__ = ["RecData", "EncodedData", "encode", "Split", "chronological_split", "leave_one_out_split", "load_dataset",
+           "parse_dataset_args"]
 
 
 def load_dataset(name: str, **kwargs) -> RecData:
@@ -21,3 +22,16 @@ def load_dataset(name: str, **kwargs) -> RecData:
 
         return load_parquet(**kwargs)
     raise ValueError(f"dataset '{name}' is unknown; use one of: movielens-1m, synthetic, parquet")
+
+
+def parse_dataset_args(pairs: list[str] | None) -> dict:
+    """``--dataset-arg key=value`` flags (values read as YAML scalars) -> keyword arguments."""
+    import yaml
+
+    kwargs = {}
+    for kv in pairs or []:
+        k, sep, v = kv.partition("=")
+        if not sep:
+            raise ValueError(f"--dataset-arg {kv!r}: use key=value")
+        kwargs[k] = yaml.safe_load(v)
+    return kwargs

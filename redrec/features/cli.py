@@ -12,7 +12,6 @@ import json
 import sys
 from datetime import datetime, timezone
 
-import yaml
 
 
 def _repo(args):
@@ -22,15 +21,9 @@ def _repo(args):
 
 
 def cmd_build(args) -> tuple[int, dict]:
-    from redrec.data import load_dataset
+    from redrec.data import load_dataset, parse_dataset_args
 
-    kwargs = {}
-    for kv in args.dataset_arg or []:
-        k, sep, v = kv.partition("=")
-        if not sep:
-            raise ValueError(f"--dataset-arg {kv!r}: use key=value")
-        kwargs[k] = yaml.safe_load(v)
-    data = load_dataset(args.dataset, **kwargs)
+    data = load_dataset(args.dataset, **parse_dataset_args(args.dataset_arg))
     repo = _repo(args)
     rep = repo.build_sources(data, seq_len=args.seq_len)
     out = {"sources": str(rep.root), "scenarios": rep.scenarios, "seq_len": rep.seq_len, "rows": rep.rows}

@@ -51,15 +51,9 @@ def _catalogue(args):
     import pandas as pd
 
     if args.dataset:
-        from redrec.data import load_dataset
+        from redrec.data import load_dataset, parse_dataset_args
 
-        kwargs = {}
-        for kv in args.dataset_arg or []:
-            k, sep, v = kv.partition("=")
-            if not sep:
-                raise ValueError(f"--dataset-arg {kv!r}: use key=value")
-            kwargs[k] = yaml.safe_load(v)
-        return load_dataset(args.dataset, **kwargs).items
+        return load_dataset(args.dataset, **parse_dataset_args(args.dataset_arg)).items
     path = Path(args.items or Path(os.environ.get("REDREC_DATA", "data")) / "feast_sources" / "items.parquet")
     if not path.exists():
         raise ValueError(f"--items: catalogue {path} does not exist; pass --items <parquet with item_id, scenarios> "

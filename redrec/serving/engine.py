@@ -222,6 +222,17 @@ class Engine:
     def arm_for(self, user_id: str) -> str:
         return assign(self.cfg.experiment, user_id)
 
+    def _degraded(self, e: Exception) -> str:
+        """The reason a dependency failure degrades this request to popularity; re-raises errors
+        that are not a dependency's, and raises Unavailable (503) unless the fallback is configured."""
+        dep = _dependency(e)
+        if dep is None:
+            raise e
+        reason = f"{dep} unavailable: {type(e).__name__}: {str(e)[:200]}"
+        if self.cfg.serving.on_dependency_error != "popularity":
+            raise Unavailable(reason) from e
+        return reason
+
     async def recommend(self, user_id: str, scenario: str, k: int = 10, exclude_seen: bool = True,
                         context: dict | None = None) -> dict:
         self._check_common(user_id, scenario, k)
@@ -234,13 +245,7 @@ class Engine:
             history, vec = await rt.batcher.submit((user_id, scenario))
             t_user = time.perf_counter()
         except Exception as e:
-            dep = _dependency(e)
-            if dep is None:
-                raise
-            reason = f"{dep} unavailable: {type(e).__name__}: {str(e)[:200]}"
-            if self.cfg.serving.on_dependency_error != "popularity":
-                raise Unavailable(reason) from e
-            fallback = True
+            reason, fallback = self._degraded(e), True
         seen = {h.item_id for h in history} if exclude_seen else set()
         if arm == HOLDOUT or vec is None or fallback:
             # holdout users get the non-personalised baseline, the reference for the arms' total lift
@@ -251,13 +256,7 @@ class Engine:
             try:
                 hits = await asyncio.to_thread(self._search, rt, vec, scenario, k, sorted(seen))
             except Exception as e:
-                dep = _dependency(e)
-                if dep is None:
-                    raise
-                reason = f"{dep} unavailable: {type(e).__name__}: {str(e)[:200]}"
-                if self.cfg.serving.on_dependency_error != "popularity":
-                    raise Unavailable(reason) from e
-                fallback = True
+                reason, fallback = self._degraded(e), True
                 hits = await asyncio.to_thread(self.popular, scenario, k, seen)
             version = "popularity" if fallback else rt.version
         resp = {
