@@ -1,11 +1,14 @@
-"""Offline quality: popularity, SASRec, single-scenario RED-Rec and full RED-Rec on one split.
+"""Offline quality: popularity, SASRec, single-scenario RED-Rec, RED-Rec and its ablations, under
+the multi-scenario and the standard leave-one-out protocols.
 
-Runs MovieLens-1M (configs/ml1m-cpu.yaml) and the synthetic three-scenario set with the same
-trainer, loss, negatives and full-ranking evaluation for every variant, then writes
-bench/results/quality.json and prints each table with ratios to SASRec.
+Every model trains with the same trainer, loss family, stopping rule (validation NDCG@10,
+patience, best weights kept) and full-ranking evaluation. Results merge into
+bench/results/quality.json (one entry per dataset, protocol and model, with its validation curve,
+wall time and machine), and bench/results/quality.html renders the tables and curves.
 
-    python bench/quality.py                 # both datasets
-    python bench/quality.py --only synthetic
+    python bench/quality.py                                   # everything (hours on 2 cores)
+    python bench/quality.py --dataset movielens-1m --protocol loo --models sasrec
+    python bench/quality.py --html-only                       # re-render the HTML
 """
 
 from __future__ import annotations
@@ -26,28 +29,28 @@ os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / "build" / "torch_extens
 os.environ.setdefault("REDREC_CACHE", str(ROOT / "build" / "cache"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from redrec.experiment import ExperimentConfig, run_experiment  # noqa: E402
+from redrec.data import load_dataset  # noqa: E402
+from redrec.experiment import ABLATIONS, ExperimentConfig, run_protocol  # noqa: E402
 
 SYNTHETIC = {
     "dataset": "synthetic",
     "dataset_args": {"n_users": 1000, "n_items": 800, "seed": 0},
-    "model": {"item_source": "cache-finetune", "item_tower": {"backbone": "minilm"},
-              "user_tower": {"hidden_size": 64, "layers": 2, "heads": 2, "max_len": 50, "queries_per_scenario": 2}},
-    "train": {"epochs": 16, "batch_size": 64, "negatives": 256, "progress": False, "warmup_steps": 20},
-    "leave_one_out": False,
+    "model": {"item_source": "cache-finetune", "item_tower": {"backbone": "minilm"}, "cuts_per_sequence": 16,
+              "user_tower": {"hidden_size": 64, "layers": 2, "heads": 2, "max_len": 50, "queries_per_scenario": 2, "dropout": 0.2}},
+    "train": {"max_steps": 20000, "batch_size": 64, "lr": 0.002, "patience": 5, "progress": False},
     "out_dir": "build/bench/quality/synthetic",
 }
+MAIN = ["sasrec", "single-scenario", "redrec"]
 
 
-def configs(only: str | None) -> dict[str, ExperimentConfig]:
+def configs() -> dict[str, dict]:
     ml = yaml.safe_load((ROOT / "configs" / "ml1m-cpu.yaml").read_text())
     ml["out_dir"] = "build/bench/quality/ml1m"
-    out = {"synthetic": ExperimentConfig.model_validate(SYNTHETIC), "movielens-1m": ExperimentConfig.model_validate(ml)}
-    return {k: v for k, v in out.items() if only in (None, k)}
+    return {"synthetic": SYNTHETIC, "movielens-1m": ml}
 
 
 def ratios(results: dict, ref: str = "sasrec", metric: str = "ndcg@10") -> dict:
-    """Each variant's metric over SASRec's, overall and per scenario."""
+    """Each model's metric over the reference's, overall and per scenario."""
     base = results.get(ref)
     if base is None:
         return {}
@@ -55,35 +58,61 @@ def ratios(results: dict, ref: str = "sasrec", metric: str = "ndcg@10") -> dict:
     for name, r in results.items():
         row = {"overall": r["overall"][metric] / max(base["overall"][metric], 1e-12)}
         for s, m in r["per_scenario"].items():
-            row[s] = m[metric] / max(base["per_scenario"][s][metric], 1e-12)
+            if s in base["per_scenario"]:
+                row[s] = m[metric] / max(base["per_scenario"][s][metric], 1e-12)
         out[name] = row
     return out
 
 
+def machine() -> dict:
+    cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines() if ln.startswith("model name")), "")
+    return {"cpu_count": os.cpu_count(), "cpu": cpu, "platform": platform.platform(), "python": platform.python_version()}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--only", choices=["synthetic", "movielens-1m"])
+    ap.add_argument("--dataset", choices=["synthetic", "movielens-1m"], action="append", help="repeatable; default both")
+    ap.add_argument("--protocol", choices=["multi-scenario", "loo"], action="append", help="repeatable; default both")
+    ap.add_argument("--models", help="comma-separated; default: " + ",".join(MAIN + ABLATIONS))
     ap.add_argument("--output", default=str(ROOT / "bench" / "results" / "quality.json"))
+    ap.add_argument("--html-only", action="store_true")
+    ap.add_argument("--max-minutes", type=float, help="cap each model's training (reported as stopped: 'time cap')")
     args = ap.parse_args()
 
+    from bench.quality_report import write_html
+
     path = Path(args.output)
-    report = json.loads(path.read_text()) if path.exists() and args.only else {}
-    report.setdefault("datasets", {})
-    report["machine"] = {"cpu_count": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()}
-    for name, cfg in configs(args.only).items():
-        t0 = time.time()
-        out = run_experiment(cfg)
-        out["ndcg@10_ratio_to_sasrec"] = ratios(out["results"])
-        out["wall_s"] = time.time() - t0
-        best = out["ndcg@10_ratio_to_sasrec"].get("redrec", {})
-        out["redrec_beats_sasrec_every_scenario"] = bool(best) and all(v > 1.0 for k, v in best.items())
-        report["datasets"][name] = out
-        print(f"\n== {name}: {out['wall_s']:.0f}s wall on {os.cpu_count()} cores ==")
-        print(out["table"])
-        if "table_loo" in out:
-            print("\nleave-one-out protocol (whole catalogue):\n" + out["table_loo"])
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(report, indent=2))
+    if args.html_only:
+        print(f"written {write_html(json.loads(path.read_text()), path.with_suffix('.html'))}")
+        return 0
+    models = args.models.split(",") if args.models else MAIN + ABLATIONS
+    for name, raw in configs().items():
+        if args.dataset and name not in args.dataset:
+            continue
+        data = None
+        for protocol in args.protocol or ["multi-scenario", "loo"]:
+            # no-mixing is RED-Rec itself once the scenarios are collapsed into one
+            todo = [m for m in models if not (protocol == "loo" and m == "redrec-no-mixing")]
+            if not todo:
+                continue
+            if args.max_minutes:
+                raw = {**raw, "train": {**raw["train"], "max_minutes": args.max_minutes}}
+            cfg = ExperimentConfig.model_validate({**raw, "variants": todo, "protocols": [protocol]})
+            data = data or load_dataset(cfg.dataset, **cfg.dataset_args)
+            t0 = time.time()
+            out = run_protocol(cfg, protocol, data)
+            # re-read: another filtered run may have written meanwhile
+            report = json.loads(path.read_text()) if path.exists() else {}
+            entry = report.setdefault("datasets", {}).setdefault(name, {}).setdefault(protocol, {"results": {}, "models": {}})
+            entry["results"].update(out["results"])
+            entry["models"].update({m: {**v, "machine": machine()} for m, v in out["models"].items()})
+            entry.update(protocol=out["protocol"], scenarios=out["scenarios"], dataset=data.describe(), config=raw)
+            entry["ndcg@10_ratio_to_sasrec"] = ratios(entry["results"])
+            report["machine"] = machine()
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(report, indent=2))
+            print(f"\n== {name} / {protocol}: {time.time() - t0:.0f}s wall on {os.cpu_count()} cores ==\n{out['table']}")
+            write_html(report, path.with_suffix(".html"))
     print(f"\nwritten {path}")
     return 0
 

@@ -62,9 +62,8 @@ def cmd_quality(args) -> int:
 
     cfg = _experiment_config(args)
     out = run_experiment(cfg)
-    print(out["table"])
-    if "table_loo" in out:
-        print("\nleave-one-out protocol (whole catalogue):\n" + out["table_loo"])
+    for name, p in out["protocols"].items():
+        print(f"\n{name} ({p['protocol']}):\n{p['table']}")
     if args.output:
         Path(args.output).parent.mkdir(parents=True, exist_ok=True)
         Path(args.output).write_text(json.dumps(out, indent=2))

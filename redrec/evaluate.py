@@ -3,7 +3,7 @@
 For each user and scenario with held-out events in that scenario: every item eligible in the
 scenario is scored, the user's whole history (everything before the held-out window) is masked,
 and the held-out items not already in the history are the targets. NDCG's ideal DCG is taken
-over min(K, #targets). No sampled negatives anywhere.
+over min(K, #targets). Ties count against the target. No sampled negatives anywhere.
 """
 
 from __future__ import annotations
@@ -19,17 +19,43 @@ from redrec.data.split import Split
 KS = (10, 50)
 
 
-def rank_metrics(scores: np.ndarray, targets: list[int], ks=KS) -> dict[str, float]:
-    """Metrics of one ranking. ``scores`` has -inf on masked items; ``targets`` are item indices."""
-    ranks = np.array([int((scores > scores[t]).sum()) + 1 for t in targets])
+def metrics_from_ranks(ranks: np.ndarray, n_targets: int, ks=KS) -> dict[str, float]:
     out = {"mrr": float(1.0 / ranks.min())}
     for k in ks:
         hit = ranks <= k
         dcg = float((1.0 / np.log2(ranks[hit] + 1)).sum())
-        idcg = float((1.0 / np.log2(np.arange(2, min(k, len(targets)) + 2))).sum())
+        idcg = float((1.0 / np.log2(np.arange(2, min(k, n_targets) + 2))).sum())
         out[f"hr@{k}"] = float(hit.any())
         out[f"ndcg@{k}"] = dcg / idcg
     return out
+
+
+def rank_metrics(scores: np.ndarray, targets: list[int], ks=KS) -> dict[str, float]:
+    """Metrics of one ranking. ``scores`` has -inf on masked items; ``targets`` are item indices.
+
+    Ties count against the target: its rank is the number of candidates scoring >= it (itself
+    included), a NaN anywhere else counts as outranking it, and a NaN target ranks last. A
+    constant or NaN scorer therefore gets about nothing, never a perfect score."""
+    s = np.asarray(scores, dtype=np.float64)
+    nan = np.isnan(s)
+    n_cand = int((~np.isneginf(s)).sum())
+    ranks = np.array([n_cand if nan[t] else int((s >= s[t]).sum() + nan.sum()) for t in targets])
+    return metrics_from_ranks(ranks, len(targets), ks)
+
+
+def _batch_ranks(scores: torch.Tensor, targets: list[list[int]]) -> list[np.ndarray]:
+    """rank_metrics' ranks for a batch of rankings at once: scores [B, M] with -inf on masked items."""
+    T = max(len(t) for t in targets)
+    idx = torch.zeros(len(targets), T, dtype=torch.long)
+    for b, t in enumerate(targets):
+        idx[b, : len(t)] = torch.as_tensor(t)
+    idx = idx.to(scores.device)
+    ts = scores.gather(1, idx)  # [B, T]
+    nan = torch.isnan(scores)
+    ge = (scores[:, None, :] >= ts[:, :, None]).sum(-1) + nan.sum(-1, keepdim=True)
+    n_cand = (~torch.isneginf(scores)).sum(-1, keepdim=True).expand_as(ge)
+    ranks = torch.where(torch.isnan(ts), n_cand, ge).cpu().numpy()
+    return [ranks[b, : len(t)] for b, t in enumerate(targets)]
 
 
 @dataclass
@@ -43,9 +69,17 @@ class EvalTask:
     seen: np.ndarray
 
 
-def eval_tasks(enc: EncodedData, split: Split, on: str = "test") -> list[EvalTask]:
+def eval_users(enc: EncodedData, max_users: int | None = None) -> np.ndarray:
+    """All users, or a fixed sample of ``max_users`` of them (validation on large logs)."""
+    users = np.arange(enc.n_users)
+    if max_users is not None and enc.n_users > max_users:
+        users = np.sort(np.random.default_rng(0).choice(users, size=max_users, replace=False))
+    return users
+
+
+def eval_tasks(enc: EncodedData, split: Split, on: str = "test", max_users: int | None = None) -> list[EvalTask]:
     tasks = []
-    for u in range(enc.n_users):
+    for u in eval_users(enc, max_users):
         start, end = int(enc.offsets[u]), int(enc.offsets[u + 1])
         h, stop = (int(split.valid_end[u]), end) if on == "test" else (int(split.train_end[u]), int(split.valid_end[u]))
         if stop <= h:
@@ -81,31 +115,55 @@ def aggregate(rows: list[tuple[int, dict[str, float]]], scenarios: list[str]) ->
     return EvalResult(per, overall, counts)
 
 
-def _score_rows(scores: np.ndarray, task: EvalTask, eligible: np.ndarray | None) -> dict[str, float]:
-    scores = scores.astype(np.float64, copy=True)
-    if eligible is not None:  # None: the single-scenario protocol ranks the whole catalogue
-        scores[~eligible[task.scenario]] = -np.inf
-    scores[0] = -np.inf
-    scores[task.seen] = -np.inf
-    return rank_metrics(scores, task.targets)
+def _mask(scores: torch.Tensor, tasks: list[EvalTask], eligible: np.ndarray | None) -> torch.Tensor:
+    """-inf on padding, the user's history and (multi-scenario protocol) items the task's
+    scenario cannot show; ``eligible`` None ranks the whole catalogue."""
+    scores = scores.clone()
+    if eligible is not None:
+        elig = torch.from_numpy(eligible).to(scores.device)
+        scores[~elig[[t.scenario for t in tasks]]] = -torch.inf
+    scores[:, 0] = -torch.inf
+    rows = torch.cat([torch.full((len(t.seen),), b, dtype=torch.long) for b, t in enumerate(tasks)])
+    cols = torch.cat([torch.as_tensor(t.seen, dtype=torch.long) for t in tasks])
+    scores[rows.to(scores.device), cols.to(scores.device)] = -torch.inf
+    return scores
+
+
+def _rows(scores: torch.Tensor, tasks: list[EvalTask], eligible: np.ndarray | None) -> list[tuple[int, dict[str, float]]]:
+    ranks = _batch_ranks(_mask(scores, tasks, eligible), [t.targets for t in tasks])
+    return [(t.scenario, metrics_from_ranks(r, len(t.targets))) for t, r in zip(tasks, ranks)]
 
 
 @torch.no_grad()
-def evaluate_model(model, builder, enc: EncodedData, split: Split, on: str = "test", batch_size: int = 256, all_items: bool = False) -> EvalResult:
+def evaluate_model(model, builder, enc: EncodedData, split: Split, on: str = "test", batch_size: int = 256, all_items: bool = False,
+                   max_users: int | None = None) -> EvalResult:
+    was_training = model.training
     model.eval()
     item_emb = model.all_item_embeddings()  # [N+1, d]
-    tasks = eval_tasks(enc, split, on)
-    rows = []
+    tasks = eval_tasks(enc, split, on, max_users)
     per_scen = builder.mode == "per-scenario"
+    dev = item_emb.device
+    # mixed history: one forward per user reads every scenario's queries (the tasks of a user share
+    # the history); per-scenario history: one forward per task
+    groups: dict[tuple, list[int]] = {}
+    for i, t in enumerate(tasks):
+        groups.setdefault((t.user, t.history_end, t.scenario if per_scen else None), []).append(i)
+    keys = list(groups)
+    vecs: list[torch.Tensor | None] = [None] * len(tasks)
+    for i in range(0, len(keys), batch_size):
+        chunk = keys[i : i + batch_size]
+        batch = builder.eval_batch([builder.history_row(u, h, s) for u, h, s in chunk])
+        user = model.user_vectors({k: v.to(dev) for k, v in batch.items()})  # [B, C, K, d]
+        for b, key in enumerate(chunk):
+            for j in groups[key]:
+                vecs[j] = user[b, 0] if per_scen else user[b, tasks[j].scenario]  # [K, d]
+    rows = []
     for i in range(0, len(tasks), batch_size):
         chunk = tasks[i : i + batch_size]
-        batch = builder.eval_batch([builder.history_row(t.user, t.history_end, t.scenario if per_scen else None) for t in chunk])
-        dev = item_emb.device
-        user = model.user_vectors({k: v.to(dev) for k, v in batch.items()})  # [B, C, K, d]
-        for b, t in enumerate(chunk):
-            u = user[b, 0] if per_scen else user[b, t.scenario]  # [K, d]
-            scores = (u @ item_emb.T).max(0).values.cpu().numpy()  # max cosine over the K queries
-            rows.append((t.scenario, _score_rows(scores, t, None if all_items else enc.eligible)))
+        u = torch.stack(vecs[i : i + batch_size])  # [B, K, d]
+        scores = torch.einsum("bkd,md->bkm", u, item_emb).max(1).values.double()  # max cosine over the K queries
+        rows += _rows(scores, chunk, None if all_items else enc.eligible)
+    model.train(was_training)
     return aggregate(rows, enc.scenarios)
 
 
@@ -120,8 +178,13 @@ def evaluate_popularity(enc: EncodedData, split: Split, on: str = "test", all_it
     np.add.at(pop, (enc.scenario[keep], enc.item[keep]), 1.0)
     if all_items:
         pop[:] = pop.sum(0, keepdims=True)
-    tie = 1e-9 * np.arange(n)[::-1]  # deterministic tie-break
-    rows = [(t.scenario, _score_rows(pop[t.scenario] + tie, t, None if all_items else enc.eligible)) for t in eval_tasks(enc, split, on)]
+    tie = 1e-9 * np.arange(n)[::-1]  # deterministic tie-break: equal counts would all rank last
+    tasks = eval_tasks(enc, split, on)
+    rows = []
+    for i in range(0, len(tasks), 256):
+        chunk = tasks[i : i + 256]
+        scores = torch.from_numpy(pop[[t.scenario for t in chunk]] + tie[None, :])
+        rows += _rows(scores, chunk, None if all_items else enc.eligible)
     return aggregate(rows, enc.scenarios)
 
 

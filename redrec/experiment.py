@@ -1,8 +1,13 @@
-"""Train and evaluate RED-Rec and its baselines on one dataset with one split and one loss.
+"""Train and evaluate RED-Rec, its baselines and its ablations under two protocols.
 
-This is what ``make run`` (until the pipeline lands), ``redrec quality`` and ``bench/quality.py``
-call. Every variant shares the data, split, negatives count, trainer and evaluation; they differ
-only where the variant must (see ``ModelConfig.for_variant``).
+This is what ``redrec quality`` and ``bench/quality.py`` call. Every model shares the data, split,
+loss, trainer, stopping rule and full-ranking evaluation; they differ only where the model must
+(``MODELS`` and ``ModelConfig.for_variant``). Two protocols (DESIGN.md, "Evaluation"):
+
+- ``multi-scenario``: chronological last-``test_events`` split; every model ranks the eligible pool
+  of the target's scenario, history masked;
+- ``loo``: the standard single-scenario leave-one-out protocol that published numbers use:
+  scenarios collapsed into one, train to n-2, validate on n-1, test on n, whole catalogue.
 """
 
 from __future__ import annotations
@@ -11,34 +16,78 @@ import json
 import os
 import time
 from pathlib import Path
+from typing import Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator
 
 from redrec.data import RecData, chronological_split, encode, leave_one_out_split, load_dataset
 from redrec.evaluate import EvalResult, evaluate_model, evaluate_popularity, format_table
 from redrec.model.item_tower import cached_item_reps
-from redrec.model.recommender import ModelConfig, Variant
+from redrec.model.recommender import ModelConfig
 from redrec.train.trainer import TrainConfig, Trainer
+
+# name -> (variant, ModelConfig overrides). The ablations remove one part of RED-Rec each.
+MODELS: dict[str, tuple[str, dict]] = {
+    "sasrec": ("sasrec", {}),
+    "single-scenario": ("single-scenario", {}),
+    "redrec": ("redrec", {}),
+    "redrec-no-mixing": ("redrec", {"mixing": False}),
+    "redrec-no-side-info": ("redrec", {"user_tower": {"side_info": False}}),
+    "redrec-k1": ("redrec", {"user_tower": {"queries_per_scenario": 1}}),
+    "redrec-id-items": ("redrec", {"item_source": "id"}),
+    "redrec-frozen-items": ("redrec", {"item_source": "cache-frozen"}),
+}
+ABLATIONS = [m for m in MODELS if m.startswith("redrec-")]
+Protocol = Literal["multi-scenario", "loo"]
+COLLAPSED = "all"
 
 
 class ExperimentConfig(BaseModel):
     dataset: str = "movielens-1m"
     dataset_args: dict = Field(default_factory=dict)
-    variants: list[Variant] = Field(default_factory=lambda: ["sasrec", "single-scenario", "redrec"])
+    variants: list[str] = Field(default_factory=lambda: ["sasrec", "single-scenario", "redrec"],
+                                description="models to train: " + ", ".join(MODELS))
+    protocols: list[Protocol] = Field(default_factory=lambda: ["multi-scenario", "loo"])
     model: ModelConfig = Field(default_factory=ModelConfig)
+    # per-model overrides of the model template (e.g. SASRec's dropout), applied after MODELS'
+    model_overrides: dict[str, dict] = Field(default_factory=dict)
     train: TrainConfig = Field(default_factory=TrainConfig)
     test_events: int = Field(5, ge=1)
     valid_events: int = Field(5, ge=1)
-    leave_one_out: bool = Field(True, description="also report the standard single-scenario leave-one-out protocol")
     out_dir: Path = Path("build/experiment")
 
+    @field_validator("variants")
+    @classmethod
+    def _known(cls, v: list[str]) -> list[str]:
+        bad = [m for m in v if m not in MODELS]
+        if bad:
+            raise ValueError(f"unknown model(s) {bad}; choose from {list(MODELS)}")
+        return v
 
-def build_model_config(template: ModelConfig, variant: str, data: RecData, n_items: int) -> ModelConfig:
-    return template.model_copy(update={"variant": variant, "scenarios": list(data.scenarios), "actions": list(data.actions), "n_items": n_items}).for_variant()
+
+def _merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def build_model_config(template: ModelConfig, name: str, data: RecData, n_items: int, overrides: dict | None = None) -> ModelConfig:
+    variant, over = MODELS.get(name, (name, {}))
+    raw = _merge(_merge(template.model_dump(), over), overrides or {})
+    raw.update(variant=variant, scenarios=list(data.scenarios), actions=list(data.actions), n_items=n_items)
+    return ModelConfig.model_validate(raw).for_variant()
+
+
+def collapse_scenarios(data: RecData) -> RecData:
+    """One scenario for the leave-one-out protocol: no model is told where the next event happens."""
+    events = data.events.assign(scenario=COLLAPSED)
+    items = data.items.assign(scenarios=[[COLLAPSED]] * len(data.items))
+    return RecData(data.name, events, items, [COLLAPSED], list(data.actions), list(data.reports))
 
 
 def train_variant(cfg: ExperimentConfig, variant: str, data: RecData, enc, split, out_dir: Path, log=print, resume: bool = True):
-    mcfg = build_model_config(cfg.model, variant, data, enc.n_items)
+    mcfg = build_model_config(cfg.model, variant, data, enc.n_items, cfg.model_overrides.get(variant))
     cache = cached_item_reps(data.items, mcfg.item_tower, Path(os.environ.get("REDREC_CACHE", "build/cache"))) if mcfg.item_source.startswith("cache") else None
     tokens = None
     if mcfg.item_source == "end-to-end":
@@ -51,37 +100,42 @@ def train_variant(cfg: ExperimentConfig, variant: str, data: RecData, enc, split
     return trainer, fit
 
 
+def run_protocol(cfg: ExperimentConfig, protocol: Protocol, data: RecData, log=print) -> dict:
+    t0 = time.time()
+    if protocol == "loo":
+        data = collapse_scenarios(data)
+    enc = encode(data)
+    split = leave_one_out_split(enc) if protocol == "loo" else chronological_split(enc, cfg.test_events, cfg.valid_events)
+    whole = protocol == "loo"
+    results: dict[str, EvalResult] = {"popularity": evaluate_popularity(enc, split, all_items=whole)}
+    models: dict[str, dict] = {}
+    for name in cfg.variants:
+        tv = time.time()
+        log(f"[{protocol}] training {name}")
+        trainer, fit = train_variant(cfg, name, data, enc, split, cfg.out_dir / protocol / name, log, resume=False)
+        results[name] = evaluate_model(trainer.module, trainer.builder, enc, split, all_items=whole)
+        models[name] = {"train_s": fit["seconds"], "total_s": time.time() - tv, "steps": fit["steps"], "stopped": fit["stopped"],
+                        "best_step": fit["best_step"], "best_valid": fit["best_valid"], "curve": fit["history"],
+                        "config": json.loads(trainer.mcfg.model_dump_json())}
+        log(f"[{protocol}] {name}: {fit['steps']} steps in {fit['seconds']:.0f}s ({fit['stopped']}); "
+            f"test ndcg@10 {results[name].overall['ndcg@10']:.4f}")
+    ref = "sasrec" if "sasrec" in results else "popularity"
+    return {
+        "protocol": split.protocol if protocol == "multi-scenario" else "leave-one-out (scenarios collapsed, whole catalogue)",
+        "scenarios": list(data.scenarios) if protocol == "multi-scenario" else [],
+        "results": {k: v.as_dict() for k, v in results.items()},
+        "models": models,
+        "table": format_table(results, data.scenarios if protocol == "multi-scenario" else [], ref=ref),
+        "seconds": time.time() - t0,
+    }
+
+
 def run_experiment(cfg: ExperimentConfig, log=print) -> dict:
     t0 = time.time()
     data = load_dataset(cfg.dataset, **cfg.dataset_args)
-    enc = encode(data)
-    split = chronological_split(enc, cfg.test_events, cfg.valid_events)
     log(f"data: {data.describe()}  ({time.time() - t0:.1f}s)")
-    results: dict[str, EvalResult] = {"popularity": evaluate_popularity(enc, split)}
-    loo_split = leave_one_out_split(enc) if cfg.leave_one_out else None
-    loo: dict[str, EvalResult] = {"popularity": evaluate_popularity(enc, loo_split, all_items=True)} if loo_split is not None else {}
-    timings = {}
-    for variant in cfg.variants:
-        tv = time.time()
-        trainer, fit = train_variant(cfg, variant, data, enc, split, cfg.out_dir / variant, log, resume=False)
-        results[variant] = evaluate_model(trainer.module, trainer.builder, enc, split)
-        if loo_split is not None:
-            # the same trained model, scored under the leave-one-out protocol (last event of each user)
-            loo[variant] = evaluate_model(trainer.module, trainer.builder, enc, loo_split, all_items=True)
-        timings[variant] = {"train_s": fit["seconds"], "total_s": time.time() - tv, "steps": fit["steps"]}
-        log(f"{variant}: trained {fit['steps']} steps in {fit['seconds']:.0f}s; ndcg@10 {results[variant].overall['ndcg@10']:.4f}")
-    ref = "sasrec" if "sasrec" in results else None
-    table = format_table(results, data.scenarios, ref=ref)
-    out = {
-        "dataset": data.describe(),
-        "protocol": split.protocol,
-        "config": json.loads(cfg.model_dump_json()),
-        "results": {k: v.as_dict() for k, v in results.items()},
-        "leave_one_out": {k: v.as_dict() for k, v in loo.items()},
-        "timings": timings,
-        "seconds": time.time() - t0,
-        "table": table,
-    }
-    if loo:
-        out["table_loo"] = format_table(loo, [], ref=ref)
+    out = {"dataset": data.describe(), "config": json.loads(cfg.model_dump_json()), "protocols": {}}
+    for protocol in cfg.protocols:
+        out["protocols"][protocol] = run_protocol(cfg, protocol, data, log)
+    out["seconds"] = time.time() - t0
     return out

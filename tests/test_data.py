@@ -90,3 +90,68 @@ def test_chronological_split_windows(synthetic_small):
         assert enc.ts[sp.train_end[u] - 1] <= enc.ts[sp.valid_end[u]]
     loo = leave_one_out_split(enc)
     assert ((enc.offsets[1:] - loo.valid_end)[long_] == 1).all()
+
+
+def _hand_encoded(lengths):
+    """EncodedData with users of the given lengths; user u's events carry items 100*u + 1, 100*u + 2, ..."""
+    from redrec.data.dataset import EncodedData
+
+    items = np.concatenate([100 * u + 1 + np.arange(n) for u, n in enumerate(lengths)]).astype(np.int64)
+    ts = np.concatenate([np.arange(n) * 10 for n in lengths]).astype(np.int64)
+    n_items = int(items.max())
+    return EncodedData(item_ids=[f"i{i}" for i in range(1, n_items + 1)], user_ids=[f"u{u}" for u in range(len(lengths))],
+                       scenarios=["s"], actions=["x"], offsets=np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64),
+                       item=items, scenario=np.zeros(len(items), np.int64), action=np.zeros(len(items), np.int64), ts=ts,
+                       eligible=np.ones((1, n_items + 1), dtype=bool))
+
+
+@pytest.mark.parametrize("min_train", [3, 1])
+def test_leave_one_out_split_on_a_hand_made_log(min_train):
+    lengths = [7, 5, 4, 1, 2, 3]
+    enc = _hand_encoded(lengths)
+    sp = leave_one_out_split(enc, min_train=min_train)
+    for u, n in enumerate(lengths):
+        a, b = int(enc.offsets[u]), int(enc.offsets[u + 1])
+        own = (100 * u + 1 + np.arange(n)).tolist()
+        train, valid, test = (enc.item[a : sp.train_end[u]].tolist(), enc.item[sp.train_end[u] : sp.valid_end[u]].tolist(),
+                              enc.item[sp.valid_end[u] : b].tolist())
+        if n >= min_train + 2:  # test = the last event, valid = the one before, train = everything before
+            assert (train, valid, test) == (own[:-2], [own[-2]], [own[-1]]), u
+        else:  # too short: everything stays in train
+            assert (train, valid, test) == (own, [], []), u
+    n = np.asarray(lengths)
+    assert sp.users_with_test(enc).tolist() == np.flatnonzero(n >= min_train + 2).tolist()
+
+
+def test_leave_one_out_split_on_synthetic_users():
+    enc = encode(load_dataset("synthetic", n_users=40, n_items=60, seed=1))
+    sp = leave_one_out_split(enc)
+    start, end = enc.offsets[:-1], enc.offsets[1:]
+    long_ = end - start >= 5
+    assert long_.any() and (end - start > 0).all()
+    assert (sp.valid_end[long_] == end[long_] - 1).all() and (sp.train_end[long_] == end[long_] - 2).all()
+    assert (sp.train_end[~long_] == end[~long_]).all() and (sp.valid_end[~long_] == end[~long_]).all()
+    for u in np.flatnonzero(long_):  # the test event is the user's latest (time-sorted, stable on ties)
+        assert enc.ts[sp.valid_end[u]] == enc.ts[start[u] : end[u]].max()
+
+
+def test_collapse_scenarios_gives_one_scenario_with_every_item_eligible(synthetic_small):
+    from redrec.experiment import COLLAPSED, collapse_scenarios
+
+    before = synthetic_small.events.copy()
+    flat = collapse_scenarios(synthetic_small)
+    assert flat.scenarios == [COLLAPSED] == ["all"]
+    assert (flat.events["scenario"] == "all").all()
+    assert flat.items["scenarios"].map(lambda s: list(s) == ["all"]).all()
+    rest = [c for c in before.columns if c != "scenario"]
+    pd.testing.assert_frame_equal(flat.events[rest], before[rest])  # same events, same order, same fields
+    pd.testing.assert_frame_equal(flat.items.drop(columns="scenarios"), synthetic_small.items.drop(columns="scenarios"))
+    assert flat.actions == synthetic_small.actions and flat.name == synthetic_small.name
+    pd.testing.assert_frame_equal(synthetic_small.events, before)  # the input is not modified
+    assert len(synthetic_small.scenarios) == 3
+    enc, enc0 = encode(flat), encode(synthetic_small)
+    assert enc.eligible.shape == (1, enc.n_items + 1) and enc.eligible[0, 1:].all() and not enc.eligible[0, 0]
+    assert (enc.scenario == 0).all()
+    for f in ("item", "action", "ts", "offsets"):
+        assert np.array_equal(getattr(enc, f), getattr(enc0, f)), f
+    assert enc.user_ids == enc0.user_ids and enc.item_ids == enc0.item_ids

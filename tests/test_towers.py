@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from redrec.model.item_tower import ItemTower, ItemTowerConfig
@@ -39,14 +40,45 @@ def test_padding_does_not_change_a_users_vectors():
     assert torch.allclose(short, long_, atol=1e-5)
 
 
-def test_item_slot_is_right_aligned_and_padding_invariant():
+@pytest.mark.parametrize("backbone", ["tiny-llama", "tiny-qwen2"])
+def test_item_slot_is_right_aligned_and_padding_invariant(backbone):
+    """An item's [ITEM]-slot output does not depend on how much left padding sits before its text:
+    encoded alone at its natural length (no padding), batched next to a much longer text (padded to
+    the longest), padded to max_text_tokens as tokenize() does, and with extra pad columns beyond it."""
     torch.manual_seed(0)
-    tower = ItemTower(ItemTowerConfig(backbone="tiny-llama", hidden_size=32, layers=1, heads=2, max_text_tokens=16)).eval()
-    tok = tower.tokenize(["short title", "a much longer title with many more words in it"])
-    assert tok["attention_mask"][0, 0] == 0 and tok["attention_mask"][0, -1] == 1  # left padded
-    both = tower(tok["input_ids"], tok["attention_mask"])
-    alone = tower(*[tower.tokenize(["short title"])[k] for k in ("input_ids", "attention_mask")])
-    assert both.shape == (2, 32) and torch.allclose(both[0], alone[0], atol=1e-5)
+    tower = ItemTower(ItemTowerConfig(backbone=backbone, hidden_size=32, layers=2, heads=2, max_text_tokens=48)).eval()
+    long_text = "a much longer title with many more words in it " * 4
+    tok = tower.tokenize(["short title", long_text])
+    ids, mask = tok["input_ids"], tok["attention_mask"]
+    n_short, n_long = (int(n) for n in mask.sum(1))
+    assert mask[0, 0] == 0 and mask[0, -1] == 1 and mask[0, -n_short:].all()  # left padded, text flush right
+    assert ids.shape == (2, 48) and n_short + 10 < n_long < 48  # the long text is not truncated: it sets the width
+
+    pad = tower.tokenizer.pad_token_id
+    solo = tower.tokenize(["short title"])
+    real = solo["attention_mask"][0].bool()
+    alone = (solo["input_ids"][:, real], solo["attention_mask"][:, real])  # natural length: no padding at all
+    cols = mask.any(0)
+    longest = (ids[:, cols], mask[:, cols])  # padded to the longest in the batch
+    extra = (torch.cat([torch.full((2, 40), pad), ids], 1), torch.cat([torch.zeros(2, 40, dtype=mask.dtype), mask], 1))
+    variants = {"alone": alone, "longest": longest, "max_length": (ids, mask), "extra": extra}
+    # the inputs really differ: the short text's row carries 0, n_long - n_short, 48 - n_short, 88 - n_short pads
+    widths = {k: v[0].shape[1] for k, v in variants.items()}
+    assert widths == {"alone": n_short, "longest": n_long, "max_length": 48, "extra": 88}, widths
+    assert [int((v[1][0] == 0).sum()) for v in variants.values()] == [0, n_long - n_short, 48 - n_short, 88 - n_short]
+    assert all((v[0][0][v[1][0] == 0] == pad).all() for v in variants.values())
+    assert all(torch.equal(v[0][0][v[1][0] == 1], alone[0][0]) for v in variants.values())  # same text tokens
+
+    with torch.no_grad():
+        out = {k: tower(*v) for k, v in variants.items()}
+    assert out["alone"].shape == (1, 32) and out["longest"].shape == (2, 32)
+    for k in ("longest", "max_length", "extra"):
+        assert torch.allclose(out[k][0], out["alone"][0], atol=1e-5), (k, (out[k][0] - out["alone"][0]).abs().max())
+    # ...and the long text's vector does not depend on the padding either
+    assert torch.allclose(out["longest"][1], out["max_length"][1], atol=1e-5)
+    assert torch.allclose(out["extra"][1], out["max_length"][1], atol=1e-5)
+    # not vacuous: the slot does read the text
+    assert not torch.allclose(out["longest"][0], out["longest"][1], atol=1e-2)
 
 
 def test_qwen2_backbone_and_image_prefix():

@@ -1,5 +1,6 @@
 """Training end to end on synthetic data: learning, determinism, kill + resume, export, 2 ranks."""
 
+import json
 import os
 import signal
 import subprocess
@@ -17,6 +18,7 @@ from redrec.data import chronological_split, encode, load_dataset
 from redrec.evaluate import evaluate_model, evaluate_popularity
 from redrec.experiment import ExperimentConfig, train_variant
 from redrec.model.checkpoint import export_checkpoint, load_for_serving
+from redrec.model.recommender import RecModel
 from redrec.train.batches import BatchBuilder
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -72,10 +74,17 @@ def test_same_seed_same_weights(tmp_path):
     split = chronological_split(enc)
     states = []
     for run in ("a", "b"):
-        cfg = ExperimentConfig.model_validate(tiny_config(tmp_path / run, max_steps=6))
-        trainer, _ = train_variant(cfg, "redrec", data, enc, split, tmp_path / run, resume=False)
+        # validation every 2 steps: the kept best weights are a trained state, not the initial one
+        cfg = ExperimentConfig.model_validate(tiny_config(tmp_path / run, max_steps=6, eval_every=2))
+        trainer, fit = train_variant(cfg, "redrec", data, enc, split, tmp_path / run, resume=False)
         states.append({k: v.clone() for k, v in trainer.module.state_dict().items()})
+        assert fit["steps"] == 6 and fit["best_step"] >= 2
     assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
+    # and training did something: the weights moved away from the seed's initialisation
+    torch.manual_seed(0)
+    init = RecModel(trainer.mcfg, item_cache=trainer.module.item_table.weight.detach()[1:].numpy() * 0).state_dict()
+    moved = [k for k in states[0] if k in init and "item_table" not in k and not torch.equal(states[0][k], init[k])]
+    assert len(moved) >= 5, moved
 
 
 @pytest.mark.slow
@@ -111,7 +120,9 @@ def test_killed_run_resumes_without_losing_progress(tmp_path):
 @pytest.mark.slow
 def test_two_process_deepspeed_run_on_cpu(tmp_path):
     cfg_path = tmp_path / "cfg.yaml"
-    cfg_path.write_text(yaml.safe_dump(tiny_config(tmp_path / "dist", epochs=1, zero_stage=1)))
+    raw = tiny_config(tmp_path / "dist", epochs=1, zero_stage=1)
+    raw["model"]["full_softmax_max_items"] = 0  # the sampled path: negatives drawn per rank, then gathered
+    cfg_path.write_text(yaml.safe_dump(raw))
     torchrun = Path(sys.executable).with_name("torchrun")
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     out = subprocess.run(
@@ -122,3 +133,32 @@ def test_two_process_deepspeed_run_on_cpu(tmp_path):
     text = out.stdout + out.stderr
     assert "world size 2" in text and "128 per step" in text  # 64 negatives per rank, gathered
     assert (tmp_path / "dist" / "redrec" / "model" / "serving.safetensors").exists()
+
+
+def test_two_ranks_gather_tensors_and_gradients_across_processes(tmp_path):
+    """The trainer's cross-rank gather (negatives are shared across ranks with it), for real over 2
+    torchrun processes (gloo): contents in rank order and gradients flowing back through it."""
+    torchrun = Path(sys.executable).with_name("torchrun")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1",
+               PYTHONPATH=os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]))
+    out = subprocess.run(
+        [str(torchrun), "--standalone", "--nproc_per_node", "2", str(ROOT / "tests" / "gather_worker.py"), str(tmp_path)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120,
+    )
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    coeff = np.arange(24, dtype=np.float32).reshape(8, 3)
+    for r, res in enumerate(ranks):
+        assert (res["rank"], res["world"], res["gather_is_none"]) == (r, 2, False)
+        assert Path(res["redrec"]).resolve().is_relative_to(ROOT)  # this tree's trainer, not another install's
+        # ids: int64 survives the gather, rank 0's then rank 1's
+        assert res["ids_shape"] == [8] and res["ids_dtype"] == "torch.int64"
+        assert res["ids"] == [0, 1, 2, 3, 10, 11, 12, 13]
+        # floats: [8, 3], rank 0's rows (1.0) then rank 1's (2.0), still attached to the graph
+        assert res["shape"] == [8, 3] and res["requires_grad"] is True
+        assert np.array_equal(np.array(res["values"]), np.repeat([[1.0], [2.0]], 4, axis=0) * np.ones((8, 3)))
+        # every rank summed all 8 rows: the local slice's gradient is the sum over both ranks' losses
+        assert res["grad_sum"] is not None, "no gradient reached the local tensor through the gather"
+        assert np.array_equal(np.array(res["grad_sum"]), np.full((4, 3), 2.0))
+        # rank s weighted its loss by (s + 1): rank r's slice gets coeff[4r:4r+4] * (1 + 2)
+        assert np.allclose(np.array(res["grad_weighted"]), coeff[4 * r : 4 * r + 4] * 3.0), (r, res["grad_weighted"])

@@ -17,7 +17,7 @@ from torch import nn
 
 from redrec.model.heads import ProjectionHead
 from redrec.model.item_tower import ItemTower, ItemTowerConfig
-from redrec.model.loss import LogitScale, next_window_infonce
+from redrec.model.loss import LogitScale, full_softmax_infonce, near_duplicate_table, next_window_infonce
 from redrec.model.user_tower import UserTower, UserTowerConfig
 
 Variant = Literal["redrec", "single-scenario", "sasrec"]
@@ -34,7 +34,12 @@ class ModelConfig(BaseModel):
     init_temperature: float = Field(0.07, gt=0)
     max_logit_scale: float = Field(100.0, gt=1)
     false_negative_cos: float = Field(0.98, gt=0, le=1)
-    in_batch_negatives: int = Field(512, ge=0, description="distinct in-batch positives used as extra negatives")
+    in_batch_negatives: int = Field(512, ge=0, description="distinct in-batch positives used as extra negatives (sampled softmax only, logQ-corrected)")
+    full_softmax_max_items: int = Field(20000, ge=0, description="full softmax over the eligible catalogue up to this many items; sampled softmax with logQ above")
+    # 16 cuts beat every position per CPU-minute on the synthetic bench (NDCG@10 0.136 in 566 s vs
+    # 0.133 in 939 s, both early-stopped)
+    cuts_per_sequence: int = Field(16, ge=0, description="prefixes trained per sequence by query models; 0 = every position")
+    mixing: bool = Field(True, description="dense mixing of every scenario's history; False reads only the target scenario's (ablation)")
     # filled from the data at build time
     scenarios: list[str] = Field(default_factory=list)
     actions: list[str] = Field(default_factory=list)
@@ -43,7 +48,17 @@ class ModelConfig(BaseModel):
 
     @property
     def history_mode(self) -> str:
-        return "per-scenario" if self.variant == "single-scenario" else "mixed"
+        return "per-scenario" if self.variant == "single-scenario" or not self.mixing else "mixed"
+
+    @property
+    def train_cuts(self) -> int:
+        """A last-state readout computes every position's state anyway: train on all of them.
+        Query tokens cost a forward position each, so query models train ``cuts_per_sequence``."""
+        return 0 if self.user_tower.querying == "last" else self.cuts_per_sequence
+
+    @property
+    def full_softmax(self) -> bool:
+        return self.n_items <= self.full_softmax_max_items
 
     def for_variant(self) -> "ModelConfig":
         """Apply what a variant implies, so a baseline differs from RED-Rec only where it must."""
@@ -52,8 +67,11 @@ class ModelConfig(BaseModel):
             c.item_source = "id"
             c.user_tower.querying = "last"
             c.user_tower.side_info = False
+            c.window = 1  # textbook SASRec: the next item only
+            c.mixing = True
         elif c.variant == "single-scenario":
             c.user_tower.querying = "last"
+            c.mixing = False
         else:
             c.user_tower.querying = "scenario"
         return c
@@ -120,19 +138,37 @@ class RecModel(nn.Module):
         """[B, C, K, dim] unit vectors: K per (history prefix, scenario) cut."""
         return self.head(self.user_tower(self.item_reps(batch["items"]), batch))
 
-    def loss(self, batch: dict[str, torch.Tensor], negative_ids: torch.Tensor, eligible: torch.Tensor, gather=None):
+    def item_embeddings_all(self) -> torch.Tensor:
+        """[n_items + 1, dim] with gradients: the full-softmax denominator."""
+        dev = next(self.parameters()).device
+        return self.item_embeddings(torch.arange(self.cfg.n_items + 1, device=dev))
+
+    def loss(self, batch: dict[str, torch.Tensor], eligible: torch.Tensor, negative_ids: torch.Tensor | None = None,
+             gather=None, item_prob: torch.Tensor | None = None):
+        """Full softmax over the sample's eligible catalogue when ``negative_ids`` is None, else
+        sampled softmax with logQ correction (``item_prob``: training frequency per item)."""
         user = self.user_vectors(batch)  # [B, C, K, d]
         B, C, K, d = user.shape
         valid = batch["cut_valid"].reshape(-1)
         user = user.reshape(B * C, K, d)[valid]
         target_ids = batch["targets"].reshape(B * C, -1)[valid]
+        scen = batch["cut_scen"].reshape(-1)[valid]
+        if negative_ids is None:
+            if not hasattr(self, "_pools"):
+                # one scenario (or a catalogue eligible everywhere): one pool, nothing to restrict
+                self._pools = None if bool(eligible[:, 1:].all()) else [torch.nonzero(e).flatten() for e in eligible]
+                ref = getattr(self, "dup_ref", None)
+                self._dups = None if ref is None else near_duplicate_table(ref, self.cfg.false_negative_cos)
+            return full_softmax_infonce(user, target_ids, self.item_embeddings_all(), self.logit_scale(), sample_scen=scen,
+                                        pools=self._pools, eligible=None if self._pools is None else eligible, duplicates=self._dups)
         targets = self.item_embeddings(target_ids)
         negatives = self.item_embeddings(negative_ids)
+        n_cat = self.cfg.n_items
         if gather is not None:  # negatives from every rank, with gradients
             negatives, negative_ids = gather(negatives), gather(negative_ids)
         return next_window_infonce(
             user, targets, target_ids, negatives, negative_ids, self.logit_scale(),
-            eligible=eligible, sample_scen=batch["cut_scen"].reshape(-1)[valid],
+            eligible=eligible, sample_scen=scen,
             false_negative_cos=self.cfg.false_negative_cos, in_batch=self.cfg.in_batch_negatives,
-            dup_ref=getattr(self, "dup_ref", None),
+            dup_ref=getattr(self, "dup_ref", None), item_prob=item_prob, n_catalogue=n_cat,
         )

@@ -49,10 +49,15 @@ class UserTower(nn.Module):
             num_attention_heads=cfg.heads,
             num_key_value_heads=cfg.heads,
             max_position_embeddings=cfg.max_len + 2,
-            attention_dropout=cfg.dropout,
+            # dropout on the attention probabilities forces SDPA's unfused path (3x slower on CPU):
+            # regularise the residual branches instead, as SASRec/GPT-2 do
+            attention_dropout=0.0,
         )
         conf._attn_implementation = "sdpa"
         self.decoder = LlamaModel(conf)
+        for layer in self.decoder.layers:
+            layer.self_attn.register_forward_hook(self._residual_dropout)
+            layer.mlp.register_forward_hook(self._residual_dropout)
         if cfg.gradient_checkpointing:
             self.decoder.gradient_checkpointing_enable()
         self.n_scenarios = n_scenarios
@@ -64,6 +69,13 @@ class UserTower(nn.Module):
         if cfg.querying == "scenario":
             self.queries = nn.Parameter(torch.randn(n_scenarios, cfg.queries_per_scenario, H) * 0.02)
         self.drop = nn.Dropout(cfg.dropout)
+
+    def _residual_dropout(self, module, args, output):
+        if not (self.training and self.cfg.dropout > 0):
+            return output
+        if isinstance(output, tuple):
+            return (nn.functional.dropout(output[0], self.cfg.dropout, True), *output[1:])
+        return nn.functional.dropout(output, self.cfg.dropout, True)
 
     @property
     def k(self) -> int:
@@ -84,8 +96,10 @@ class UserTower(nn.Module):
         item_mask = (ar[None, :, None] >= ar[None, None, :]) & valid[:, None, :]  # causal over real items
         item_mask = item_mask | torch.eye(L, dtype=torch.bool, device=x.device)[None]  # padding sees itself
         if self.cfg.querying == "last":
+            # right padding: under a plain causal mask no real position sees a padded one, so the
+            # decoder's fused causal path gives exactly the masked result
             pos = ar.expand(B, L)
-            h = self.decoder(inputs_embeds=x, attention_mask=item_mask[:, None], position_ids=pos).last_hidden_state
+            h = self.decoder(inputs_embeds=x, position_ids=pos).last_hidden_state
             idx = (cut - 1).clamp_min(0)  # [B, C]
             out = torch.gather(h, 1, idx[..., None].expand(B, C, H))
             return out[:, :, None, :]

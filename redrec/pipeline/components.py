@@ -71,7 +71,7 @@ def evaluate(data: Input[Dataset], model: Input[Model], experiment: dict, milvus
 
 
 def gate(metrics: Input[Metrics], gate_metrics: list, gate_margin: float, report: Output[Markdown]) -> bool:
-    """True when the candidate beats production by gate_margin on every gate metric."""
+    """True when the candidate beats popularity, and production by gate_margin, on every gate metric."""
     from redrec.pipeline.config import PipelineParams
     from redrec.pipeline.steps import gate as step
 

@@ -30,13 +30,13 @@ class PipelineParams(BaseModel):
     experiment: dict = Field(default_factory=dict, description="ExperimentConfig fields (model, train, split)")
     hidden_size: int = Field(0, ge=0, description="user-tower width; 0 keeps experiment.model")
     layers: int = Field(0, ge=0, description="user-tower layers; 0 keeps experiment.model")
-    epochs: int = Field(0, ge=0, description="training epochs; 0 keeps experiment.train")
-    max_steps: int = Field(0, ge=0, description="stop after this many optimizer steps; 0 = no limit")
+    epochs: int = Field(0, ge=0, description="cap on training epochs; 0 keeps experiment.train (early stopping decides)")
+    max_steps: int = Field(0, ge=0, description="step budget (optimizer steps); 0 keeps experiment.train")
     zero_stage: int = Field(0, ge=0, le=3, description="DeepSpeed ZeRO stage")
     nodes: int = Field(1, ge=1, description="training nodes (a TrainJob when nodes * gpus > 1)")
     gpus_per_node: int = Field(0, ge=0, description="GPUs per training node; 0 = CPU")
     gate_metrics: list[str] = Field(default_factory=lambda: ["ndcg@10"],
-                                    description="metrics the candidate must beat production on: ndcg@K, hr@K, mrr, optionally ':<scenario>'")
+                                    description="metrics the candidate must beat popularity and production on: ndcg@K, hr@K, mrr, optionally ':<scenario>'")
     gate_margin: float = Field(0.0, ge=-1.0, le=10.0, description="relative margin: candidate >= production * (1 + margin)")
     workspace: str = Field("build/pipeline/ml1m", description="local state: Feast repo, serving config, drift reference")
     milvus_uri: str = Field("", description="Milvus (or Milvus Lite server) URI; empty = the workspace's Lite server")
@@ -152,7 +152,9 @@ class RunConfig(BaseModel):
                 if key in base and key not in params:
                     params[key] = base[key]
             base = {k: v for k, v in base.items() if k not in ("dataset", "dataset_args", "out_dir", "variants")}
-            params["experiment"] = {**base, **(params.get("experiment") or {})}
+            from redrec.experiment import _merge
+
+            params["experiment"] = _merge(base, params.get("experiment") or {})
         raw.setdefault("params", {}).update({k: v for k, v in overrides.items() if v is not None})
         try:
             return cls.model_validate(raw)

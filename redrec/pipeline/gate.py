@@ -1,4 +1,4 @@
-"""The promotion gate: does the candidate beat the production model by the configured margin?"""
+"""The promotion gate: does the candidate beat popularity, and the production model by the configured margin?"""
 
 from __future__ import annotations
 
@@ -20,38 +20,63 @@ def metric_value(result: dict, metric: str) -> float | None:
     return None if v is None else float(v)
 
 
-def decide(candidate: dict, production: dict | None, metrics: list[str], margin: float) -> GateDecision:
-    """Pass iff, for every metric, candidate >= production * (1 + margin).
+def decide(candidate: dict, production: dict | None, metrics: list[str], margin: float,
+           popularity: dict | None = None) -> GateDecision:
+    """Pass iff, for every metric, candidate > popularity and candidate >= production * (1 + margin).
 
-    With no production model (first run) the candidate passes. A metric the candidate lacks
-    (e.g. a scenario it was not evaluated on) fails the gate: promotion must be earned, not
-    assumed.
+    Popularity is the floor: when its results are given, the candidate must be strictly above
+    them on every gate metric, first run included (a model that does not beat "most popular
+    items" is never promoted). With no production model (first run) only that floor applies;
+    with neither, the candidate passes. A metric the candidate lacks (e.g. a scenario it was not
+    evaluated on) fails the gate: promotion must be earned, not assumed. A metric popularity or
+    production lacks is not a bar.
+
+    Each check names its reference (``against``: "popularity" or "production").
     """
-    if production is None:
+    if production is None and popularity is None:
         return GateDecision(True, "no production model yet: the candidate becomes production")
-    checks, failed = [], []
+    checks: list[dict] = []
+    failed: dict[str, list[str]] = {"popularity": [], "production": []}
+    refs = [(name, res) for name, res in (("popularity", popularity), ("production", production)) if res is not None]
     for m in metrics:
-        c, p = metric_value(candidate, m), metric_value(production, m)
-        if c is None:
-            failed.append(m)
-            checks.append({"metric": m, "candidate": None, "production": p, "required": None, "passed": False})
-            continue
-        required = None if p is None else p * (1.0 + margin)
-        ok = required is None or c >= required
-        checks.append({"metric": m, "candidate": c, "production": p, "required": required, "passed": ok})
-        if not ok:
-            failed.append(m)
-    if failed:
-        return GateDecision(False, f"candidate does not beat production by {margin:+.1%} on {', '.join(failed)}", checks)
-    return GateDecision(True, f"candidate beats production by {margin:+.1%} on {', '.join(metrics)}", checks)
+        c = metric_value(candidate, m)
+        for name, res in refs:
+            r = metric_value(res, m)
+            if name == "popularity":
+                required, ok = r, c is not None and (r is None or c > r)
+            else:
+                required = None if r is None else r * (1.0 + margin)
+                ok = c is not None and (required is None or c >= required)
+            checks.append({"metric": m, "against": name, "candidate": c, "reference": r, "required": required, "passed": ok})
+            if not ok:
+                failed[name].append(m)
+    missing = [m for m in metrics if metric_value(candidate, m) is None]
+    problems = []
+    if missing:
+        problems.append(f"candidate has no value for {', '.join(missing)}")
+    if bad := [m for m in failed["popularity"] if m not in missing]:
+        problems.append(f"candidate does not beat popularity on {', '.join(bad)}")
+    if bad := [m for m in failed["production"] if m not in missing]:
+        problems.append(f"candidate does not beat production by {margin:+.1%} on {', '.join(bad)}")
+    if problems:
+        return GateDecision(False, "; ".join(problems), checks)
+    on = ", ".join(metrics)
+    if production is None:
+        return GateDecision(True, f"no production model yet: the candidate beats popularity on {on} and becomes production", checks)
+    pop = f"popularity on {on} and " if popularity is not None else ""
+    return GateDecision(True, f"candidate beats {pop}production by {margin:+.1%} on {on}", checks)
 
 
 def format_gate(d: GateDecision, candidate_version: str | None, production_version: str | None) -> str:
-    lines = [f"# Gate: {'PASSED' if d.passed else 'REJECTED'}", "",
-             f"candidate {candidate_version} vs production {production_version or 'none'}: {d.reason}", ""]
+    vs = f"production {production_version or 'none'}"
+    if any(c["against"] == "popularity" for c in d.checks):
+        vs += " and popularity"
+    lines = [f"# Gate: {'PASSED' if d.passed else 'REJECTED'}", "", f"candidate {candidate_version} vs {vs}: {d.reason}", ""]
     if d.checks:
-        lines += ["| metric | candidate | production | required | ok |", "| --- | --- | --- | --- | --- |"]
+        lines += ["| metric | against | candidate | reference | required | ok |", "| --- | --- | --- | --- | --- | --- |"]
         fmt = lambda v: "-" if v is None else f"{v:.4f}"  # noqa: E731
-        lines += [f"| {c['metric']} | {fmt(c['candidate'])} | {fmt(c['production'])} | {fmt(c['required'])} | "
+        # popularity is a strict floor (candidate > reference), production a margin (candidate >= required)
+        req = lambda c: "-" if c["required"] is None else f"{'>' if c['against'] == 'popularity' else '>='} {c['required']:.4f}"  # noqa: E731
+        lines += [f"| {c['metric']} | {c['against']} | {fmt(c['candidate'])} | {fmt(c['reference'])} | {req(c)} | "
                   f"{'yes' if c['passed'] else 'no'} |" for c in d.checks]
     return "\n".join(lines) + "\n"

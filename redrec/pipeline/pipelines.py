@@ -5,7 +5,7 @@ on a cluster) -> evaluate -> gate -> [dsl.If passed] publish the Milvus index ->
 record the drift reference.
 
 monitoring_pipeline: per-scenario drift of the serving log -> [dsl.If drifted] the training
-pipeline's steps (which are themselves gated: a retrained model that does not beat production
+pipeline's steps (which are themselves gated: a retrained model that does not beat popularity and production
 is not published).
 
 ``make_training_pipeline(cluster, defaults)`` builds either for ``kfp.local`` (``cluster=None``)

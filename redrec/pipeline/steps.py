@@ -272,7 +272,8 @@ def evaluate(params: PipelineParams, data_dir: str | Path, model_dir: str | Path
 def gate(params: PipelineParams, metrics_path: str | Path, report_out: str | Path | None = None) -> GateDecision:
     with progress("gate"):
         m = json.loads(Path(metrics_path).read_text())
-        d = decide(m["results"]["candidate"], m["results"].get("production"), params.gate_metrics, params.gate_margin)
+        d = decide(m["results"]["candidate"], m["results"].get("production"), params.gate_metrics, params.gate_margin,
+                   popularity=m["results"].get("popularity"))
         text = format_gate(d, m.get("candidate_version"), m.get("production_version"))
         if report_out is not None:
             with atomic_output(report_out) as tmp:

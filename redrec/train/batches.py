@@ -26,6 +26,14 @@ class BatchBuilder:
         self.window = window
         self.mode = history_mode
         self.next_same = next_same_scenario(enc)
+        # chain[j, w]: the w-th event of j's scenario from j on (chain[j, 0] = j), -1 past the end
+        chain = np.full((len(enc.item), window), -1, dtype=np.int64)
+        if len(enc.item):
+            chain[:, 0] = np.arange(len(enc.item))
+            for w in range(1, window):
+                prev = chain[:, w - 1]
+                chain[:, w] = np.where(prev >= 0, self.next_same[np.maximum(prev, 0)], -1)
+        self.chain = chain
         self.hour = ((enc.ts // 3600) % 24).astype(np.int64)
 
     # ---- one sequence --------------------------------------------------------------------
@@ -38,30 +46,29 @@ class BatchBuilder:
             spos[m] = np.arange(int(m.sum()))
         return {"items": enc.item[idx], "scen": scen, "act": enc.action[idx], "hour": self.hour[idx], "spos": spos}
 
-    def _targets(self, first: int, limit: int) -> list[int]:
-        out, j = [], first
-        while j != -1 and j < limit and len(out) < self.window:
-            out.append(int(self.enc.item[j]))
-            j = int(self.next_same[j])
-        return out
+    def _targets(self, first: np.ndarray, limit: int) -> np.ndarray:
+        """[C, W] the next W items of each first event's scenario before ``limit`` (0 = none)."""
+        ch = self.chain[first]
+        return np.where((ch >= 0) & (ch < limit), self.enc.item[np.maximum(ch, 0)], 0)
 
-    def _collate(self, rows: list[dict], n_cuts: int) -> dict[str, torch.Tensor]:
+    def _collate(self, rows: list[dict]) -> dict[str, torch.Tensor]:
         B = len(rows)
         L = max(len(r["items"]) for r in rows)
+        C = max(len(r["cut"]) for r in rows)
         out = {k: np.zeros((B, L), dtype=np.int64) for k in ("items", "scen", "act", "hour", "spos")}
         length = np.zeros(B, dtype=np.int64)
-        cut = np.ones((B, n_cuts), dtype=np.int64)
-        cut_scen = np.zeros((B, n_cuts), dtype=np.int64)
-        cut_valid = np.zeros((B, n_cuts), dtype=bool)
-        targets = np.zeros((B, n_cuts, self.window), dtype=np.int64)
+        cut = np.ones((B, C), dtype=np.int64)  # unused cut slots point at item 1 and are invalid
+        cut_scen = np.zeros((B, C), dtype=np.int64)
+        cut_valid = np.zeros((B, C), dtype=bool)
+        targets = np.zeros((B, C, self.window), dtype=np.int64)
         for b, r in enumerate(rows):
-            n = len(r["items"])
+            n, c = len(r["items"]), len(r["cut"])
             length[b] = n
             for k in out:
                 out[k][b, :n] = r[k]
-            for c, (cp, sc, tg) in enumerate(r["cuts"]):
-                cut[b, c], cut_scen[b, c], cut_valid[b, c] = cp, sc, bool(tg) or r.get("eval", False)
-                targets[b, c, : len(tg)] = tg
+            cut[b, :c], cut_scen[b, :c] = r["cut"], r["cut_scen"]
+            targets[b, :c] = r["targets"]
+            cut_valid[b, :c] = True if r.get("eval", False) else (r["targets"] > 0).any(1)
         batch = {k: torch.from_numpy(v) for k, v in out.items()}
         batch.update(
             length=torch.from_numpy(length), cut=torch.from_numpy(cut), cut_scen=torch.from_numpy(cut_scen),
@@ -71,6 +78,10 @@ class BatchBuilder:
 
     # ---- training ------------------------------------------------------------------------
     def train_row(self, u: int, end: int, rng: np.random.Generator, n_cuts: int) -> dict | None:
+        """One training sequence of user ``u`` (events before ``end``) with its cuts.
+
+        ``n_cuts`` 0 means every position (SASRec-style: the next event after each prefix is a
+        target); otherwise that many positions are sampled."""
         start = int(self.enc.offsets[u])
         idx = np.arange(start, end)
         if self.mode == "per-scenario":
@@ -82,8 +93,11 @@ class BatchBuilder:
             idx = idx[scen == rng.choice(ok)]
         if len(idx) < 2:
             return None
-        # a window of up to max_len events ending anywhere; cuts inside it predict what follows
-        b = int(rng.integers(2, len(idx) + 1)) if rng.random() < 0.5 else len(idx)
+        # the most recent window, or (half the time, for users longer than a window) a window ending
+        # earlier, so the older part of long histories is trained on too
+        b = len(idx)
+        if len(idx) > self.max_len + 1 and rng.random() < 0.5:
+            b = int(rng.integers(self.max_len + 1, len(idx) + 1))
         a = max(0, b - self.max_len)
         win = idx[a:b]
         n = len(win)
@@ -91,35 +105,47 @@ class BatchBuilder:
         cand = np.arange(1, min(n, len(idx) - a - 1) + 1)
         if len(cand) == 0:
             return None
-        picks = np.sort(rng.choice(cand, size=min(n_cuts, len(cand)), replace=False))
-        cuts = []
-        for c in picks:
-            nxt = int(idx[a + c])
-            sc = int(self.enc.scenario[nxt])
-            if self.mode == "per-scenario":  # idx is one scenario: targets are simply the next ones
-                tg = [int(self.enc.item[j]) for j in idx[a + c : a + c + self.window]]
-            else:
-                tg = self._targets(nxt, end)
-            cuts.append((int(c), sc, tg))
+        picks = cand if n_cuts == 0 or n_cuts >= len(cand) else np.sort(rng.choice(cand, size=n_cuts, replace=False))
+        nxt = idx[a + picks]
         row = self._features(win)
-        row["cuts"] = cuts
+        row["cut"], row["cut_scen"] = picks, self.enc.scenario[nxt]
+        if self.mode == "per-scenario":  # idx is one scenario: the targets are simply the next events
+            pos = a + picks[:, None] + np.arange(self.window)[None, :]
+            row["targets"] = np.where(pos < len(idx), self.enc.item[idx[np.minimum(pos, len(idx) - 1)]], 0)
+        else:
+            row["targets"] = self._targets(nxt, end)
         return row
 
     def train_batches(self, ends: np.ndarray, batch_size: int, n_cuts: int, seed: int, epoch: int, rank: int = 0, world: int = 1):
-        """Deterministic per (seed, epoch, rank): a resumed run replays the same batches."""
+        """Deterministic per (seed, epoch, rank): a resumed run replays the same batches.
+
+        Users are shuffled, then sorted by length inside groups of 16 batches (and the batches
+        shuffled again), so a batch pads to similar lengths: on ML-1M that halves the tokens."""
         rng = np.random.default_rng([seed, epoch, rank])
         users = np.flatnonzero(ends - self.enc.offsets[:-1] >= 2)
         users = rng.permutation(users)
         per_rank = len(users) // world  # equal batch counts on every rank keep collectives in step
         users = users[rank * per_rank : (rank + 1) * per_rank]
-        for i in range(0, len(users) - batch_size + 1 if len(users) >= batch_size else 1, batch_size):
-            rows = [r for u in users[i : i + batch_size] if (r := self.train_row(int(u), int(ends[u]), rng, n_cuts))]
+        lengths = np.minimum(ends[users] - self.enc.offsets[:-1][users], self.max_len)
+        group = 16 * batch_size
+        batches = []
+        for g in range(0, len(users), group):
+            chunk = users[g : g + group]
+            chunk = chunk[np.argsort(lengths[g : g + group], kind="stable")]
+            batches += [chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size)]
+        if len(users) >= batch_size:
+            batches = [b for b in batches if len(b) == batch_size] or batches[:1]
+        for j in rng.permutation(len(batches)):
+            rows = [r for u in batches[j] if (r := self.train_row(int(u), int(ends[u]), rng, n_cuts))]
             if rows:
-                yield self._collate(rows, n_cuts)
+                yield self._collate(rows)
 
     def n_train_batches(self, ends: np.ndarray, batch_size: int, world: int = 1) -> int:
         n = int((ends - self.enc.offsets[:-1] >= 2).sum()) // world
-        return max(1, n // batch_size) if n >= batch_size else 1
+        if n < batch_size:
+            return 1
+        group = 16 * batch_size
+        return sum((min(group, n - g)) // batch_size for g in range(0, n, group)) or 1
 
     # ---- evaluation / serving -------------------------------------------------------------
     def history_row(self, u: int, end: int, scenario: int | None = None) -> dict:
@@ -135,9 +161,11 @@ class BatchBuilder:
             row = {k: np.zeros(1, dtype=np.int64) for k in row}
         n = max(len(idx), 1)
         scens = [scenario] if scenario is not None else list(range(len(self.enc.scenarios)))
-        row["cuts"] = [(n, s, []) for s in scens]
+        row["cut"] = np.full(len(scens), n, dtype=np.int64)
+        row["cut_scen"] = np.asarray(scens, dtype=np.int64)
+        row["targets"] = np.zeros((len(scens), self.window), dtype=np.int64)
         row["eval"] = True
         return row
 
     def eval_batch(self, rows: list[dict]) -> dict[str, torch.Tensor]:
-        return self._collate(rows, len(rows[0]["cuts"]))
+        return self._collate(rows)

@@ -32,13 +32,19 @@ from redrec.train.batches import BatchBuilder
 
 
 class TrainConfig(BaseModel):
-    epochs: int = Field(10, ge=1)
+    max_steps: int = Field(20000, ge=1, description="step budget: optimizer steps at most (early stopping usually ends sooner)")
+    epochs: int | None = Field(None, ge=1, description="optional cap on passes over the users")
+    max_minutes: float | None = Field(None, gt=0, description="optional wall-clock cap (a demo run); breaks determinism")
     batch_size: int = Field(128, ge=1, description="sequences per micro-batch per rank")
-    cuts_per_sequence: int = Field(8, ge=1)
-    negatives: int = Field(512, ge=1, description="sampled negatives per rank, shared by the batch")
+    negatives: int = Field(512, ge=1, description="sampled negatives per rank, shared by the batch (sampled softmax only)")
     lr: float = Field(2e-3, gt=0)
     weight_decay: float = Field(0.01, ge=0)
-    warmup_steps: int = Field(50, ge=0)
+    warmup_frac: float = Field(0.01, ge=0, lt=1, description="linear warmup over this fraction of max_steps")
+    warmup_steps: int | None = Field(None, ge=0, description="explicit warmup length; overrides warmup_frac")
+    eval_every: int | None = Field(None, ge=1, description="validate every this many steps; None = once per epoch")
+    patience: int = Field(5, ge=1, description="stop after this many validations without a new best")
+    valid_metric: str = Field("ndcg@10", description="overall validation metric that early stopping maximises")
+    valid_max_users: int | None = Field(20000, ge=1, description="validate on at most this many users (a fixed sample)")
     zero_stage: int = Field(0, ge=0, le=3)
     bf16: bool = False
     grad_accum: int = Field(1, ge=1)
@@ -46,8 +52,11 @@ class TrainConfig(BaseModel):
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
     checkpoint_every: int = Field(500, ge=1)
-    max_steps: int | None = Field(None, ge=1, description="stop after this many optimizer steps (tests, smoke runs)")
     progress: bool = True
+
+    @property
+    def warmup(self) -> int:
+        return self.warmup_steps if self.warmup_steps is not None else int(round(self.warmup_frac * self.max_steps))
 
 
 def init_distributed(device: str) -> tuple[int, int]:
@@ -120,7 +129,7 @@ class Trainer:
         import deepspeed
 
         opt = torch.optim.AdamW(self.model.parameters(), lr=train_cfg.lr, weight_decay=train_cfg.weight_decay)
-        warm = max(1, train_cfg.warmup_steps)
+        warm = max(1, train_cfg.warmup)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm))
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=self.model, optimizer=opt, lr_scheduler=sched, config=ds_config(train_cfg, self.world)
@@ -128,9 +137,16 @@ class Trainer:
         self.dev = self.engine.device
         self.eligible = self.eligible.to(self.dev)
         self.gather = _gather_with_grad(self.world)
-        self.state = {"epoch": 0, "batch_in_epoch": 0, "global_step": 0, "micro_steps": 0}
-        self.log(f"deepspeed: world size {self.world} on {self.dev}, ZeRO stage {train_cfg.zero_stage}, bf16 {train_cfg.bf16}, "
-                 f"{train_cfg.negatives} negatives per rank, {train_cfg.negatives * self.world} per step")
+        self.state = {"epoch": 0, "batch_in_epoch": 0, "global_step": 0, "micro_steps": 0,
+                      "best": None, "best_step": 0, "bad_evals": 0, "stopped": None}
+        self.full_softmax = model_cfg.full_softmax
+        # training frequency per item: the logQ correction of in-batch negatives (sampled softmax)
+        counts = np.bincount(np.concatenate([enc.item[enc.offsets[u]:split.train_end[u]] for u in range(enc.n_users)] or [np.zeros(0, np.int64)]),
+                             minlength=enc.n_items + 1).astype(np.float32)
+        self.item_prob = torch.from_numpy(counts / max(counts.sum(), 1.0)).to(self.dev)
+        negs = "full softmax over the eligible catalogue" if self.full_softmax else (
+            f"sampled softmax with logQ: {train_cfg.negatives} negatives per rank, {train_cfg.negatives * self.world} per step")
+        self.log(f"deepspeed: world size {self.world} on {self.dev}, ZeRO stage {train_cfg.zero_stage}, bf16 {train_cfg.bf16}, {negs}")
         self.history: list[dict] = []
 
     # ---- checkpoints -------------------------------------------------------------------------
@@ -156,59 +172,132 @@ class Trainer:
         self.log(f"resumed from {self.ds_dir} at epoch {self.state['epoch']} batch {self.state['batch_in_epoch']} (step {self.state['global_step']})")
         return True
 
+    # ---- validation and early stopping ---------------------------------------------------------
+    @property
+    def best_path(self) -> Path:
+        return self.out / "best_model.pt"
+
+    def validate(self) -> dict | None:
+        """Overall validation metrics, or None when the split holds no validation events. Every
+        rank scores the same users with the same weights, so all ranks take the same decision."""
+        from redrec.evaluate import evaluate_model
+
+        if not (self.split.valid_end > self.split.train_end).any():
+            return None
+        res = evaluate_model(self.engine.module, self.builder, self.enc, self.split, on="valid", max_users=self.cfg.valid_max_users)
+        self.engine.train()
+        return res.overall
+
+    def _after_validation(self, metrics: dict, loss: float | None, t0: float) -> bool:
+        """Records the curve point, keeps the best weights; True when patience has run out."""
+        value = float(metrics.get(self.cfg.valid_metric, float("nan")))
+        step = int(self.engine.global_steps)
+        point = {"epoch": self.state["epoch"] + self.state["batch_in_epoch"] / max(self.n_batches, 1), "step": step,
+                 "loss": loss, "valid": metrics, "seconds": time.time() - t0}
+        self.history.append(point)
+        best = self.state["best"]
+        if best is None or value > best:
+            self.state.update(best=value, best_step=step, bad_evals=0)
+            if self.rank == 0:
+                self.out.mkdir(parents=True, exist_ok=True)
+                tmp = self.best_path.with_suffix(".tmp")
+                torch.save(self.engine.module.state_dict(), tmp)
+                os.replace(tmp, self.best_path)
+        else:
+            self.state["bad_evals"] += 1
+        self.log(f"step {step} (epoch {point['epoch']:.1f}): loss {loss if loss is None else round(loss, 4)} valid {self.cfg.valid_metric} "
+                 f"{value:.4f} (best {self.state['best']:.4f} at step {self.state['best_step']}; {time.time() - t0:.0f}s)")
+        return self.state["bad_evals"] >= self.cfg.patience
+
+    def _restore_best(self) -> None:
+        if self.world > 1:
+            import torch.distributed as dist
+
+            dist.barrier()  # rank 0 wrote the file
+        if self.best_path.exists():
+            self.engine.module.load_state_dict(torch.load(self.best_path, map_location=self.dev, weights_only=True))
+
     # ---- loop ---------------------------------------------------------------------------------
-    def _negatives(self, rng: np.random.Generator) -> torch.Tensor:
+    def _negatives(self, rng: np.random.Generator) -> torch.Tensor | None:
+        if self.full_softmax:
+            return None
         return torch.from_numpy(rng.integers(1, self.enc.n_items + 1, size=self.cfg.negatives)).to(self.dev)
 
     def fit(self, resume: bool = True) -> dict:
+        """Train until the validation metric stops improving (``patience`` validations), the step
+        budget, the optional epoch or time cap; the best validated weights are restored."""
         from tqdm import tqdm
 
         cfg = self.cfg
         if resume:
             self.try_resume()
-        elif self.rank == 0 and self.ds_dir.exists():
-            shutil.rmtree(self.ds_dir)  # a fresh run must not mix with an older run's checkpoints
+        elif self.rank == 0:
+            if self.ds_dir.exists():
+                shutil.rmtree(self.ds_dir)  # a fresh run must not mix with an older run's checkpoints
+            self.best_path.unlink(missing_ok=True)
         ends = self.split.train_end
-        n_batches = self.builder.n_train_batches(ends, cfg.batch_size, self.world)
+        self.n_batches = n_batches = self.builder.n_train_batches(ends, cfg.batch_size, self.world)
         t0 = time.time()
         seqs = 0
-        done = False
-        while self.state["epoch"] < cfg.epochs and not done:
+        stop = self.state["stopped"]
+        while stop is None:
             ep = self.state["epoch"]
+            if cfg.epochs is not None and ep >= cfg.epochs:
+                stop = "epochs"
+                break
             self.engine.train()
             skip = self.state["batch_in_epoch"]
-            bar = tqdm(total=n_batches, initial=skip, desc=f"epoch {ep + 1}/{cfg.epochs}", disable=not (cfg.progress and self.rank == 0), leave=False)
+            bar = tqdm(total=n_batches, initial=skip, desc=f"epoch {ep + 1}", disable=not (cfg.progress and self.rank == 0), leave=False)
             neg_rng = np.random.default_rng([cfg.seed, ep, self.rank, 7])
             losses = []
-            for bi, batch in enumerate(self.builder.train_batches(ends, cfg.batch_size, cfg.cuts_per_sequence, cfg.seed, ep, self.rank, self.world)):
+            for bi, batch in enumerate(self.builder.train_batches(ends, cfg.batch_size, self.mcfg.train_cuts, cfg.seed, ep, self.rank, self.world)):
                 neg = self._negatives(neg_rng)  # drawn even for skipped batches: same stream on resume
                 if bi < skip:
                     continue
                 batch = {k: v.to(self.dev) for k, v in batch.items()}
-                loss, stats = self.engine.module.loss(batch, neg, self.eligible, gather=self.gather)
+                loss, stats = self.engine.module.loss(batch, self.eligible, neg, gather=self.gather, item_prob=self.item_prob)
                 self.engine.backward(loss)
                 self.engine.step()
                 self.state["micro_steps"] += 1
                 self.state["batch_in_epoch"] = bi + 1
-                if self.engine.is_gradient_accumulation_boundary() or self.state["micro_steps"] % cfg.grad_accum == 0:
-                    self.state["global_step"] = self.engine.global_steps
+                self.state["global_step"] = self.engine.global_steps
                 seqs += batch["items"].shape[0] * self.world
                 losses.append(loss.item())
                 bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}", seq_s=f"{seqs / max(time.time() - t0, 1e-9):.0f}", T=f"{1 / stats['scale']:.3f}")
                 bar.update(1)
+                step = self.engine.global_steps
+                at_boundary = self.state["micro_steps"] % cfg.grad_accum == 0
+                if at_boundary and cfg.eval_every and step % cfg.eval_every == 0:
+                    m = self.validate()
+                    if m is not None and self._after_validation(m, float(np.mean(losses[-50:])), t0):
+                        stop = "early stopping"
                 if self.state["micro_steps"] % cfg.checkpoint_every == 0:
                     self.save_checkpoint()
-                if cfg.max_steps and self.engine.global_steps >= cfg.max_steps:
-                    done = True
+                if stop is None and step >= cfg.max_steps:
+                    stop = "step budget"
+                if stop is None and cfg.max_minutes and time.time() - t0 > 60 * cfg.max_minutes:
+                    stop = "time cap"
+                if stop is not None:
                     break
             bar.close()
-            if not done:
-                self.history.append({"epoch": ep + 1, "loss": float(np.mean(losses)) if losses else None, "seconds": time.time() - t0})
-                self.log(f"epoch {ep + 1}/{cfg.epochs} loss {self.history[-1]['loss']:.4f} ({time.time() - t0:.0f}s, {seqs / max(time.time() - t0, 1e-9):.0f} seq/s)")
+            if stop is None or bi + 1 >= n_batches:
                 self.state["epoch"] = ep + 1
                 self.state["batch_in_epoch"] = 0
+                if not cfg.eval_every:
+                    m = self.validate()
+                    if m is None:
+                        self.history.append({"epoch": ep + 1, "step": int(self.engine.global_steps),
+                                             "loss": float(np.mean(losses)) if losses else None, "seconds": time.time() - t0})
+                    elif self._after_validation(m, float(np.mean(losses)) if losses else None, t0) and stop is None:
+                        stop = "early stopping"
+                self.log(f"epoch {ep + 1} done ({time.time() - t0:.0f}s, {seqs / max(time.time() - t0, 1e-9):.0f} seq/s)")
+        self.state["stopped"] = stop
         self.save_checkpoint()
-        return {"seconds": time.time() - t0, "sequences": seqs, "steps": self.engine.global_steps, "history": self.history}
+        self._restore_best()
+        self.log(f"stopped ({stop}) after {self.engine.global_steps} steps; best {cfg.valid_metric} "
+                 f"{self.state['best'] if self.state['best'] is not None else float('nan'):.4f} at step {self.state['best_step']}")
+        return {"seconds": time.time() - t0, "sequences": seqs, "steps": self.engine.global_steps, "history": self.history,
+                "stopped": stop, "best_step": self.state["best_step"], "best_valid": self.state["best"]}
 
     @property
     def module(self) -> RecModel:

@@ -1,0 +1,219 @@
+"""Renders bench/results/quality.json as one self-contained HTML page.
+
+For every dataset and protocol the page shows a results table (NDCG@10 / HR@10 / MRR per scenario
+and overall, NDCG@10 ratio to SASRec, steps, stopping reason, best step, train minutes; best
+NDCG@10 per column in bold), inline-SVG charts of validation NDCG@10 and of training loss against
+training minutes, and a calibration line against the published references and our targets.
+Only inline CSS and SVG: the page is read from CI artefacts and laptops with no network.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+import jinja2
+
+ORDER = ["popularity", "sasrec", "single-scenario", "redrec", "redrec-no-mixing", "redrec-no-side-info",
+         "redrec-k1", "redrec-id-items", "redrec-frozen-items"]
+COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf", "#7f7f7f", "#bcbd22"]
+METRICS = [("ndcg@10", "NDCG@10"), ("hr@10", "HR@10"), ("mrr", "MRR")]
+# published MovieLens-1M leave-one-out SASRec NDCG@10, and the targets this project holds itself to
+REFERENCES = {"RecBole 1.2.1 SASRec": 0.1494, "gSASRec paper": 0.1726}
+SASREC_TARGET, REDREC_TARGET, RATIO_TARGET = 0.145, 0.18, 1.25
+
+TEMPLATE = """<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>RED-Rec offline quality</title>
+<style>
+body{font:14px/1.4 system-ui,sans-serif;margin:1.5em auto;max-width:1400px;padding:0 1em;color:#222}
+h2{border-bottom:2px solid #ddd;padding-bottom:.2em;margin-top:2em}
+table{border-collapse:collapse;margin:.8em 0;font-variant-numeric:tabular-nums}
+th,td{border:1px solid #ccc;padding:3px 7px;text-align:right;white-space:nowrap}
+th{background:#f3f3f3} td.name{text-align:left;font-weight:600} tr.abl td.name{font-weight:normal;padding-left:1.2em}
+.muted{color:#777} .pass{color:#1a7f37;font-weight:600} .fail{color:#c62828;font-weight:600}
+.charts{display:flex;flex-wrap:wrap;gap:1em} svg{background:#fff;border:1px solid #ddd}
+svg text{font:11px system-ui,sans-serif} ul.cal{margin:.3em 0}
+</style></head><body>
+<h1>RED-Rec offline quality</h1>
+<p class="muted">{{ machine }}</p>
+{% macro chart(c) -%}
+<svg width="{{ c.w }}" height="{{ c.h }}" viewBox="0 0 {{ c.w }} {{ c.h }}" role="img">
+<text x="{{ c.w / 2 }}" y="14" text-anchor="middle" font-weight="bold">{{ c.title }}</text>
+{% for px, label in c.xticks %}<line x1="{{ px }}" y1="{{ c.top }}" x2="{{ px }}" y2="{{ c.bottom }}" stroke="#eee"/>
+<text x="{{ px }}" y="{{ c.bottom + 14 }}" text-anchor="middle">{{ label }}</text>{% endfor %}
+{% for py, label in c.yticks %}<line x1="{{ c.left }}" y1="{{ py }}" x2="{{ c.right }}" y2="{{ py }}" stroke="#eee"/>
+<text x="{{ c.left - 4 }}" y="{{ py + 4 }}" text-anchor="end">{{ label }}</text>{% endfor %}
+<rect x="{{ c.left }}" y="{{ c.top }}" width="{{ c.right - c.left }}" height="{{ c.bottom - c.top }}" fill="none" stroke="#888"/>
+<text x="{{ (c.left + c.right) / 2 }}" y="{{ c.h - 4 }}" text-anchor="middle">training minutes</text>
+{% for s in c.series %}<polyline fill="none" stroke="{{ s.color }}" stroke-width="1.8" points="{{ s.points }}"><title>{{ s.name }}</title></polyline>
+{% if s.single %}<circle cx="{{ s.single[0] }}" cy="{{ s.single[1] }}" r="3" fill="{{ s.color }}"/>{% endif %}
+<line x1="{{ c.right + 10 }}" y1="{{ c.top + 8 + loop.index0 * 16 }}" x2="{{ c.right + 28 }}" y2="{{ c.top + 8 + loop.index0 * 16 }}" stroke="{{ s.color }}" stroke-width="3"/>
+<text x="{{ c.right + 32 }}" y="{{ c.top + 12 + loop.index0 * 16 }}">{{ s.name }}</text>{% endfor %}
+{% if not c.series %}<text x="{{ (c.left + c.right) / 2 }}" y="{{ (c.top + c.bottom) / 2 }}" text-anchor="middle" fill="#999">no curve points</text>{% endif %}
+</svg>
+{%- endmacro %}
+{% for s in sections %}
+<h2>{{ s.dataset }} &mdash; {{ s.protocol }}</h2>
+<p class="muted">{{ s.description }}</p>
+<table><thead><tr><th rowspan="2">model</th>{% for g in s.groups %}<th colspan="3">{{ g }}</th>{% endfor %}
+<th rowspan="2">steps</th><th rowspan="2">stopped</th><th rowspan="2">best step</th><th rowspan="2">train min</th></tr>
+<tr>{% for g in s.groups %}{% for m in metrics %}<th>{{ m[1] }}</th>{% endfor %}{% endfor %}</tr></thead><tbody>
+{% for r in s.rows %}<tr{% if r.ablation %} class="abl"{% endif %}><td class="name">{{ r.name }}</td>
+{% for cell in r.cells %}<td>{% if cell.best %}<b>{{ cell.text }}</b>{% else %}{{ cell.text }}{% endif %}{% if cell.ratio %} <span class="muted">({{ cell.ratio }})</span>{% endif %}</td>{% endfor %}
+<td>{{ r.steps }}</td><td>{{ r.stopped }}</td><td>{{ r.best_step }}</td><td>{{ r.minutes }}</td></tr>
+{% endfor %}</tbody></table>
+<div class="charts">{{ chart(s.valid_chart) }}{{ chart(s.loss_chart) }}</div>
+<p><b>Calibration</b></p><ul class="cal">{% for line in s.calibration %}<li>{% for text, cls in line %}<span{% if cls %} class="{{ cls }}"{% endif %}>{{ text }}</span>{% endfor %}</li>{% endfor %}</ul>
+{% else %}<p>No results yet.</p>{% endfor %}
+</body></html>
+"""
+_PAGE = jinja2.Environment(autoescape=True, trim_blocks=True, lstrip_blocks=True).from_string(TEMPLATE)
+
+
+def _num(x) -> float | None:
+    try:
+        x = float(x)
+    except (TypeError, ValueError):
+        return None
+    return x if math.isfinite(x) else None  # json NaN from a failed validation must not poison charts
+
+
+def _fmt(x, digits: int = 4) -> str:
+    x = _num(x)
+    return "—" if x is None else f"{x:.{digits}f}"
+
+
+def _ordered(names) -> list[str]:
+    return sorted(names, key=lambda n: (ORDER.index(n) if n in ORDER else len(ORDER), n))
+
+
+def _ticks(lo: float, hi: float, n: int = 5) -> list[float]:
+    raw = (hi - lo) / n or 1.0
+    step = min((m * 10 ** math.floor(math.log10(raw)) for m in (1, 2, 5, 10)), key=lambda s: abs(s - raw))
+    return [k * step for k in range(math.ceil(lo / step - 1e-9), math.floor(hi / step + 1e-9) + 1)]
+
+
+def _chart(title: str, series: dict[str, list[tuple[float, float]]], colors: dict[str, str]) -> dict:
+    w, h, left, right, top, bottom = 560, 300, 52, 410, 24, 262
+    series = {k: v for k, v in series.items() if v}
+    xs = [x for pts in series.values() for x, _ in pts] or [0.0, 1.0]
+    ys = [y for pts in series.values() for _, y in pts] or [0.0, 1.0]
+    x0, x1 = 0.0, max(max(xs), 1e-3)
+    pad = (max(ys) - min(ys)) * 0.05 or abs(max(ys)) * 0.05 or 0.05
+    y0, y1 = min(ys) - pad, max(ys) + pad
+    sx = lambda x: round(left + (x - x0) / (x1 - x0) * (right - left), 1)  # noqa: E731
+    sy = lambda y: round(bottom - (y - y0) / (y1 - y0) * (bottom - top), 1)  # noqa: E731
+    out = []
+    for name, pts in series.items():
+        px = [(sx(x), sy(y)) for x, y in sorted(pts)]
+        out.append({"name": name, "color": colors[name], "points": " ".join(f"{a},{b}" for a, b in px),
+                    "single": px[0] if len(px) == 1 else None})
+    yd = max(0, 2 - math.floor(math.log10(max(y1 - y0, 1e-9))))
+    return {"title": title, "w": w, "h": h, "left": left, "right": right, "top": top, "bottom": bottom, "series": out,
+            "xticks": [(sx(t), f"{t:g}") for t in _ticks(x0, x1)],
+            "yticks": [(sy(t), f"{t:.{yd}f}") for t in _ticks(y0, y1) if y0 <= t <= y1]}
+
+
+def _verdict(value, target: float) -> tuple[str, str]:
+    if value is None:
+        return ("not run", "muted")
+    return ("pass", "pass") if value >= target else ("FAIL", "fail")
+
+
+def _calibration(dataset: str, protocol: str, entry: dict, nd) -> list[list[tuple[str, str]]]:
+    if protocol == "loo":
+        if "movielens" not in dataset.lower():
+            return [[("published references and targets are MovieLens-1M figures; none apply here", "muted")]]
+        sas, red = nd("sasrec", "overall"), nd("redrec", "overall")
+        refs = ", ".join(f"{k} {v:.4f}" for k, v in REFERENCES.items())
+        return [[(f"SASRec NDCG@10 {_fmt(sas)} (references: {refs}; target ≥ {SASREC_TARGET:.4f}) — ", ""),
+                 _verdict(sas, SASREC_TARGET)],
+                [(f"RED-Rec NDCG@10 {_fmt(red)} (target ≥ {REDREC_TARGET:.4f}) — ", ""), _verdict(red, REDREC_TARGET)]]
+    lines = []
+    for sc in entry.get("scenarios") or []:
+        red, sas, single = nd("redrec", sc), nd("sasrec", sc), nd("single-scenario", sc)
+        ratio = red / sas if red is not None and sas else None
+        line = [(f"{sc}: RED-Rec/SASRec {_fmt(ratio, 2)}× (target ≥ {RATIO_TARGET:.2f}×) — ", ""),
+                _verdict(ratio, RATIO_TARGET)]
+        if red is not None and single is not None:
+            line.append((f"; RED-Rec {_fmt(red)} vs single-scenario {_fmt(single)} — ", ""))
+            line.append(("ahead", "pass") if red > single else ("behind", "fail"))
+        lines.append(line)
+    return lines or [[("no scenarios recorded", "muted")]]
+
+
+def _section(dataset: str, protocol: str, entry: dict) -> dict:
+    results, models = entry.get("results") or {}, entry.get("models") or {}
+    names = _ordered(set(results) | set(models))
+    colors = {n: COLORS[i % len(COLORS)] for i, n in enumerate(names)}
+    scenarios = list(entry.get("scenarios") or []) if protocol != "loo" else []
+    cols = scenarios + ["overall"]
+
+    def metrics(name: str, col: str) -> dict:
+        r = results.get(name) or {}
+        return (r.get("overall") if col == "overall" else (r.get("per_scenario") or {}).get(col)) or {}
+
+    def nd(name: str, col: str) -> float | None:
+        return _num(metrics(name, col).get("ndcg@10"))
+
+    best = {c: max((v for v in (nd(n, c) for n in names) if v is not None), default=None) for c in cols}
+    rows = []
+    for name in names:
+        cells = []
+        for col in cols:
+            for key, _ in METRICS:
+                v = _num(metrics(name, col).get(key))
+                cell = {"text": _fmt(v), "best": False, "ratio": None}
+                if key == "ndcg@10" and v is not None:
+                    cell["best"] = v == best[col]
+                    base = nd("sasrec", col)
+                    if base and name != "sasrec":
+                        cell["ratio"] = f"{v / base:.2f}×"
+                cells.append(cell)
+        m = models.get(name) or {}
+        rows.append({"name": name, "cells": cells, "ablation": name.startswith("redrec-"),
+                     "steps": m.get("steps", "—"), "best_step": m.get("best_step", "—"),
+                     "stopped": (m.get("stopped") or "epochs") if m else "—",
+                     "minutes": _fmt(_num(m.get("train_s")) / 60, 1) if _num(m.get("train_s")) is not None else "—"})
+    valid, loss = {}, {}
+    for name in names:
+        for p in (models.get(name) or {}).get("curve") or []:
+            t = _num(p.get("seconds"))
+            if t is None:
+                continue
+            v = _num((p.get("valid") or {}).get("ndcg@10"))
+            if v is not None:
+                valid.setdefault(name, []).append((t / 60, v))
+            if _num(p.get("loss")) is not None:
+                loss.setdefault(name, []).append((t / 60, _num(p.get("loss"))))
+    ds = entry.get("dataset") or {}
+    desc = ", ".join(f"{k} {ds[k]:,}" for k in ("users", "items", "events") if isinstance(ds.get(k), int))
+    return {"dataset": dataset, "protocol": protocol, "groups": cols, "rows": rows,
+            "description": "; ".join(x for x in (entry.get("protocol", ""), desc) if x),
+            "valid_chart": _chart("validation NDCG@10", valid, colors), "loss_chart": _chart("training loss", loss, colors),
+            "calibration": _calibration(dataset, protocol, entry, nd)}
+
+
+def render(report: dict) -> str:
+    m = report.get("machine") or {}
+    machine = " · ".join(str(x) for x in (m.get("cpu"), f"{m['cpu_count']} cores" if m.get("cpu_count") else None,
+                                          m.get("platform"), f"Python {m['python']}" if m.get("python") else None) if x)
+    sections = []
+    for dataset, protocols in (report.get("datasets") or {}).items():
+        if isinstance(protocols, dict) and "results" in protocols:  # pre-protocol layout: one entry per dataset
+            protocols = {"multi-scenario": protocols}
+        for protocol, entry in (protocols or {}).items():
+            if isinstance(entry, dict):
+                sections.append(_section(dataset, protocol, entry))
+    return _PAGE.render(machine=machine or "machine unknown", sections=sections, metrics=METRICS)
+
+
+def write_html(report: dict, path: Path | str) -> Path:
+    """Renders `report` to `path` atomically, so a browser refresh mid-run never sees half a page."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(render(report), encoding="utf-8")
+    os.replace(tmp, path)
+    return path

@@ -1,0 +1,68 @@
+"""bench/quality_report.py renders a self-contained page and survives partial reports."""
+
+from __future__ import annotations
+
+import copy
+import re
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.quality_report import write_html  # noqa: E402
+
+SCENARIOS = ["homefeed", "search", "ads"]
+
+
+def _metrics(base: float) -> dict:
+    return {"ndcg@10": base, "hr@10": base * 2, "mrr": base * 1.1, "hr@50": base * 4, "ndcg@50": base * 1.5}
+
+
+def _model(valid0: float) -> dict:
+    curve = [{"epoch": 0.5, "step": 100, "loss": 5.0, "valid": _metrics(valid0), "seconds": 60.0},
+             {"epoch": 1.0, "step": 200, "loss": 4.0, "valid": _metrics(valid0 + 0.01), "seconds": 120.0},
+             {"epoch": 1.5, "step": 300, "loss": None, "valid": _metrics(valid0 + 0.02), "seconds": 180.0}]
+    return {"train_s": 180.0, "total_s": 200.0, "steps": 300, "stopped": "early stopping", "best_step": 300,
+            "best_valid": valid0 + 0.02, "curve": curve, "config": {}, "machine": {}}
+
+
+def _entry(protocol: str) -> dict:
+    scen = SCENARIOS if protocol == "multi-scenario" else []
+    values = {"popularity": 0.05, "sasrec": 0.15, "redrec": 0.19}
+    results = {m: {"per_scenario": {s: _metrics(v + 0.001 * i) for i, s in enumerate(scen)}, "overall": _metrics(v), "counts": {}}
+               for m, v in values.items()}
+    return {"protocol": "chronological-last-5" if scen else "leave-one-out (scenarios collapsed, whole catalogue)",
+            "scenarios": scen, "dataset": {"name": "movielens-1m", "users": 6040, "items": 3883, "events": 1000209},
+            "config": {}, "results": results, "models": {"sasrec": _model(0.10), "redrec": _model(0.12)},
+            "ndcg@10_ratio_to_sasrec": {}}
+
+
+REPORT = {"machine": {"cpu_count": 2, "cpu": "Test CPU", "platform": "Linux", "python": "3.11.7"},
+          "datasets": {"movielens-1m": {"multi-scenario": _entry("multi-scenario"), "loo": _entry("loo")}}}
+
+
+def test_renders_self_contained_page(tmp_path):
+    out = write_html(REPORT, tmp_path / "q.html")
+    assert out == tmp_path / "q.html" and out.exists()
+    html = out.read_text()
+    for name in ("popularity", "sasrec", "redrec", "homefeed", "search", "ads", "Test CPU"):
+        assert name in html
+    for number in ("0.1500", "0.1900", "0.0500", "0.3800", "1.27×", "0.1494", "0.1726"):
+        assert number in html
+    assert "<b>0.1900</b>" in html  # best NDCG@10 overall is bold
+    # two charts per section, two sections, one polyline per trained model in each
+    assert html.count("<svg") == 4
+    assert html.count("<polyline") == 4 * 2
+    assert not re.search(r"(src|href)\s*=\s*[\"']?https?://", html)
+    assert "<script" not in html and "<link" not in html
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_partial_reports_render(tmp_path):
+    report = copy.deepcopy(REPORT)
+    for entry in report["datasets"]["movielens-1m"].values():
+        del entry["models"]
+        del entry["results"]["sasrec"]
+    html = write_html(report, tmp_path / "p.html").read_text()
+    assert "redrec" in html and "not run" in html and "no curve points" in html
+    assert write_html({}, tmp_path / "e.html").read_text().count("No results yet") == 1
