@@ -13,7 +13,7 @@ export TORCH_EXTENSIONS_DIR := $(CURDIR)/build/torch_extensions
 export REDREC_CACHE := $(CURDIR)/build/cache
 export PYTHONUNBUFFERED := 1
 
-.PHONY: install run test quality bench clean
+.PHONY: install services engine image run test quality bench clean
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -28,10 +28,26 @@ $(STAMP): pyproject.toml Makefile
 
 install: $(STAMP)
 
+# Debian packages the tests run for real: Redis (Feast's cluster online store). As root from
+# Debian's mirrors (the package registries); already-installed ones cost nothing.
+services:
+	@command -v redis-server >/dev/null || { apt-get install -y -qq redis-server >/dev/null 2>&1 || \
+	  { apt-get update -qq && apt-get install -y -qq redis-server; }; }
+	@command -v redis-server >/dev/null || { echo "redis-server could not be installed (apt-get as root)"; exit 1; }
+
+# the runtime image (Dockerfile): a debootstrap base + a wheelhouse pip makes on the host
+engine:
+	scripts/docker_engine.sh
+
+image: install engine
+	PYTHON=$(PY) scripts/build_image.sh $(IMAGE)
+
+IMAGE ?= redrec:dev
+
 run: install
 	$(VENV)/bin/redrec pipeline run --config configs/pipeline-ml1m.yaml --output build/pipeline-ml1m-run.json
 
-test: install
+test: install services
 	$(VENV)/bin/pytest
 
 quality: install

@@ -13,7 +13,9 @@ import os
 from typing import Annotated, Any, Optional
 
 import bentoml
+from fastapi import FastAPI
 from pydantic import BaseModel, Field
+from starlette.exceptions import HTTPException
 from starlette.responses import JSONResponse
 
 os.environ.setdefault("BENTOML_DO_NOT_TRACK", "True")
@@ -31,6 +33,8 @@ class Recommendation(BaseModel):
     scenario: str
     arm: str = Field(description="experiment arm, or 'holdout'")
     model_version: str = Field(description="model that ranked the items ('popularity' for holdout/fallback)")
+    index_version: Optional[str] = Field(None, description="model version recorded by the index collection searched "
+                                         "(always model_version; null when no index was searched)")
     items: list[str]
     scores: list[float]
     cold_start: bool = Field(description="no usable history: the scenario's popular items")
@@ -41,6 +45,7 @@ class SimilarItems(BaseModel):
     item_id: str
     scenario: str
     model_version: str
+    index_version: str
     items: list[str]
     scores: list[float]
 
@@ -63,18 +68,28 @@ def _error(e: ServingError) -> JSONResponse:
     return JSONResponse(e.body(), status_code=e.status)
 
 
+ops = FastAPI(title="redrec operations")
+
+
 @bentoml.service(name="redrec", workers=1, traffic={"timeout": 30, "max_concurrency": 512})
+@bentoml.asgi_app(ops, path="/ops")
 class RedRec:
     def __init__(self) -> None:
         self.cfg = ServingConfig.from_env()
         logging.getLogger("redrec").setLevel(self.cfg.log_level.upper())
-        self.engine = Engine(self.cfg)
+        self.engine = Engine(self.cfg, config_path=os.environ["REDREC_CONFIG"])
 
     def __is_ready__(self) -> bool:
         ok, why = self.engine.ready()
         if not ok:
             log.warning("not ready: %s", why)
+            raise HTTPException(status_code=503, detail=f"not ready: {why}")  # the probe's body says why
         return ok
+
+    @ops.get("/release")
+    def release(self) -> dict:
+        """GET /ops/release: per arm, the (model, index) pair served and what the alias names; the config reload state."""
+        return self.engine.release_status()
 
     @bentoml.api(route="/recommend")
     async def recommend(

@@ -74,20 +74,23 @@ def cmd_quality(args) -> int:
 def cmd_train(args) -> int:
     from redrec.data import chronological_split, encode, load_dataset
     from redrec.evaluate import evaluate_model, format_table
-    from redrec.experiment import train_variant
+    from redrec.experiment import train_variant, training_record
     from redrec.model.checkpoint import export_checkpoint
 
     cfg = _experiment_config(args)
+    meta = json.loads(Path(args.meta).read_text()) if args.meta else {"dataset": cfg.dataset}
     data = load_dataset(cfg.dataset, **cfg.dataset_args)
     enc = encode(data)
     split = chronological_split(enc, cfg.test_events, cfg.valid_events)
     variant = cfg.variants[-1]
     trainer, fit = train_variant(cfg, variant, data, enc, split, cfg.out_dir / variant)
     if trainer.rank == 0:
-        res = evaluate_model(trainer.module, trainer.builder, enc, split)
-        print(format_table({variant: res}, enc.scenarios))
-        export_checkpoint(trainer.module, cfg.out_dir / variant / "model", enc.item_ids,
-                          {"dataset": cfg.dataset, "variant": variant, "metrics": res.as_dict(), "train": fit})
+        meta.update(variant=variant, **training_record(trainer, fit, enc, split))
+        if not args.meta:  # a standalone run reports its test numbers; a pipeline's evaluate step scores them
+            res = evaluate_model(trainer.module, trainer.builder, enc, split)
+            print(format_table({variant: res}, enc.scenarios))
+            meta["metrics"] = res.as_dict()
+        export_checkpoint(trainer.module, cfg.out_dir / variant / "model", enc.item_ids, meta)
         print(f"checkpoint: {cfg.out_dir / variant / 'model'}")
     return 0
 
@@ -114,6 +117,9 @@ def build_parser() -> argparse.ArgumentParser:
         q.add_argument("--out-dir", dest="out_dir")
         if name == "quality":
             q.add_argument("--output", help="write the results JSON here")
+        else:
+            q.add_argument("--meta", help="JSON file merged into the checkpoint's config.json (a pipeline's version "
+                                          "and lineage: a TrainJob's checkpoint then has the in-process layout)")
         q.set_defaults(func=func)
     _register_plugins(sub)
     return p
@@ -127,6 +133,7 @@ _PLUGIN_MODULES = (
     "redrec.experiments.cli",
     "redrec.drift.cli",
     "redrec.pipeline.cli",
+    "redrec.release.cli",
 )
 
 

@@ -100,6 +100,14 @@ def train_variant(cfg: ExperimentConfig, variant: str, data: RecData, enc, split
     return trainer, fit
 
 
+def training_record(trainer, fit: dict, enc, split) -> dict:
+    """What a serving checkpoint records of its training (the same keys whichever launcher ran it):
+    the fit summary, the validation curve and the best weights' validation metrics."""
+    valid = evaluate_model(trainer.module, trainer.builder, enc, split, on="valid")
+    return {"train": {k: v for k, v in fit.items() if k != "history"}, "history": fit.get("history", []),
+            "valid": valid.as_dict()}
+
+
 def run_protocol(cfg: ExperimentConfig, protocol: Protocol, data: RecData, log=print) -> dict:
     t0 = time.time()
     if protocol == "loo":

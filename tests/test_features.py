@@ -201,8 +201,8 @@ def test_postgres_online_store_needs_only_the_k8s_yaml(tmp_path, data, monkeypat
 
 
 def test_redis_yaml_is_a_valid_feast_config(tmp_path, monkeypatch):
-    """No Redis server here: Feast's own config loader checks the Redis variant (after the same
-    ${VAR} expansion a pod does), with a password holding YAML-special characters."""
+    """Feast's own config loader reads the Redis variant (after the same ${VAR} expansion a pod
+    does), with a password holding YAML-special characters (the real server: the next tests)."""
     from feast.infra.online_stores.redis import RedisOnlineStoreConfig
     from feast.repo_config import load_repo_config
 
@@ -213,6 +213,82 @@ def test_redis_yaml_is_a_valid_feast_config(tmp_path, monkeypatch):
     assert cfg.online_store.connection_string == "redis-master:6379,password=a: #b'\""
     assert cfg.registry.registry_type == "sql" and cfg.registry.path.endswith("@pg:5432/feast")
     assert cfg.project == "redrec" and cfg.offline_store.type == "duckdb"
+
+
+class Redis:
+    """A real redis-server on 127.0.0.1 (Debian's package; `make test` installs it)."""
+
+    def __init__(self):
+        from redrec.index import free_port
+
+        binary = shutil.which("redis-server")
+        if binary is None:
+            raise RuntimeError("redis-server is not installed: `make test` installs Debian's redis-server package")
+        self.port = free_port()
+        self.dir = Path(tempfile.mkdtemp(prefix="redrec-redis-"))
+        self.proc = subprocess.Popen([binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+                                      "--appendonly", "no", "--dir", str(self.dir)],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True)
+        import redis
+
+        self.client = redis.Redis(host="127.0.0.1", port=self.port)
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                self.client.ping()
+                break
+            except redis.ConnectionError:
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"redis-server did not start on port {self.port}") from None
+                time.sleep(0.1)
+
+    def stop(self):
+        self.proc.terminate()
+        try:
+            self.proc.wait(20)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def redis_server():
+    r = Redis()
+    try:
+        yield r
+    finally:
+        r.stop()
+
+
+def test_pipeline_features_step_fills_the_redis_store_the_config_names(tmp_path, monkeypatch, postgres, redis_server):
+    """The training pipeline's features step with the cluster's Feast config
+    (feature_repo/k8s/feature_store.redis.yaml, unchanged: Redis online store, SQL registry)
+    against a real redis-server and Postgres: serving's online reads come back from Redis."""
+    from redrec.pipeline import steps
+    from redrec.pipeline.config import PipelineParams
+
+    for k, v in postgres.env().items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setenv("REDIS_CONNECTION_STRING", f"127.0.0.1:{redis_server.port}")
+    yaml_path = ROOT / "feature_repo" / "k8s" / "feature_store.redis.yaml"
+    p = PipelineParams(dataset="synthetic", dataset_args={"n_users": 60, "n_items": 80, "seed": 4},
+                       experiment={"model": {"user_tower": {"max_len": SEQ_LEN}}}, workspace=str(tmp_path / "ws"),
+                       feature_store_yaml=str(yaml_path))
+    assert redis_server.client.dbsize() == 0
+    steps.prepare_data(p, tmp_path / "data")
+    rep = steps.build_features(p, tmp_path / "data", tmp_path / "ts")
+    assert rep["online_store"] == "RedisOnlineStoreConfig" and rep["rows"] == 60
+    assert redis_server.client.dbsize() >= 60  # one hash per user entity (and per item)
+    assert not (tmp_path / "ws" / "feast" / "feast_online.db").exists()  # nothing went to an embedded SQLite
+    r = FeatureRepo(tmp_path / "ws" / "feast", fs_yaml=yaml_path)
+    ev = steps.load_prepared(tmp_path / "data").events
+    users = list(ev["user_id"].unique()[:3])
+    got = r.online_histories(users)
+    for u in users:
+        assert got[u] == naive_history(ev, u, None, r.scenarios) and got[u]
+    with pytest.raises(ValueError, match="feature_store_yaml.*does not exist"):
+        steps.build_features(p.model_copy(update={"feature_store_yaml": str(tmp_path / "nope.yaml")}),
+                             tmp_path / "data", tmp_path / "ts2")
 
 
 def test_k8s_configs_only_swap_the_online_store():

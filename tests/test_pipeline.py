@@ -171,6 +171,15 @@ def test_compiled_pipelines_carry_the_cluster_settings(tmp_path):
         assert params["dataset"]["defaultValue"] == "movielens-1m"
         assert params["workspace"]["defaultValue"] == cluster.workspace_mount
         assert params["deploy_target"]["defaultValue"] == "kubernetes"
+        # a test hook is no parameter of a cluster run: the steps get the constant "no fault"
+        assert "inject_fault" not in params
+        assert params["feature_store_yaml"]["defaultValue"] == f"{cluster.feast_config_mount}/feature_store.yaml"
+        assert params["model_store"]["defaultValue"] == ""  # <workspace>/model-store on the PVC
+        feats = _executor(platform, "build-features")
+        assert feats["configMapAsVolume"][0]["configMapName"] == cluster.feast_config_map
+        assert feats["configMapAsVolume"][0]["mountPath"] == cluster.feast_config_mount
+        # evaluate reads production from the model store on the workspace PVC
+        assert _executor(platform, "evaluate")["pvcMount"][0]["mountPath"] == cluster.workspace_mount
         assert pipe["defaultPipelineRoot"] == cluster.pipeline_root
     mon = next(yaml.safe_load_all(next(p for p in paths if p.name == "redrec-monitoring.yaml").read_text()))
     assert "exec-check-drift" in mon["deploymentSpec"]["executors"]
@@ -308,6 +317,65 @@ def test_gate_rejects_a_candidate_short_of_the_margin(world, first_run):
     assert "production" in metrics["results"]  # re-scored on the same split
     assert "REJECTED" in (res.run_dir / "gate" / "report").read_text()
     assert _served(world) == before
+
+
+@pytest.mark.slow
+def test_gate_rescores_production_from_the_model_store_and_never_auto_passes(world, first_run, tmp_path):
+    """Production is read from the model store and re-scored on the candidate's split (also over a
+    changed catalogue); a production model that cannot be scored makes the gate refuse."""
+    import shutil
+
+    from redrec.evaluate import evaluate_model
+    from redrec.pipeline.localrun import release_milvus_connections
+    from redrec.release.model_store import ModelStore
+    from redrec.train.batches import BatchBuilder
+
+    run = first_run.run_dir
+    data_dir, model = run / "prepare-data" / "data", run / "train" / "model"
+    prod = steps.production_version(world)
+    release_milvus_connections()
+    assert prod in ModelStore(world.model_store_uri()).versions()
+    out = steps.evaluate(world, data_dir, model, tmp_path / "m1", tmp_path / "t1")
+    release_milvus_connections()
+    assert out["production_version"] == prod and out["production_source"] == "re-scored on this split"
+    assert out["results"]["production"]["overall"]["ndcg@10"] > 0
+
+    # a catalogue that grew: the production model ranks the new items last-ish (score 0), same split
+    data = steps.load_prepared(data_dir)
+    enc, split = steps._split(world, data)
+    pm, pmeta, _ = steps._load_production(world, prod)
+    extra = [f"new{i}" for i in range(20)]
+    remapped = pm.for_catalogue(pmeta["item_ids"], enc.item_ids + extra)
+    emb = remapped.all_item_embeddings()
+    assert emb.shape[0] == len(enc.item_ids) + len(extra) + 1 and not emb[-len(extra):].any()
+    assert np.allclose(emb[1 : len(enc.item_ids) + 1].numpy(), pm.all_item_embeddings()[1:].numpy(), atol=1e-6)
+
+    def score(m):
+        return evaluate_model(m, BatchBuilder(enc, m.cfg.user_tower.max_len, m.cfg.window, m.cfg.history_mode), enc, split)
+
+    shrunk = pm.for_catalogue(pmeta["item_ids"][5:], enc.item_ids)  # as if production had never seen 5 items
+    res, how, err = steps._production(world, prod, enc, score)
+    assert err is None and how == "re-scored on this split"
+    assert score(shrunk).overall["ndcg@10"] <= res.overall["ndcg@10"]
+
+    # production missing from the model store (and the BentoML store): the gate refuses, naming why
+    d = Path(world.model_store_uri()) / "models" / prod
+    hidden = d.with_name(prod + ".hidden")
+    shutil.move(d, hidden)
+    try:
+        out = steps.evaluate(world, data_dir, model, tmp_path / "m2", tmp_path / "t2")
+        release_milvus_connections()
+    finally:
+        shutil.move(hidden, d)
+    assert out["production_version"] == prod and "production" not in out["results"]
+    assert "neither the model store" in out["production_error"]
+    g = steps.gate(world, tmp_path / "m2", tmp_path / "g2")
+    assert not g.passed and f"production model {prod} could not be compared" in g.reason
+    # the same metrics with production's results removed by hand: refused too, never "first run"
+    m = json.loads((tmp_path / "m1").read_text())
+    del m["results"]["production"]
+    (tmp_path / "m3").write_text(json.dumps(m))
+    assert not steps.gate(world, tmp_path / "m3").passed
 
 
 @pytest.mark.slow

@@ -18,26 +18,10 @@ os.environ.setdefault("BENTOML_HOME", tempfile.mkdtemp(prefix="redrec-bentoml-")
 import httpx  # noqa: E402
 import yaml  # noqa: E402
 
-from redrec.data.split import chronological_split  # noqa: E402
-from redrec.data import encode  # noqa: E402
 from redrec.data.synthetic import SyntheticConfig, generate  # noqa: E402
-from redrec.experiment import ExperimentConfig, train_variant  # noqa: E402
-from redrec.model.checkpoint import export_checkpoint  # noqa: E402
+from models_util import SEQ_LEN, tiny_model  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-SEQ_LEN = 20
-
-
-def tiny_model(data, out_dir: Path, seed: int) -> Path:
-    cfg = ExperimentConfig.model_validate({
-        "dataset": "synthetic", "variants": ["redrec"],
-        "model": {"item_source": "cache-finetune", "user_tower": {"hidden_size": 32, "layers": 1, "heads": 2, "max_len": SEQ_LEN}},
-        "train": {"epochs": 1, "batch_size": 16, "negatives": 64, "progress": False, "warmup_steps": 2, "max_steps": 8, "seed": seed},
-        "out_dir": str(out_dir),
-    })
-    enc = encode(data)
-    trainer, _ = train_variant(cfg, "redrec", data, enc, chronological_split(enc), out_dir / "redrec", resume=False)
-    return export_checkpoint(trainer.module, out_dir / "model", enc.item_ids, {"variant": "redrec"})
 
 
 @pytest.fixture(scope="session")

@@ -85,8 +85,9 @@ def _spec(tmp_path, **kw) -> TrainJobSpec:
     return TrainJobSpec(**base)
 
 
-async def _controller(api, outcome: str | None, export_dir=None, log_lines=("epoch 1/1 loss 3.1",)):
-    """Wait for the TrainJob, then act as the Trainer controller for it."""
+async def _controller(api, outcome: str | None, export_dir=None, log_lines=("epoch 1/1 loss 3.1",), node=None):
+    """Wait for the TrainJob, then act as the Trainer controller for it; ``node(job)``, when
+    given, runs node 0's work for real and returns its log lines."""
     for _ in range(400):
         jobs = [k for k in api.objects if k[0] == TRAINJOBS]
         if jobs:
@@ -96,6 +97,8 @@ async def _controller(api, outcome: str | None, export_dir=None, log_lines=("epo
         raise AssertionError("no TrainJob was created")
     key = jobs[0]
     name = key[2]
+    if node is not None:
+        log_lines = await node(dict(api.objects[key].raw))
     now = _now()
     # MPI runtime (deepspeed): the launcher pod is step node-0 (where mpirun's output goes), the
     # worker pods are node-1..N
@@ -200,4 +203,64 @@ def test_spec_validates_and_builds_from_pipeline_params(tmp_path):
     assert (spec.name, spec.num_nodes, spec.gpus_per_node, spec.image) == ("redrec-20260101000000-ab12", 4, 8, "reg/redrec:1")
     exp = (tmp_path / "scratch" / "experiment.yaml").read_text()
     assert "dataset: parquet" in exp and str(tmp_path / "scratch" / "data" / "events.parquet") in exp
-    assert spec.command[-1] == str(tmp_path / "scratch" / "experiment.yaml")
+    assert spec.command[-4:] == ["--config", str(tmp_path / "scratch" / "experiment.yaml"),
+                                 "--meta", str(tmp_path / "scratch" / "checkpoint-meta.json")]
+    assert json.loads((tmp_path / "scratch" / "checkpoint-meta.json").read_text()) == {"version": "20260101000000_ab12"}
+    assert spec.version == "20260101000000_ab12"
+
+
+@pytest.mark.slow
+@pytest.mark.asyncio
+@pytest.mark.kmock(cls=kmock.KubernetesEmulator)
+async def test_train_step_on_a_trainjob_writes_the_in_process_checkpoint_layout(api, tmp_path, monkeypatch):
+    """The pipeline's train step with launcher=trainjob: the TrainJob's node command runs for real
+    (as node 0 of the job would, on the shared workspace), and its checkpoint has the layout of the
+    in-process launcher's, version and lineage included."""
+    import sys
+
+    import yaml
+
+    from redrec.pipeline import steps
+    from redrec.pipeline.config import PipelineParams
+
+    kubeconfig = tmp_path / "kubeconfig"
+    kubeconfig.write_text(yaml.safe_dump({
+        "apiVersion": "v1", "kind": "Config", "current-context": "kmock",
+        "clusters": [{"name": "kmock", "cluster": {"server": str(api.url).rstrip("/")}}],
+        "contexts": [{"name": "kmock", "context": {"cluster": "kmock", "user": "u", "namespace": NS}}],
+        "users": [{"name": "u", "user": {"token": "t"}}]}))
+    monkeypatch.setenv("KUBECONFIG", str(kubeconfig))
+    from kubernetes.config import kube_config
+
+    monkeypatch.setattr(kube_config, "KUBE_CONFIG_DEFAULT_LOCATION", str(kubeconfig))  # read once, at import
+    exp = {"model": {"item_source": "cache-finetune", "user_tower": {"hidden_size": 16, "layers": 1, "heads": 2, "max_len": 20}},
+           "train": {"max_steps": 12, "batch_size": 16, "warmup_steps": 2, "patience": 2, "lr": 0.003}}
+    base = PipelineParams(dataset="synthetic", dataset_args={"n_users": 80, "n_items": 60, "seed": 2}, experiment=exp,
+                          workspace=str(tmp_path / "ws"))
+    data, ts = tmp_path / "data", tmp_path / "ts"
+    await asyncio.to_thread(steps.prepare_data, base, data)
+    await asyncio.to_thread(steps.build_features, base, data, ts)
+
+    async def node(job: dict) -> list[str]:
+        cmd = job["spec"]["trainer"]["command"]
+        assert cmd[:3] == ["python", "-m", "redrec.cli"] and "--meta" in cmd
+        proc = await asyncio.create_subprocess_exec(sys.executable, *cmd[1:], stdout=asyncio.subprocess.PIPE,
+                                                    stderr=asyncio.subprocess.STDOUT)
+        out, _ = await proc.communicate()
+        assert proc.returncode == 0, out.decode()[-3000:]
+        return out.decode().splitlines()[-20:]
+
+    p = base.model_copy(update={"nodes": 2, "launcher": "trainjob"})
+    ctl = asyncio.create_task(_controller(api, "Complete", node=node))
+    tj = await asyncio.to_thread(steps.train, p, data, ts, tmp_path / "tj-model", "20261202000000_aa01")
+    await ctl
+    ip = await asyncio.to_thread(steps.train, base, data, ts, tmp_path / "ip-model", "20261202000000_aa02")
+    a = json.loads((tmp_path / "tj-model" / "config.json").read_text())
+    b = json.loads((tmp_path / "ip-model" / "config.json").read_text())
+    assert a["version"] == "20261202000000_aa01" == tj["version"] and b["version"] == "20261202000000_aa02"
+    assert (a["launcher"], b["launcher"]) == ("trainjob", "in-process")
+    assert set(a) == set(b), set(a) ^ set(b)
+    for k in ("training_set_sha256", "training_set_rows", "training_input", "dataset", "variant"):
+        assert a[k] == b[k], k
+    assert a["valid"]["overall"]["ndcg@10"] > 0 and a["history"]
+    assert sorted(f.name for f in (tmp_path / "tj-model").iterdir()) == sorted(f.name for f in (tmp_path / "ip-model").iterdir())

@@ -157,7 +157,7 @@ class DriftConfig(_Strict):
     pipeline_id: str | None = None
     pipeline_version_id: str | None = None
     experiment_name: str = "redrec-drift-retraining"
-    local_pipeline: str = "redrec.pipeline.pipelines:training_pipeline"
+    local_pipeline: str = "pipelines.training:training_pipeline"
     pipeline_params: dict = Field(default_factory=dict)
     seed: int = 0
 

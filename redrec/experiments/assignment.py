@@ -56,13 +56,14 @@ class ExperimentSpec(BaseModel):
             raise ValueError(f"experiment.arms: duplicate arm name(s) {dup}")
         return self
 
-    def check_versions(self, known: set[str] | list[str]) -> None:
-        """Every arm must serve a model version that exists (in the BentoML model store)."""
+    def check_versions(self, known: set[str] | list[str], where: str = "the BentoML model store") -> None:
+        """Every arm must serve a model version that exists in ``where``."""
         known = set(known)
         bad = [f"{a.name}: {a.model_version!r}" for a in self.arms if a.model_version not in known]
         if bad:
-            raise ValueError(f"experiment.arms[].model_version: unknown version(s) {bad}; "
-                             f"known: {sorted(known)} (store one with `redrec serving save-model`)")
+            raise ValueError(f"experiment.arms[].model_version: unknown version(s) {bad} in {where}; "
+                             f"known: {sorted(known)} (the training pipeline's deploy step stores each release's model; "
+                             "`redrec release list` shows them)")
 
     def expected_shares(self) -> dict[str, float]:
         """Share of all traffic per group, holdout included."""

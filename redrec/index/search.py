@@ -5,11 +5,12 @@ from __future__ import annotations
 import json
 import logging
 import threading
+from dataclasses import dataclass
 
 import numpy as np
 
 from redrec.index.config import IndexConfig
-from redrec.index.milvus import PK, CollectionInfo, _alias_target, _search_raw, describe, recent_alias_target
+from redrec.index.milvus import PK, CollectionInfo, _alias_target, _search_raw, client, describe, recent_alias_target
 
 log = logging.getLogger(__name__)
 _RETRIES = 2
@@ -55,6 +56,11 @@ def search(
     """
     if k <= 0:
         return []
+    return _resolve_and_search(cfg, lambda alias_target: alias_target, _queries(query_vectors), scenario, k,
+                               set(map(str, exclude_ids or ())))[0]
+
+
+def _queries(query_vectors) -> np.ndarray:
     q = np.asarray(query_vectors, dtype=np.float32)
     if q.ndim == 1:
         q = q[None, :]
@@ -62,7 +68,58 @@ def search(
         raise ValueError(f"query_vectors must be [K, dim] with K >= 1, got shape {q.shape}")
     if not np.isfinite(q).all():
         raise ValueError("query vectors hold NaN or infinite values")
-    exclude = set(map(str, exclude_ids or ()))
+    return q
+
+
+@dataclass
+class PairedHits:
+    hits: list[tuple[str, float]]
+    collection: str  # the collection searched
+    index_version: str  # the model version that collection records it was built from
+    alias_target: str | None  # what the alias named; differs from ``collection`` on a mismatched pair
+
+
+class PairMismatch(NotPublished):
+    """No collection of the index was built from the model asking: it cannot be served safely."""
+
+
+def paired_collection(cfg: IndexConfig, alias_target: str | None, model_version: str) -> str:
+    """The collection a model of ``model_version`` may search: the alias' target when that
+    collection records the same model version, else the model's own collection (the pair it was
+    published with) while it is kept. Never a collection built from another model: its vectors
+    live in another embedding space (same dimension, no error, wrong recommendations)."""
+    if alias_target is not None and _info(cfg, alias_target).version == str(model_version):
+        return alias_target
+    own = cfg.collection(str(model_version))
+    with _info_lock:
+        known = (cfg.uri, own) in _info_cache
+    info = _info(cfg, own) if known or client(cfg).has_collection(own) else None
+    if info is None or info.status != "ready" or info.version != str(model_version):
+        raise PairMismatch(f"alias '{cfg.name}' serves {alias_target} (model {_version_of(cfg, alias_target)}) and no "
+                           f"ready collection built from model {model_version} is kept: publish model {model_version}'s "
+                           "index or point this arm at the alias' model version")
+    return own
+
+
+def _version_of(cfg: IndexConfig, collection: str | None) -> str | None:
+    try:
+        return None if collection is None else _info(cfg, collection).version
+    except Exception:  # noqa: BLE001 - only used in a message
+        return None
+
+
+def search_paired(cfg: IndexConfig, model_version: str, query_vectors: np.ndarray, scenario: str, k: int,
+                  exclude_ids: list[str] | None = None) -> PairedHits:
+    """``search`` for a model: only ever a collection built from ``model_version`` is searched
+    (``paired_collection``), and the answer says which one."""
+    hits, target, alias_target = _resolve_and_search(
+        cfg, lambda t: paired_collection(cfg, t, model_version), _queries(query_vectors), scenario, k,
+        set(map(str, exclude_ids or ())), allow_unpublished=True)
+    # read back from the collection itself, not echoed from the request: the caller checks the pair
+    return PairedHits(hits, target, str(_info(cfg, target).version), alias_target)
+
+
+def _resolve_and_search(cfg, pick, q, scenario, k, exclude, allow_unpublished: bool = False):
     # A swap may move the alias, and retention drop the old version, between resolving the alias
     # and searching the version it named: then the search fails on a collection that is gone.
     # Re-resolve and retry; an error with the alias unchanged is a real one.
@@ -71,18 +128,21 @@ def search(
         # the first attempt may use the alias as resolved up to cfg.alias_ttl_s ago; a retry
         # resolves it afresh
         resolved = (recent_alias_target(cfg, cfg.alias_ttl_s) if attempt == 0 else None) or _alias_target(cfg)
-        if resolved is None:
+        if resolved is None and not allow_unpublished:
             raise NotPublished(f"no index is published under '{cfg.name}' at {cfg.uri}")
-        if resolved == target:
+        chosen = pick(resolved)
+        if chosen == target:
             raise last_error
-        target = resolved
+        target = chosen
         try:
-            return _search_version(cfg, target, q, scenario, k, exclude)
+            return _search_version(cfg, target, q, scenario, k, exclude), target, resolved
         except (ValueError, NotPublished):
             raise
         except Exception as e:  # noqa: BLE001 - retried only when the alias moved meanwhile
             last_error = e
             log.info("search on %s failed (%s); re-resolving alias '%s'", target, e, cfg.name)
+            with _info_lock:
+                _info_cache.pop((cfg.uri, target), None)
     raise last_error
 
 

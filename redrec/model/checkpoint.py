@@ -54,19 +54,38 @@ def export_checkpoint(model: RecModel, out_dir: str | Path, item_ids: list[str],
 class ServingModel(nn.Module):
     """User tower + head over cached item representations: what the serving path and CPU evaluation run."""
 
-    def __init__(self, cfg: ModelConfig, item_reps: torch.Tensor):
+    def __init__(self, cfg: ModelConfig, item_reps: torch.Tensor, unknown: torch.Tensor | None = None):
         super().__init__()
         self.cfg = cfg
         self.user_tower = UserTower(cfg.user_tower, len(cfg.scenarios), len(cfg.actions))
         self.head = ProjectionHead(cfg.user_tower.hidden_size, cfg.dim)
         self.register_buffer("item_reps_table", item_reps)
+        # items the model never saw (``for_catalogue``): a zero embedding, every score 0
+        self.unknown = unknown
 
     def item_reps(self, idx: torch.Tensor) -> torch.Tensor:
         return self.item_reps_table[idx]
 
     @torch.no_grad()
     def all_item_embeddings(self) -> torch.Tensor:
-        return self.head(self.item_reps_table)
+        emb = self.head(self.item_reps_table)
+        if self.unknown is not None:
+            emb = emb.masked_fill(self.unknown[:, None], 0.0)
+        return emb
+
+    def for_catalogue(self, own_ids: list[str], item_ids: list[str]) -> "ServingModel":
+        """This model over another catalogue (``item_ids``, index i+1 = item_ids[i]): items it
+        knows keep their representations, the others are zero (in a history) and score 0 (as a
+        candidate), so it can be re-scored on a newer split whose catalogue grew."""
+        pos = {i: n for n, i in enumerate(own_ids, start=1)}
+        idx = torch.tensor([0] + [pos.get(i, 0) for i in item_ids])
+        unknown = idx == 0
+        unknown[0] = False  # padding stays padding
+        reps = self.item_reps_table[idx].clone()
+        reps[unknown] = 0.0
+        m = ServingModel(self.cfg.model_copy(update={"n_items": len(item_ids)}), reps, unknown)
+        m.user_tower, m.head = self.user_tower, self.head
+        return m.eval()
 
     def user_vectors(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return self.head(self.user_tower(self.item_reps(batch["items"]), batch))

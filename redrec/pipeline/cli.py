@@ -21,7 +21,7 @@ def cmd_run(args) -> int:
 
     rc = _config(args)
     extra = {"serving_log_dir": args.serving_log_dir or "", "since_hours": args.since_hours} if args.pipeline == "monitoring" else None
-    res = run_local(rc.params, pipeline=args.pipeline, extra=extra)
+    res = run_local(rc.params, pipeline=args.pipeline, extra=extra, image=args.image)
     print("\nstep times (wall, this machine):\n" + res.table())
     s = res.summary
     print("\nwhere things are:")
@@ -87,6 +87,8 @@ def register(subparsers) -> None:
     r.add_argument("--serving-log-dir", dest="serving_log_dir", help="monitoring: the serving log (default <workspace>/serving-log)")
     r.add_argument("--since-hours", dest="since_hours", type=float, default=24.0, help="monitoring: window of the log")
     r.add_argument("--output", help="write the run summary JSON here")
+    r.add_argument("--image", help="run every step in a container of this image (kfp.local.DockerRunner, host "
+                                   "network; `make image` builds redrec:dev) instead of this interpreter")
     r.set_defaults(func=cmd_run)
 
     c = sub.add_parser("compile", help="write one KFP YAML per pipeline, with the cluster settings")

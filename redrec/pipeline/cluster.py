@@ -16,7 +16,7 @@ def compile_pipelines(params: PipelineParams, cluster: ClusterConfig, out_dir: s
     """One YAML per pipeline under ``out_dir``; the run config's parameters become the defaults."""
     from kfp import compiler
 
-    from redrec.pipeline.pipelines import make_monitoring_pipeline, make_training_pipeline
+    from pipelines import make_monitoring_pipeline, make_training_pipeline
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

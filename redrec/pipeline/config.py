@@ -41,6 +41,10 @@ class PipelineParams(BaseModel):
     workspace: str = Field("build/pipeline/ml1m", description="local state: Feast repo, serving config, drift reference")
     milvus_uri: str = Field("", description="Milvus (or Milvus Lite server) URI; empty = the workspace's Lite server")
     index_alias: str = Field("redrec_items", description="Milvus alias that serving searches")
+    feature_store_yaml: str = Field("", description="Feast feature_store.yaml naming the online store the features "
+                                                    "step fills (Redis, Postgres); empty = embedded SQLite in the workspace")
+    model_store: str = Field("", description="model store URI serving reads (directory, s3://, gs://); "
+                                             "empty = <workspace>/model-store")
     deploy_target: Literal["local", "kubernetes", "none"] = "local"
     serving_port: int = Field(3000, ge=1, le=65535)
     launcher: Literal["auto", "in-process", "trainjob"] = Field(
@@ -65,6 +69,9 @@ class PipelineParams(BaseModel):
         if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]{0,200}", v):
             raise ValueError(f"index_alias {v!r}: letters, digits and underscores, not starting with a digit")
         return v
+
+    def model_store_uri(self) -> str:
+        return self.model_store or str(Path(self.workspace).resolve() / "model-store")
 
     def experiment_config(self, out_dir: str | Path):
         """The ``ExperimentConfig`` this run trains: ``experiment`` with the typed overrides applied."""
@@ -114,6 +121,12 @@ class ClusterConfig(BaseModel):
     milvus_secret: str = Field("milvus-credentials", description="Secret with the Milvus token")
     milvus_secret_key: str = "token"
     workspace_pvc: str = Field("redrec-pipeline-workspace", description="PVC mounted at workspace_mount (Feast repo, reference)")
+    feast_config_map: str = Field("redrec-feast-config", description="the chart's Feast ConfigMap (feature_store.yaml "
+                                                                     "naming the online store serving reads)")
+    feast_config_mount: str = "/etc/redrec/feast"
+    feast_secret: str = Field("", description="Secret holding the ${VARS} of feature_store.yaml; empty: none")
+    feast_secret_env: dict[str, str] = Field(default_factory=dict, description="its key -> environment variable, e.g. "
+                                             "{redis-connection-string: REDIS_CONNECTION_STRING}")
     workspace_mount: str = "/var/lib/redrec"
     pipeline_root: str = Field("s3://redrec-pipelines/runs", description="artifact storage of the runs")
     namespace: str = "kubeflow"

@@ -1,10 +1,11 @@
-"""Roll the serving deployment to a new model version: locally (a ``bentoml serve`` process on
+"""Roll the serving deployment to a model version: locally (a ``bentoml serve`` process on
 127.0.0.1 that outlives the pipeline) or on Kubernetes (the chart's ConfigMap + a rollout).
 
-Either way the model is first stored in the BentoML model store (``redrec:<version>``); the
-serving config's arms that served the previous production version move to the new one (arms
-pinned to another version, e.g. an A/B challenger, are left alone). A failed roll restores the
-previous config and server, so the deployed model never changes half way.
+The model is first written to the model store serving reads (``redrec.release.model_store``)
+with its release record; the serving config's arms that served the previous production version
+move to the new one (arms pinned to another version, e.g. an A/B challenger, are left alone). A
+running local server loads the changed config in place (no new bento, no restart); a failed roll
+restores the previous config, so the deployed model never changes half way.
 """
 
 from __future__ import annotations
@@ -18,7 +19,10 @@ from pathlib import Path
 import yaml
 
 from redrec.pipeline.config import PipelineParams
-from redrec.pipeline.outputs import fault_point
+from redrec.pipeline.outputs import fault_point, kill_point
+
+# a local deployment re-reads its config this often (the chart's pods: model_store.config_poll_s)
+LOCAL_CONFIG_POLL_S = 1.0
 
 
 def serving_dir(workspace: str | Path) -> Path:
@@ -32,6 +36,18 @@ def deployed_version(workspace: str | Path) -> str | None:
         return None
     arms = (yaml.safe_load(p.read_text()) or {}).get("experiment", {}).get("arms") or []
     return arms[0]["model_version"] if arms else None
+
+
+def deployed_versions(params: PipelineParams) -> set[str]:
+    """Every model version an arm of the deployment's config names."""
+    if params.deploy_target == "kubernetes":
+        from redrec.pipeline.k8s_deploy import configmap_config
+
+        cfg = configmap_config()
+    else:
+        p = serving_dir(params.workspace) / "config.yaml"
+        cfg = yaml.safe_load(p.read_text()) if p.exists() else {}
+    return {a["model_version"] for a in ((cfg or {}).get("experiment") or {}).get("arms") or []}
 
 
 def _next_config(params: PipelineParams, old: dict | None, version: str, scenarios: list[str]) -> dict:
@@ -51,6 +67,7 @@ def _next_config(params: PipelineParams, old: dict | None, version: str, scenari
     cfg["serving"].setdefault("serving_log", {"dir": str(ws / "serving-log")})
     cfg.setdefault("milvus", {}).update(uri=params.milvus_uri, collection_alias=params.index_alias)
     cfg.setdefault("feast", {}).update(repo_path=str(ws / "feast"))
+    cfg.setdefault("model_store", {}).update(uri=params.model_store_uri(), config_poll_s=LOCAL_CONFIG_POLL_S)
     return cfg
 
 
@@ -96,7 +113,7 @@ def _check_port_free(port: int) -> None:
                                "`redrec pipeline stop --config <its config>`) or set params.serving_port") from None
 
 
-def _start(config_path: Path, port: int, state_path: Path, version: str, bento: str | None) -> dict:
+def _start(config_path: Path, port: int, state_path: Path, version: str) -> dict:
     from redrec.serving.local import LocalServer
 
     # a readiness probe answered by some other server on the port must not pass for ours
@@ -105,49 +122,95 @@ def _start(config_path: Path, port: int, state_path: Path, version: str, bento: 
     srv.start(timeout_s=float(os.environ.get("REDREC_SERVING_START_TIMEOUT", "300")))
     if not srv.alive():
         raise RuntimeError(f"bentoml serve exited after its readiness probe passed:\n{srv.log_tail()}")
-    state = {"pid": srv.proc.pid, "url": srv.url, "version": version, "bento": bento, "config": str(config_path),
-             "started": time.time()}
+    state = {"pid": srv.proc.pid, "url": srv.url, "version": version, "config": str(config_path), "started": time.time()}
     _write(state_path, json.dumps(state, indent=2))
     # leave it running: the service outlives the pipeline; the next deploy stops it by pid
     srv.proc = None
     return state
 
 
-def deploy_local(params: PipelineParams, model_dir: Path, version: str) -> dict:
-    from redrec.serving.local import build_bento
-    from redrec.serving.registry import MODEL_NAME
+def _running(state: dict | None) -> bool:
+    import httpx
 
-    info = json.loads((model_dir / "config.json").read_text())
+    if not state or not state.get("pid"):
+        return False
+    try:
+        os.killpg(state["pid"], 0)
+        return httpx.get(state["url"] + "/ops/release", timeout=5).status_code == 200
+    except (ProcessLookupError, PermissionError, httpx.HTTPError):
+        return False
+
+
+def wait_serving(url: str, config_text: str, timeout_s: float) -> dict:
+    """Poll ``/ops/release`` until the server serves ``config_text`` (it reports the SHA-256 of the
+    config it loaded, and of one it refused); raises when it refuses this one."""
+    import hashlib
+
+    import httpx
+
+    want = hashlib.sha256(config_text.encode()).hexdigest()
+    deadline = time.monotonic() + timeout_s
+    last: dict = {}
+    while time.monotonic() < deadline:
+        try:
+            last = httpx.get(url + "/ops/release", timeout=5).json()
+        except (httpx.HTTPError, ValueError) as e:
+            last = {"error": str(e)}
+        cfg = last.get("config") or {}
+        if cfg.get("loaded_sha256") == want:
+            return last
+        if cfg.get("error_sha256") == want:
+            serving = sorted({a["model_version"] for a in (last.get("arms") or {}).values()})
+            raise RuntimeError(f"the server at {url} refused the new config and still serves {serving}: {cfg['error']}")
+        time.sleep(0.3)
+    raise TimeoutError(f"the server at {url} did not load the new config within {timeout_s:.0f}s: {last}")
+
+
+def deploy_local(params: PipelineParams, version: str) -> dict:
+    from redrec.release.model_store import ModelStore
+
+    scenarios = json.loads((ModelStore(params.model_store_uri()).path(version) / "config.json").read_text())["model"]["scenarios"]
     d = serving_dir(params.workspace)
     d.mkdir(parents=True, exist_ok=True)
     cfg_path, state_path = d / "config.yaml", d / "server.json"
     old_text = cfg_path.read_text() if cfg_path.exists() else None
     old_state = json.loads(state_path.read_text()) if state_path.exists() else None
-    bento = build_bento(models=[f"{MODEL_NAME}:{version}"])  # the bento a cluster rollout would containerize
-    new = _next_config(params, yaml.safe_load(old_text) if old_text else None, version, info["model"]["scenarios"])
-    _stop_recorded(state_path)
-    try:
-        _write(cfg_path, yaml.safe_dump(new, sort_keys=False))
-        fault_point("deploy", params.inject_fault, "after writing the new serving config")
-        state = _start(cfg_path, params.serving_port, state_path, version, bento)
-    except BaseException:
+    new = _next_config(params, yaml.safe_load(old_text) if old_text else None, version, scenarios)
+    new_text = yaml.safe_dump(new, sort_keys=False)
+    timeout = float(os.environ.get("REDREC_SERVING_START_TIMEOUT", "300"))
+    running = _running(old_state) and (yaml.safe_load(old_text) or {}).get("serving", {}).get("port") == params.serving_port
+    if not running:
         _stop_recorded(state_path)
+    try:
+        kill_point("deploy:before-config")
+        _write(cfg_path, new_text)
+        fault_point("deploy", params.inject_fault, "after writing the new serving config")
+        kill_point("deploy:after-config")
+        if running:  # the server loads the changed config in place
+            wait_serving(old_state["url"], new_text, timeout)
+            state = {**old_state, "version": version, "reloaded": time.time()}
+            _write(state_path, json.dumps(state, indent=2))
+        else:
+            state = _start(cfg_path, params.serving_port, state_path, version)
+    except BaseException:
         if old_text is None:
+            _stop_recorded(state_path)
             cfg_path.unlink(missing_ok=True)
         else:
             _write(cfg_path, old_text)
-            if old_state is not None:
-                _start(cfg_path, params.serving_port, state_path, old_state["version"], old_state.get("bento"))
+            if running:
+                wait_serving(old_state["url"], old_text, timeout)
+            elif old_state is not None:
+                _stop_recorded(state_path)
+                _start(cfg_path, params.serving_port, state_path, old_state["version"])
         raise
-    print(f"[redrec-pipeline] serving {version} at {state['url']} (bento {bento}, config {cfg_path})", flush=True)
+    how = "reloaded in place" if running else "started"
+    print(f"[redrec-pipeline] serving {version} at {state['url']} ({how}; config {cfg_path})", flush=True)
     return state
 
 
-def deploy_model(params: PipelineParams, model_dir: Path, version: str) -> dict:
-    from redrec.serving.registry import list_versions, save_model
-
-    if version not in list_versions():
-        save_model(model_dir, version, labels={"dataset": str(params.dataset)[:63]})
+def switch_serving(params: PipelineParams, version: str) -> dict:
+    """Point the deployment's production arms at ``version`` (already in the model store)."""
     if params.deploy_target == "none":
         fault_point("deploy", params.inject_fault, "after storing the model")
         return {"version": version, "target": "none"}
@@ -155,7 +218,17 @@ def deploy_model(params: PipelineParams, model_dir: Path, version: str) -> dict:
         from redrec.pipeline.k8s_deploy import deploy_kubernetes
 
         return deploy_kubernetes(params, version)
-    return deploy_local(params, model_dir, version)
+    return deploy_local(params, version)
+
+
+def deploy_model(params: PipelineParams, model_dir: Path, version: str, release_meta: dict | None = None) -> dict:
+    from redrec.release.model_store import ModelStore
+
+    store = ModelStore(params.model_store_uri())
+    if not store.has(version):
+        store.put(model_dir, version, meta=release_meta)
+    kill_point("deploy:stored")
+    return switch_serving(params, version)
 
 
 def stop_local(workspace: str | Path) -> None:

@@ -3,9 +3,10 @@ serving Deployment (a pod-template annotation change, what ``kubectl rollout res
 then wait for the rollout; on failure the ConfigMap is restored and rolled again.
 
 Names come from the chart's release (env ``REDREC_RELEASE_FULLNAME``, default ``redrec``) and
-the namespace from ``REDREC_DEPLOY_NAMESPACE`` (default: the pod's own). The serving pods must
-reach the BentoML model store the step wrote to (``BENTOML_HOME`` on a shared volume), or the
-image must bundle the model (``bentoml containerize`` in CI).
+the namespace from ``REDREC_DEPLOY_NAMESPACE`` (default: the pod's own). The serving pods read the
+model from the model store the step wrote to (the config's ``model_store.uri``: the workspace PVC
+or object storage); the pods also reload a changed ConfigMap in place, the rollout makes it
+immediate and observable.
 """
 
 from __future__ import annotations
@@ -39,6 +40,18 @@ def _namespace() -> str:
     return p.read_text().strip() if p.exists() else "default"
 
 
+def _names() -> tuple[str, str]:
+    full = os.environ.get("REDREC_RELEASE_FULLNAME", "redrec")
+    return f"{full}-config", f"{full}-serving"
+
+
+def configmap_config() -> dict:
+    """The serving config the chart's ConfigMap holds now."""
+    core, _ = _apis()
+    cm = core.read_namespaced_config_map(_names()[0], _namespace())
+    return yaml.safe_load(cm.data["config.yaml"]) or {}
+
+
 def _roll(apps, name: str, ns: str, timeout_s: float) -> None:
     now = datetime.datetime.now(datetime.timezone.utc).isoformat()
     apps.patch_namespaced_deployment(name, ns, {"spec": {"template": {"metadata": {"annotations": {
@@ -57,8 +70,7 @@ def _roll(apps, name: str, ns: str, timeout_s: float) -> None:
 def deploy_kubernetes(params: PipelineParams, version: str, timeout_s: float = 900.0) -> dict:
     core, apps = _apis()
     ns = _namespace()
-    full = os.environ.get("REDREC_RELEASE_FULLNAME", "redrec")
-    cm_name, dep_name = f"{full}-config", f"{full}-serving"
+    cm_name, dep_name = _names()
     cm = core.read_namespaced_config_map(cm_name, ns)
     old_text = cm.data["config.yaml"]
     cfg = yaml.safe_load(old_text)

@@ -99,14 +99,20 @@ def _latest_run(root: Path, before: set[str]) -> Path | None:
     return max(runs, key=lambda p: p.stat().st_mtime) if runs else None
 
 
-def run_local(params: PipelineParams, pipeline: str = "training", extra: dict | None = None, log=print) -> RunResult:
+def run_local(params: PipelineParams, pipeline: str = "training", extra: dict | None = None, log=print,
+              image: str | None = None) -> RunResult:
     """Run ``pipeline`` ("training" or "monitoring") locally; never raises for a failed step
-    (the result says which and why), raises for bad parameters."""
+    (the result says which and why), raises for bad parameters.
+
+    With ``image``, every step runs in a container of that image (``kfp.local.DockerRunner`` on
+    the host network: the code and image a cluster runs), the workspace mounted at its own path.
+    Else the steps run with this interpreter (``SubprocessRunner``).
+    """
     import warnings
 
     from kfp import local
 
-    from redrec.pipeline import pipelines
+    import pipelines
 
     # kfp.local warns that the components' (cluster) image is not a Python image; locally they
     # run with this interpreter, which is the point of use_venv=False
@@ -116,15 +122,26 @@ def run_local(params: PipelineParams, pipeline: str = "training", extra: dict | 
     params = params.model_copy(update={"workspace": str(ws)})
     if not params.milvus_uri:
         params = params.model_copy(update={"milvus_uri": ensure_milvus(ws)})
-    root = ws / "runs"
+    # DockerRunner mounts the pipeline root, at its own path, into every container: with the
+    # workspace as the root, steps in containers see the workspace where the host does
+    root = ws if image else ws / "runs"
     root.mkdir(parents=True, exist_ok=True)
     before = {p.name for p in root.iterdir()}
-    timings = root / f"timings-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.jsonl"
-    os.environ["REDREC_PIPELINE_TIMINGS"] = str(timings)
-    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root), raise_on_error=True)
-    fn = {"training": pipelines.training_pipeline, "monitoring": pipelines.monitoring_pipeline}[pipeline]
+    (ws / "runs").mkdir(exist_ok=True)
+    timings = ws / "runs" / f"timings-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.jsonl"
     args = params.model_dump()
     args.update(extra or {})
+    if image:
+        runner = local.DockerRunner(network_mode="host", user=f"{os.getuid()}:{os.getgid()}", environment={
+            "REDREC_PIPELINE_TIMINGS": str(timings), "REDREC_CACHE": str(ws / "cache")})
+        # kfp.local deletes its workspace_root after a run: a scratch one, not ours
+        local.init(runner=runner, pipeline_root=str(root), raise_on_error=True)
+        fn = {"training": pipelines.make_training_pipeline, "monitoring": pipelines.make_monitoring_pipeline}[pipeline](
+            image=image)
+    else:
+        os.environ["REDREC_PIPELINE_TIMINGS"] = str(timings)
+        local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root), raise_on_error=True)
+        fn = {"training": pipelines.training_pipeline, "monitoring": pipelines.monitoring_pipeline}[pipeline]
     t0 = time.perf_counter()
     err = None
     try:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import sys
 import time
 from contextlib import contextmanager
@@ -18,6 +19,15 @@ class InjectedFault(RuntimeError):
 def fault_point(step: str, inject_fault: str, where: str) -> None:
     if inject_fault == step:
         raise InjectedFault(f"injected fault in step '{step}' ({where}): fault simulation requested by inject_fault={step!r}")
+
+
+def kill_point(name: str) -> None:
+    """Test hook: SIGKILL this process at ``name`` when ``REDREC_TEST_KILL_AT`` names it (a kill runs
+    no cleanup, unlike ``inject_fault``). An environment variable, so it never reaches a compiled
+    pipeline's parameters."""
+    if os.environ.get("REDREC_TEST_KILL_AT") == name:
+        print(f"[redrec-pipeline] killed at {name} (REDREC_TEST_KILL_AT)", flush=True)
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 @contextmanager

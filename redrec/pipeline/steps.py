@@ -19,7 +19,7 @@ import pandas as pd
 
 from redrec.pipeline.config import PipelineParams
 from redrec.pipeline.gate import GateDecision, decide, format_gate
-from redrec.pipeline.outputs import atomic_output, fault_point, progress
+from redrec.pipeline.outputs import atomic_output, fault_point, kill_point, progress
 
 # ---- data ------------------------------------------------------------------------------------
 
@@ -94,7 +94,12 @@ def build_features(params: PipelineParams, data_dir: str | Path, out_dir: str | 
         data = load_prepared(data_dir)
         enc, split = _split(params, data)
         seq_len = params.experiment_config("unused").model.user_tower.max_len
-        repo = FeatureRepo(Path(params.workspace) / "feast", seq_len=seq_len)
+        # the online store the config names: serving reads what this step materialises
+        fs_yaml = params.feature_store_yaml or None
+        if fs_yaml is not None and not Path(fs_yaml).is_file():
+            raise ValueError(f"parameter 'feature_store_yaml': {fs_yaml} does not exist (mount the chart's Feast "
+                             "ConfigMap there, or leave it empty for the embedded SQLite store)")
+        repo = FeatureRepo(Path(params.workspace) / "feast", seq_len=seq_len, fs_yaml=fs_yaml)
         rep = repo.build_sources(data)
         repo.apply()
         repo.materialize()
@@ -112,6 +117,7 @@ def build_features(params: PipelineParams, data_dir: str | Path, out_dir: str | 
             raise RuntimeError(f"training set: {leaks} history window(s) hold events at or after their label time; "
                                "the point-in-time join leaked (check the sources' timestamps)")
         report = {"rows": len(df), "windows_filled": filled, "scenarios": repo.scenarios, "seq_len": repo.seq_len,
+                  "online_store": type(repo.store.config.online_store).__name__,
                   "seconds": round(ts.seconds, 2), "source_rows": rep.rows, "duplicates": str(ts.duplicates)}
         with atomic_output(out_dir) as tmp:
             tmp.mkdir(parents=True)
@@ -149,8 +155,7 @@ def train(params: PipelineParams, data_dir: str | Path, training_set_dir: str | 
     device, as a Kubeflow Trainer ``TrainJob`` on the ``deepspeed-distributed`` runtime that
     runs ``redrec train`` on every node and exports to the shared workspace.
     """
-    from redrec.evaluate import evaluate_model
-    from redrec.experiment import train_variant
+    from redrec.experiment import train_variant, training_record
     from redrec.model.checkpoint import export_checkpoint
 
     with progress("train"):
@@ -178,16 +183,14 @@ def train(params: PipelineParams, data_dir: str | Path, training_set_dir: str | 
                 train_dir = scratch / "data"
                 train_dir.mkdir(parents=True, exist_ok=True)
                 save_parquet(data, train_dir)  # the TrainJob's nodes read it from the shared workspace
-                exported = run_trainjob(TrainJobSpec.from_params(params, cfg, train_dir, scratch, version))
+                exported = run_trainjob(TrainJobSpec.from_params(params, cfg, train_dir, scratch, version, meta))
                 with atomic_output(out_dir) as tmp:
                     shutil.copytree(exported, tmp)
                     fault_point("train", params.inject_fault, "after the TrainJob, while writing the model")
             else:
                 enc, split = _split(params, data)
                 trainer, fit = train_variant(cfg, "redrec", data, enc, split, scratch / "redrec", resume=False)
-                valid = evaluate_model(trainer.module, trainer.builder, enc, split, on="valid")
-                meta.update(train={k: v for k, v in fit.items() if k != "history"}, history=fit["history"],
-                            valid=valid.as_dict())
+                meta.update(variant="redrec", **training_record(trainer, fit, enc, split))
                 with atomic_output(out_dir) as tmp:
                     export_checkpoint(trainer.module, tmp, enc.item_ids, meta)
                     fault_point("train", params.inject_fault, "after writing part of the model")
@@ -218,6 +221,44 @@ def production_version(params: PipelineParams) -> str | None:
     return current_version(_index_cfg(params))
 
 
+def _load_production(params: PipelineParams, version: str):
+    """The production model from the model store (where every pipeline deploy writes it), else
+    from the BentoML store (a release made before the model store existed)."""
+    from redrec.serving.registry import ModelSource
+
+    store = ModelSource(params.model_store_uri())
+    if version in store.versions():
+        return (*store.load(version), store.store.manifest(version))
+    legacy = ModelSource()
+    if version in legacy.versions():
+        return (*legacy.load(version), {})
+    raise LookupError(f"production model {version} (what alias '{params.index_alias}' serves) is in neither the model "
+                      f"store {params.model_store_uri()} nor the BentoML model store")
+
+
+def _production(params: PipelineParams, version: str | None, enc, score):
+    """(results or recorded metrics dict or None, how it was obtained, why it could not be)."""
+    if version is None:
+        return None, None, None
+    try:
+        pm, pmeta, manifest = _load_production(params, version)
+    except Exception as e:  # noqa: BLE001 - reported to the gate, which then refuses
+        return None, None, f"{type(e).__name__}: {e}"
+    own = list(pmeta.get("item_ids", []))
+    if own == enc.item_ids:
+        return score(pm), "re-scored on this split", None
+    if list(pm.cfg.scenarios) == list(enc.scenarios) and list(pm.cfg.actions) == list(enc.actions):
+        new = len(set(enc.item_ids) - set(own))
+        return score(pm.for_catalogue(own, enc.item_ids)), f"re-scored on this split ({new} items it never saw score 0)", None
+    from redrec.release.releases import Release
+
+    rel = Release.from_manifest(manifest)
+    if rel is not None and rel.metrics:
+        return rel.metrics, "metrics recorded at its release (scenarios or actions changed: it cannot be re-scored)", None
+    return None, None, (f"production model {version} cannot be re-scored (its scenarios {pm.cfg.scenarios} / actions "
+                        f"{pm.cfg.actions} differ from the data's) and its release records no metrics")
+
+
 def evaluate(params: PipelineParams, data_dir: str | Path, model_dir: str | Path, metrics_out: str | Path,
              table_out: str | Path) -> dict:
     """Full-ranking metrics of the candidate, the production model (re-scored on the same split)
@@ -240,25 +281,16 @@ def evaluate(params: PipelineParams, data_dir: str | Path, model_dir: str | Path
 
         results = {"candidate": score(model), "popularity": evaluate_popularity(enc, split)}
         prod_v = production_version(params)
-        prod_how = None
-        stored_prod = None
-        if prod_v is not None:
-            from redrec.serving.registry import load_model
-
-            pm, pmeta = load_model(prod_v)
-            if list(pmeta.get("item_ids", [])) == enc.item_ids:
-                results["production"] = score(pm)
-                prod_how = "re-scored on this split"
-            else:
-                # a new catalogue: the old model cannot rank the new items, so compare with the
-                # metrics it had when it was published
-                stored_prod = pmeta.get("metrics")
-                prod_how = "metrics recorded at its publication (catalogue changed)"
+        prod, prod_how, prod_error = _production(params, prod_v, enc, score)
+        if prod is not None and not isinstance(prod, dict):
+            results["production"] = prod
         fault_point("evaluate", params.inject_fault, "after scoring, before writing the metrics")
         out = {"candidate_version": info.get("version"), "production_version": prod_v, "production_source": prod_how,
                "results": {k: v.as_dict() for k, v in results.items()}}
-        if stored_prod is not None:
-            out["results"]["production"] = stored_prod
+        if isinstance(prod, dict):
+            out["results"]["production"] = prod
+        if prod_error:
+            out["production_error"] = prod_error
         table = format_table(results, enc.scenarios, ref="popularity")
         with atomic_output(metrics_out) as tmp:
             tmp.write_text(json.dumps(out, indent=2))
@@ -272,8 +304,14 @@ def evaluate(params: PipelineParams, data_dir: str | Path, model_dir: str | Path
 def gate(params: PipelineParams, metrics_path: str | Path, report_out: str | Path | None = None) -> GateDecision:
     with progress("gate"):
         m = json.loads(Path(metrics_path).read_text())
-        d = decide(m["results"]["candidate"], m["results"].get("production"), params.gate_metrics, params.gate_margin,
-                   popularity=m["results"].get("popularity"))
+        if m.get("production_version") and m["results"].get("production") is None:
+            # a production model that could not be scored is not "no production model": never auto-pass
+            d = GateDecision(False, f"production model {m['production_version']} could not be compared: "
+                                    f"{m.get('production_error') or 'no results'}; promote by hand with "
+                                    "`redrec release promote` if the candidate is wanted")
+        else:
+            d = decide(m["results"]["candidate"], m["results"].get("production"), params.gate_metrics, params.gate_margin,
+                       popularity=m["results"].get("popularity"))
         text = format_gate(d, m.get("candidate_version"), m.get("production_version"))
         if report_out is not None:
             with atomic_output(report_out) as tmp:
@@ -319,19 +357,29 @@ def publish(params: PipelineParams, data_dir: str | Path, model_dir: str | Path)
 # ---- deploy ----------------------------------------------------------------------------------
 
 
-def deploy(params: PipelineParams, model_dir: str | Path, previous_collection: str | None) -> dict:
-    """Store the model in the BentoML model store and roll the serving deployment to it.
+def deploy(params: PipelineParams, model_dir: str | Path, previous_collection: str | None,
+           metrics_path: str | Path | None = None) -> dict:
+    """Write the model and its release record to the model store and roll the serving deployment
+    to it.
 
     If anything fails, the alias is moved back to ``previous_collection`` (publish moved it) and
-    the previous deployment keeps serving, so index and model stay on the same version.
+    the previous deployment keeps serving; serving never pairs a model with another model's
+    index meanwhile (``redrec.index.search.paired_collection``).
     """
     from redrec.pipeline.deploy import deploy_model
+    from redrec.release.releases import Release
 
     with progress("deploy"):
         model_dir = Path(model_dir)
-        version = json.loads((model_dir / "config.json").read_text())["version"]
+        info = json.loads((model_dir / "config.json").read_text())
+        version = info["version"]
+        metrics = json.loads(Path(metrics_path).read_text())["results"]["candidate"] if metrics_path else None
+        digest = {k: info[k] for k in ("training_set_sha256", "training_set_rows", "dataset") if k in info}
+        rel = Release(model_version=version, collection=_index_cfg(params).collection(version),
+                      index_alias=params.index_alias, metrics=metrics, data_digest=digest, created=time.time())
         try:
-            out = deploy_model(params, model_dir, version)
+            kill_point("deploy:start")
+            out = deploy_model(params, model_dir, version, rel.as_meta())
         except BaseException:
             _restore_alias(params, previous_collection)
             raise

@@ -12,6 +12,7 @@ runtime mounts at the same path).
 
 from __future__ import annotations
 
+import json
 import shutil
 import time
 from pathlib import Path
@@ -34,27 +35,33 @@ class TrainJobSpec(BaseModel):
     command: list[str] = Field(min_length=1)
     env: dict[str, str] = Field(default_factory=dict)
     export_dir: Path = Field(description="where node 0 writes the serving checkpoint")
+    version: str = Field("", description="the model version the checkpoint must record (empty: not checked)")
     namespace: str | None = None
     timeout_s: int = Field(6 * 3600, ge=1)
     poll_s: float = Field(10.0, gt=0)
 
     @classmethod
-    def from_params(cls, params, exp_cfg, data_dir: str | Path, scratch: str | Path, version: str) -> "TrainJobSpec":
-        """Write the job's inputs under ``scratch`` (shared workspace): the prepared data and an
-        experiment YAML reading it with the parquet adapter."""
+    def from_params(cls, params, exp_cfg, data_dir: str | Path, scratch: str | Path, version: str,
+                    meta: dict | None = None) -> "TrainJobSpec":
+        """Write the job's inputs under ``scratch`` (shared workspace): the prepared data, an
+        experiment YAML reading it with the parquet adapter, and the checkpoint metadata (version
+        and lineage) node 0 writes into the checkpoint, as the in-process launcher does."""
         scratch = Path(scratch)
         data = scratch / "data"
-        shutil.copytree(data_dir, data, dirs_exist_ok=True)
+        if Path(data_dir).resolve() != data.resolve():  # the train step writes its data there already
+            shutil.copytree(data_dir, data, dirs_exist_ok=True)
         cfg = exp_cfg.model_copy(update={"dataset": "parquet", "out_dir": scratch / "out",
                                          "dataset_args": {"events": str(data / "events.parquet"),
                                                           "items": str(data / "items.parquet")}})
         cfg_path = scratch / "experiment.yaml"
         cfg_path.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+        meta_path = scratch / "checkpoint-meta.json"
+        meta_path.write_text(json.dumps({**(meta or {}), "version": version}, indent=2, default=str))
         env = {"PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
         return cls(name=f"redrec-{version.replace('_', '-').lower()}"[:63].rstrip("-"), runtime=params.trainer_runtime,
                    num_nodes=params.nodes, gpus_per_node=params.gpus_per_node, image=params.trainer_image,
-                   command=["python", "-m", "redrec.cli", "train", "--config", str(cfg_path)], env=env,
-                   export_dir=scratch / "out" / "redrec" / "model")
+                   command=["python", "-m", "redrec.cli", "train", "--config", str(cfg_path), "--meta", str(meta_path)],
+                   env=env, export_dir=scratch / "out" / "redrec" / "model", version=version)
 
 
 def trainer_client(namespace: str | None = None, client_configuration=None):
@@ -112,4 +119,8 @@ def run_trainjob(spec: TrainJobSpec, client=None, log: Callable[[str], None] = p
     if not (spec.export_dir / "config.json").exists():
         raise RuntimeError(f"TrainJob {name} completed but wrote no checkpoint at {spec.export_dir}: "
                            "is the workspace volume mounted in the runtime's nodes at the same path?")
+    got = json.loads((spec.export_dir / "config.json").read_text()).get("version")
+    if spec.version and got != spec.version:
+        raise RuntimeError(f"TrainJob {name} wrote a checkpoint of version {got!r}, expected {spec.version!r}: the nodes "
+                           "ran another redrec (image) than the step, or another job wrote the same directory")
     return spec.export_dir

@@ -2,7 +2,7 @@
 
 Environment variables set by the chart override the file (they carry the same values there, and
 let a developer point a local config at other endpoints): ``REDREC_FEATURE_SERVER_URL``,
-``REDREC_SERVING_LOG_DIR``, ``MILVUS_URI``, ``MILVUS_TOKEN`` (the token is never in the file).
+``REDREC_SERVING_LOG_DIR``, ``REDREC_MODEL_STORE``, ``MILVUS_URI``, ``MILVUS_TOKEN`` (the token is never in the file).
 """
 
 from __future__ import annotations
@@ -69,6 +69,16 @@ class MilvusSection(_Strict):
     alias_ttl_s: float = Field(1.0, ge=0)
 
 
+class ModelStoreSection(_Strict):
+    # the model store the pipeline writes (a directory, the workspace PVC, s3://..., gs://...);
+    # empty: models come from the BentoML model store (a bento that bundles its model)
+    uri: str = ""
+    cache_dir: str = ""  # a remote store's versions are fetched here (default $REDREC_CACHE/model-store)
+    # serving re-reads its config file this often and loads the models a changed config names
+    # (0: never; the chart's ConfigMap mount updates the file in place)
+    config_poll_s: float = Field(5.0, ge=0)
+
+
 class FeastSection(_Strict):
     repo_path: str = "data"  # the embedded repo (FeatureRepo data dir)
     # registry for the remote (feature-server) mode; empty: <repo_path>/feast_registry.db
@@ -83,6 +93,7 @@ class ServingConfig(_Strict):
     serving: ServingSection = Field(default_factory=ServingSection)
     milvus: MilvusSection = Field(default_factory=MilvusSection)
     feast: FeastSection = Field(default_factory=FeastSection)
+    model_store: ModelStoreSection = Field(default_factory=ModelStoreSection)
     drift: dict[str, Any] = Field(default_factory=dict)  # read by the drift monitor, not by serving
 
     @field_validator("scenarios")
@@ -100,6 +111,8 @@ class ServingConfig(_Strict):
             self.serving.feature_server_url = ServingSection._url(env["REDREC_FEATURE_SERVER_URL"])
         if env.get("REDREC_SERVING_LOG_DIR"):
             self.serving.serving_log.dir = env["REDREC_SERVING_LOG_DIR"]
+        if env.get("REDREC_MODEL_STORE"):
+            self.model_store.uri = env["REDREC_MODEL_STORE"]
         if env.get("MILVUS_URI"):
             self.milvus.uri = env["MILVUS_URI"]
         if env.get("MILVUS_TOKEN"):

@@ -3,14 +3,21 @@ thin shell that maps these calls and errors to routes and status codes).
 
 recommend: experiment arm of the user -> the user's recent behaviour across ALL scenarios from
 Feast -> user tower with the requested scenario's queries (micro-batched per arm) -> Milvus search
-of the arm's alias restricted to items eligible in the scenario, seen items excluded. No usable
-history -> the scenario's popular items, flagged ``cold_start``. Every response is appended to the
-serving log before it is returned.
+restricted to items eligible in the scenario, seen items excluded. No usable history -> the
+scenario's popular items, flagged ``cold_start``. Every response is appended to the serving log
+before it is returned.
+
+Model and index are a pair: an arm searches its alias only while the alias' collection records the
+arm's model version; otherwise (a publication ahead of the deploy, a rollback of the index alone)
+it keeps searching the collection built from its own model, and says so in ``release_status`` and
+the log. Models come from the model store the config names; a changed config file (a deploy, a
+promote, a rollback) is loaded in the background and swapped in whole, or refused whole.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import threading
 import time
@@ -25,10 +32,10 @@ from redrec.experiments.assignment import HOLDOUT, assign
 from redrec.experiments.log import AppendLog
 from redrec.features.store import HistoryEvent
 from redrec.index.config import IndexConfig
-from redrec.index.search import NotPublished, search
+from redrec.index.search import NotPublished, PairedHits, paired_collection, search_paired
 from redrec.serving import registry
 from redrec.serving.batching import MicroBatcher
-from redrec.serving.config import ServingConfig
+from redrec.serving.config import ConfigError, ServingConfig
 from redrec.serving.features import item_catalogue, open_repo
 from redrec.serving.history import Vocab, collate, encode_row
 
@@ -62,6 +69,7 @@ class Unavailable(ServingError):
 class ArmRuntime:
     name: str
     version: str
+    alias: str
     model: torch.nn.Module
     vocab: Vocab
     item_ids: list[str]
@@ -73,7 +81,7 @@ class ArmRuntime:
 def _dependency(e: BaseException) -> str | None:
     """The dependency an exception comes from, if it is an outage rather than a bug."""
     mod = type(e).__module__ or ""
-    if isinstance(e, NotPublished) or mod.startswith(("pymilvus", "grpc")):
+    if isinstance(e, NotPublished) or mod.startswith(("pymilvus", "grpc")):  # PairMismatch included
         return "milvus"
     if mod.startswith(("requests", "urllib3", "feast", "sqlite3")) or isinstance(e, (ConnectionError, TimeoutError)):
         return "feast"
@@ -82,35 +90,29 @@ def _dependency(e: BaseException) -> str | None:
     return None
 
 
+def _sha(text: str | None) -> str | None:
+    return None if text is None else hashlib.sha256(text.encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class _Generation:
+    cfg: ServingConfig
+    arms: dict[str, ArmRuntime]
+    control: str
+    catalogue: list[str]
+    known_items: set[str]
+    actions: list[str]
+
+
 class Engine:
-    def __init__(self, cfg: ServingConfig):
-        self.cfg = cfg
+    def __init__(self, cfg: ServingConfig, config_path: str | None = None):
         if cfg.serving.torch_threads:
             torch.set_num_threads(cfg.serving.torch_threads)
         self.scenarios = list(cfg.scenarios)
         self.repo = open_repo(cfg)
-        self.arms: dict[str, ArmRuntime] = {}
-        cfg.experiment.check_versions([*registry.list_versions(), registry.BUNDLED])
-        models: dict[str, tuple] = {}
-        for arm in cfg.experiment.arms:
-            if arm.model_version not in models:
-                models[arm.model_version] = registry.load_model(arm.model_version)
-            model, info = models[arm.model_version]
-            missing = [s for s in self.scenarios if s not in info["model"]["scenarios"]]
-            if missing:
-                raise ValueError(f"experiment.arms[{arm.name}].model_version {arm.model_version}: the model has no "
-                                 f"queries for scenario(s) {missing} (it knows {info['model']['scenarios']})")
-            emb = np.load(registry.model_path(arm.model_version) / "item_embeddings.npy")
-            idx = IndexConfig(uri=cfg.milvus.uri, token=cfg.milvus.token, name=cfg.alias_for(arm.name),
-                              dim=int(emb.shape[1]), timeout_s=cfg.milvus.timeout_s, alias_ttl_s=cfg.milvus.alias_ttl_s)
-            rt = ArmRuntime(arm.name, info["model_version"], model, Vocab.from_info(info), list(info["item_ids"]), emb, idx)
-            rt.batcher = MicroBatcher(lambda reqs, rt=rt: self._user_vectors(rt, reqs), cfg.serving.batch_max_size,
-                                      cfg.serving.batch_max_wait_ms, name=f"arm-{arm.name}")
-            self.arms[arm.name] = rt
-        self.control = cfg.experiment.arms[0].name
-        self.catalogue = sorted({i for a in self.arms.values() for i in a.item_ids})
-        self.known_items = set(self.catalogue)
-        self.actions = sorted({a for rt in self.arms.values() for a in rt.vocab.action_index})
+        self.models = registry.ModelSource(cfg.model_store.uri, cfg.model_store.cache_dir)
+        self._gen: _Generation | None = None
+        self._install(cfg, self._load_arms(cfg))
         sl = cfg.serving.serving_log
         self.log = AppendLog.for_process(sl.dir, "serving", fsync=sl.fsync)
         self.feedback = AppendLog.for_process(sl.dir, "feedback", fsync=sl.fsync)
@@ -118,7 +120,99 @@ class Engine:
         self._popular_at = 0.0
         self._pop_lock = threading.Lock()
         self._ready_cache: tuple[float, bool, str] = (0.0, False, "not checked yet")
+        self._pairs: dict[str, dict] = {}  # arm -> the last pair it searched (release_status)
+        self._retired: list[ArmRuntime] = []
+        self._config_path = config_path
+        self._config_text = open(config_path).read() if config_path else None
+        # which config text is served and which was refused: a deployer waits for its own text
+        self.reload = {"config": config_path, "loaded": time.time(), "loaded_sha256": _sha(self._config_text),
+                       "error": None, "error_sha256": None, "reloads": 0}
         self.refresh_popularity(raise_errors=False)
+        if config_path and cfg.model_store.config_poll_s > 0:
+            threading.Thread(target=self._watch_config, name="redrec-config-watch", daemon=True).start()
+
+    # ---- models: load, install, reload -----------------------------------------------------------
+    def _load_arms(self, cfg: ServingConfig) -> dict[str, ArmRuntime]:
+        """Every arm's model loaded and checked; raises (naming the arm and the fix) on any problem."""
+        cfg.experiment.check_versions(self.models.versions(), where=self.models.name)
+        models: dict[str, tuple] = {}
+        arms: dict[str, ArmRuntime] = {}
+        for arm in cfg.experiment.arms:
+            if arm.model_version not in models:
+                models[arm.model_version] = self.models.load(arm.model_version)
+            model, info = models[arm.model_version]
+            missing = [s for s in self.scenarios if s not in info["model"]["scenarios"]]
+            if missing:
+                raise ValueError(f"experiment.arms[{arm.name}].model_version {arm.model_version}: the model has no "
+                                 f"queries for scenario(s) {missing} (it knows {info['model']['scenarios']})")
+            emb = np.load(self.models.path(arm.model_version) / "item_embeddings.npy")
+            alias = cfg.alias_for(arm.name)
+            idx = IndexConfig(uri=cfg.milvus.uri, token=cfg.milvus.token, name=alias, dim=int(emb.shape[1]),
+                              timeout_s=cfg.milvus.timeout_s, alias_ttl_s=cfg.milvus.alias_ttl_s)
+            rt = ArmRuntime(arm.name, info["model_version"], alias, model, Vocab.from_info(info), list(info["item_ids"]),
+                            emb, idx)
+            rt.batcher = MicroBatcher(lambda reqs, rt=rt: self._user_vectors(rt, reqs), cfg.serving.batch_max_size,
+                                      cfg.serving.batch_max_wait_ms, name=f"arm-{arm.name}")
+            arms[arm.name] = rt
+        return arms
+
+    def _install(self, cfg: ServingConfig, arms: dict[str, ArmRuntime]) -> None:
+        catalogue = sorted({i for a in arms.values() for i in a.item_ids})
+        actions = sorted({a for rt in arms.values() for a in rt.vocab.action_index})
+        # one assignment: a request reads config, arms and catalogue of the same generation
+        self._gen = _Generation(cfg, arms, cfg.experiment.arms[0].name, catalogue, set(catalogue), actions)
+
+    cfg = property(lambda self: self._gen.cfg)
+    arms = property(lambda self: self._gen.arms)
+    control = property(lambda self: self._gen.control)
+    catalogue = property(lambda self: self._gen.catalogue)
+    known_items = property(lambda self: self._gen.known_items)
+    actions = property(lambda self: self._gen.actions)
+
+    def _watch_config(self) -> None:
+        while True:
+            time.sleep(self.cfg.model_store.config_poll_s)
+            try:
+                self.reload_config()
+            except Exception:  # noqa: BLE001 - the watcher must outlive any one bad config
+                log.exception("config reload failed")
+
+    def reload_config(self) -> bool:
+        """Load the config file again if it changed; True when new arms were swapped in. A config
+        that does not load (unknown version, a model missing from the store, bad YAML) is refused
+        whole: the running arms keep serving and ``release_status`` says why."""
+        try:
+            text = open(self._config_path).read()
+        except OSError as e:
+            self.reload["error"] = f"cannot read {self._config_path}: {e}"
+            return False
+        if text == self._config_text:
+            return False
+        try:
+            new = ServingConfig.from_yaml(self._config_path)
+            fixed = ("scenarios", "serving", "milvus", "feast", "model_store")
+            changed = [k for k in fixed if getattr(new, k) != getattr(self.cfg, k)]
+            if changed:
+                raise ConfigError(f"sections {changed} changed: they take effect on a restart (only 'experiment' "
+                                  "is reloaded in place)")
+            arms = self._load_arms(new)
+        except Exception as e:  # noqa: BLE001
+            self.reload.update(error=f"{type(e).__name__}: {e}", error_sha256=_sha(text))
+            self._config_text = text  # report once, retry on the next change
+            log.error("config %s not loaded, still serving %s: %s", self._config_path,
+                      {a: rt.version for a, rt in self.arms.items()}, self.reload["error"])
+            return False
+        old = self.arms
+        for rt in self._retired:  # idle since the reload before this one
+            rt.batcher.close()
+        self._retired = list(old.values())
+        self._install(new, arms)
+        self._config_text = text
+        self.reload.update(loaded=time.time(), loaded_sha256=_sha(text), error=None, error_sha256=None,
+                           reloads=self.reload["reloads"] + 1)
+        self._ready_cache = (0.0, False, "reloaded")
+        log.info("config reloaded: arms %s", {a: rt.version for a, rt in arms.items()})
+        return True
 
     # ---- popularity (cold start and fallback) ---------------------------------------------------
     def refresh_popularity(self, raise_errors: bool = True) -> None:
@@ -149,8 +243,9 @@ class Engine:
 
     # ---- readiness ------------------------------------------------------------------------------
     def ready(self) -> tuple[bool, str]:
-        """Models are loaded in __init__; ready once every arm's alias answers in Milvus and the
-        popularity table is loaded. Cached for 2 s: probes must stay cheap."""
+        """Models are loaded before the service starts; ready once every arm has an index built
+        from its own model (the alias' collection, or its own previous one) and the popularity
+        table is loaded. Cached for 2 s: probes must stay cheap."""
         t, ok, why = self._ready_cache
         if time.monotonic() - t < 2.0:
             return ok, why
@@ -158,10 +253,11 @@ class Engine:
         try:
             from redrec.index.milvus import _alias_target
 
-            for rt in self.arms.values():
-                if _alias_target(rt.index) is None:
-                    ok, why = False, f"index alias '{rt.index.name}' is not published in Milvus"
-                    break
+            for rt in list(self.arms.values()):
+                target = _alias_target(rt.index)
+                paired_collection(rt.index, target, rt.version)  # raises PairMismatch when nothing pairs
+        except NotPublished as e:
+            ok, why = False, str(e)
         except Exception as e:
             ok, why = False, f"milvus unreachable: {type(e).__name__}"
         if ok and self._popular is None:
@@ -170,6 +266,29 @@ class Engine:
                 ok, why = False, "item popularity not loaded (feature store unreachable?)"
         self._ready_cache = (time.monotonic(), ok, why)
         return ok, why
+
+    def release_status(self) -> dict:
+        """Per arm: the model it serves, what its alias names, the collection it searched last
+        and whether that was the alias' (``paired_with_alias``); plus the config reload state."""
+        from redrec.index.milvus import _alias_target, describe
+
+        arms = {}
+        for name, rt in list(self.arms.items()):
+            row = {"model_version": rt.version, "alias": rt.alias}
+            try:
+                target = _alias_target(rt.index)
+                row["alias_target"] = target
+                row["alias_model_version"] = describe(rt.index, target).version if target else None
+                row["collection"] = paired_collection(rt.index, target, rt.version)
+                row["paired_with_alias"] = row["collection"] == target
+                if not row["paired_with_alias"]:
+                    row["note"] = (f"alias '{rt.alias}' serves model {row['alias_model_version']}'s index; this arm "
+                                   f"keeps the pair ({rt.version}, {row['collection']}) until its config names "
+                                   f"{row['alias_model_version']}")
+            except Exception as e:  # noqa: BLE001 - reported, not raised: this is a status page
+                row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+            arms[name] = row
+        return {"arms": arms, "config": dict(self.reload), "model_source": self.models.name}
 
     # ---- validation -----------------------------------------------------------------------------
     def _check_common(self, user_id: str | None, scenario: str, k: int) -> None:
@@ -203,9 +322,9 @@ class Engine:
                 out[i] = (hist[reqs[i][0]], vec[j])
         return out
 
-    def _search(self, rt: ArmRuntime, vec: np.ndarray, scenario: str, k: int, exclude: list[str]):
+    def _search(self, rt: ArmRuntime, vec: np.ndarray, scenario: str, k: int, exclude: list[str]) -> PairedHits:
         try:
-            return search(rt.index, vec, scenario, k, exclude)
+            res = search_paired(rt.index, rt.version, vec, scenario, k, exclude)
         except Exception as e:
             # a restarted Milvus (Lite always, a standalone after some failures) comes back with
             # the collection released: load it once and retry instead of failing until a redeploy
@@ -213,14 +332,25 @@ class Engine:
                 raise
             from redrec.index.milvus import _alias_target, client
 
-            target = _alias_target(rt.index)
+            target = paired_collection(rt.index, _alias_target(rt.index), rt.version)
             log.warning("collection %s is not loaded in Milvus; loading it", target)
             client(rt.index).load_collection(target, timeout=rt.index.timeout_s)
-            return search(rt.index, vec, scenario, k, exclude)
+            res = search_paired(rt.index, rt.version, vec, scenario, k, exclude)
+        if res.collection != res.alias_target and self._pairs.get(rt.name, {}).get("alias_target") != res.alias_target:
+            log.warning("arm %s: alias '%s' serves %s, not an index of model %s; searching %s (the model's own) "
+                        "until the config names the alias' model", rt.name, rt.alias, res.alias_target, rt.version,
+                        res.collection)
+        self._pairs[rt.name] = {"collection": res.collection, "alias_target": res.alias_target}
+        return res
 
     # ---- API ------------------------------------------------------------------------------------
     def arm_for(self, user_id: str) -> str:
         return assign(self.cfg.experiment, user_id)
+
+    def _arm_runtime(self, user_id: str) -> tuple[str, ArmRuntime]:
+        g = self._gen  # one generation, even mid-reload
+        arm = assign(g.cfg.experiment, user_id)
+        return arm, g.arms[g.control] if arm == HOLDOUT else g.arms[arm]
 
     def _degraded(self, e: Exception) -> str:
         """The reason a dependency failure degrades this request to popularity; re-raises errors
@@ -237,9 +367,8 @@ class Engine:
                         context: dict | None = None) -> dict:
         self._check_common(user_id, scenario, k)
         t0 = time.perf_counter()
-        arm = self.arm_for(user_id)
-        rt = self.arms[self.control] if arm == HOLDOUT else self.arms[arm]
-        fallback, cold, history, vec, reason = False, False, [], None, None
+        arm, rt = self._arm_runtime(user_id)
+        fallback, cold, history, vec, reason, index = False, False, [], None, None, None
         t_user = None
         try:
             history, vec = await rt.batcher.submit((user_id, scenario))
@@ -254,7 +383,8 @@ class Engine:
             version = "popularity" if arm == HOLDOUT or fallback else rt.version
         else:
             try:
-                hits = await asyncio.to_thread(self._search, rt, vec, scenario, k, sorted(seen))
+                res = await asyncio.to_thread(self._search, rt, vec, scenario, k, sorted(seen))
+                hits, index = res.hits, res
             except Exception as e:
                 reason, fallback = self._degraded(e), True
                 hits = await asyncio.to_thread(self.popular, scenario, k, seen)
@@ -266,6 +396,7 @@ class Engine:
             "scenario": scenario,
             "arm": arm,
             "model_version": version,
+            "index_version": index.index_version if index else None,
             "items": [i for i, _ in hits],
             "scores": [round(float(s), 6) for _, s in hits],
             "cold_start": cold,
@@ -276,6 +407,8 @@ class Engine:
         if t_user is not None:  # where the time went: queue + Feast read + user tower, then search
             record["user_ms"] = round((t_user - t0) * 1000, 3)
             record["search_ms"] = round((t_end - t_user) * 1000, 3)
+        if index is not None:
+            record["index_collection"] = index.collection
         if reason:
             record["fallback_reason"] = reason
         if context:
@@ -288,20 +421,19 @@ class Engine:
 
     async def similar_items(self, item_id: str, scenario: str, k: int = 10, user_id: str | None = None) -> dict:
         self._check_common(user_id, scenario, k)
-        arm = self.arm_for(user_id) if user_id else self.control
-        rt = self.arms[self.control] if arm == HOLDOUT else self.arms[arm]
+        _, rt = self._arm_runtime(user_id) if user_id else (self.control, self.arms[self.control])
         idx = rt.vocab.item_index.get(item_id)
         if idx is None:
             raise NotFound(f"item_id: unknown item {item_id!r} (not in the catalogue of model {rt.version})", "item_id")
         try:
-            hits = await asyncio.to_thread(self._search, rt, rt.item_emb[idx - 1], scenario, k, [item_id])
+            res = await asyncio.to_thread(self._search, rt, rt.item_emb[idx - 1], scenario, k, [item_id])
         except Exception as e:
             dep = _dependency(e)
             if dep is None:
                 raise
             raise Unavailable(f"{dep} unavailable: {type(e).__name__}: {str(e)[:200]}") from e
-        return {"item_id": item_id, "scenario": scenario, "model_version": rt.version,
-                "items": [i for i, _ in hits], "scores": [round(float(s), 6) for _, s in hits]}
+        return {"item_id": item_id, "scenario": scenario, "model_version": rt.version, "index_version": res.index_version,
+                "items": [i for i, _ in res.hits], "scores": [round(float(s), 6) for _, s in res.hits]}
 
     async def record_events(self, events: list[dict]) -> dict:
         if not events:

@@ -1,4 +1,7 @@
-"""Serving models in the BentoML model store: ``redrec:<version>``.
+"""Where serving loads its models from: the model store (``redrec.release.model_store``, a
+directory or object-store URI every pod reads; the default wherever ``model_store.uri`` is set), or
+the BentoML model store (``redrec:<version>``), which stays as a local cache and for bentos that
+bundle their model.
 
 A stored model is an exported checkpoint (``redrec.model.checkpoint.export_checkpoint`` output)
 copied verbatim, so ``load_for_serving`` reads it unchanged. ``bentoml build`` packs the models a
@@ -75,3 +78,29 @@ def load_model(version: str, device: str = "cpu") -> tuple[ServingModel, dict]:
     model, info = load_for_serving(model_path(version), device=device)
     info["model_version"] = resolve(version)
     return model, info
+
+
+class ModelSource:
+    """The model store when ``store_uri`` is set, else the BentoML model store."""
+
+    def __init__(self, store_uri: str = "", cache_dir: str = ""):
+        from redrec.release.model_store import ModelStore
+
+        self.store = ModelStore(store_uri, cache_dir) if store_uri else None
+
+    @property
+    def name(self) -> str:
+        return f"model store {self.store.uri}" if self.store else "BentoML model store"
+
+    def versions(self) -> list[str]:
+        return self.store.versions() if self.store else [*list_versions(), BUNDLED]
+
+    def path(self, version: str) -> Path:
+        return self.store.path(version) if self.store else model_path(version)
+
+    def load(self, version: str, device: str = "cpu") -> tuple[ServingModel, dict]:
+        if self.store is None:
+            return load_model(version, device)
+        model, info = load_for_serving(self.store.path(version), device=device)
+        info["model_version"] = version
+        return model, info

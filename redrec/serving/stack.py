@@ -1,6 +1,6 @@
-"""Assemble a local serving stack from a dataset and exported checkpoints: models into the BentoML
-store, the Feast repo built and materialised, each arm's item index published to Milvus, and the
-serving config written. Used by the tests and the benchmark."""
+"""Assemble a local serving stack from a dataset and exported checkpoints: models into the model
+store (or the BentoML store), the Feast repo built and materialised, each arm's item index
+published to Milvus, and the serving config written. Used by the tests and the benchmark."""
 
 from __future__ import annotations
 
@@ -41,15 +41,25 @@ def prepare(
     seq_len: int = 20,
     serving: dict | None = None,
     build_features: bool = True,
+    model_store: str | None = None,
 ) -> Path:
     """``arms``: ``[{name, model_version, index_alias, share}]``; each alias gets its arm's model
-    published. Returns the config path (``feature_server_url`` is left for the caller to set)."""
+    published. ``model_store``: a model store URI to put the models in (default: the BentoML
+    store). Returns the config path (``feature_server_url`` is left for the caller to set)."""
     work = Path(work_dir)
     work.mkdir(parents=True, exist_ok=True)
-    known = set(registry.list_versions())
-    for version, ckpt in models.items():
-        if version not in known:
-            registry.save_model(ckpt, version)
+    if model_store:
+        from redrec.release.model_store import ModelStore
+
+        store = ModelStore(model_store)
+        for version, ckpt in models.items():
+            if not store.has(version):
+                store.put(ckpt, version)
+    else:
+        known = set(registry.list_versions())
+        for version, ckpt in models.items():
+            if version not in known:
+                registry.save_model(ckpt, version)
     repo_dir = work / "feast"
     if build_features:
         repo = FeatureRepo(repo_dir, seq_len=seq_len)
@@ -68,6 +78,8 @@ def prepare(
         "milvus": {"uri": milvus_uri, "collection_alias": "redrec_items"},
         "feast": {"repo_path": str(repo_dir.resolve())},
     }
+    if model_store:
+        cfg["model_store"] = {"uri": model_store, "config_poll_s": 0.5}
     path = work / "config.yaml"
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     return path

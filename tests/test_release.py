@@ -1,0 +1,321 @@
+"""Releases for real: the model store, and model + index moving together under load.
+
+A ``bentoml serve`` process started by the pipeline's own deploy step serves v1 from the model
+store while v2's index is published, while deploys of v2 are SIGKILLed at each point, while the
+index alone is rolled back and while a config naming a missing model is written. Every response
+says which model ranked it and which model the searched collection was built from: they must
+always be the same."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import yaml
+
+from models_util import SEQ_LEN, tiny_model, warm_users
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# ---- the model store (no services) ---------------------------------------------------------------
+
+
+def _fake_checkpoint(d: Path, payload: bytes = b"weights") -> Path:
+    d.mkdir(parents=True)
+    (d / "config.json").write_text(json.dumps({"format": "redrec-checkpoint/1"}))
+    (d / "serving.safetensors").write_bytes(payload)
+    (d / "item_ids.json").write_text('["a", "b"]')
+    np.save(d / "item_embeddings.npy", np.eye(2, dtype=np.float32))
+    (d / "model.safetensors").write_bytes(b"training weights are not served")
+    return d
+
+
+def test_model_store_versions_are_immutable_and_incomplete_ones_invisible(tmp_path):
+    from redrec.release.model_store import ModelStore
+
+    store = ModelStore(str(tmp_path / "store"))
+    assert store.versions() == []
+    ck = _fake_checkpoint(tmp_path / "ck")
+    uri = store.put(ck, "v1", meta={"release": {"model_version": "v1"}})
+    assert uri.endswith("/models/v1") and store.versions() == ["v1"] and store.has("v1")
+    assert not (store.path("v1") / "model.safetensors").exists()  # training weights stay out
+    assert store.manifest("v1")["release"] == {"model_version": "v1"}
+    store.verify("v1")
+    with pytest.raises(ValueError, match="already exists; versions are immutable"):
+        store.put(ck, "v1")
+    # a writer that died before its manifest leaves a version nobody sees, and a retry may write it
+    dead = tmp_path / "store" / "models" / "v2"
+    dead.mkdir()
+    (dead / "config.json").write_text("{}")
+    assert store.versions() == ["v1"] and not store.has("v2")
+    with pytest.raises(LookupError, match="v2.*not in the model store"):
+        store.path("v2")
+    store.put(ck, "v2")
+    assert store.versions() == ["v1", "v2"]
+    with pytest.raises(ValueError, match="missing"):
+        store.put(tmp_path, "v3")  # not a checkpoint
+    with pytest.raises(ValueError, match="letters, digits or underscores"):
+        store.put(ck, "../v4")
+    (store.path("v1") / "serving.safetensors").write_bytes(b"tampered")
+    with pytest.raises(LookupError, match="does not match its manifest"):
+        store.verify("v1")
+
+
+def test_remote_model_store_fetches_a_verified_copy(tmp_path):
+    """An object-store URI (fsspec's in-memory filesystem here): readers get a local copy, checked
+    against the manifest, and a corrupted object is refused."""
+    import fsspec
+
+    from redrec.release.model_store import ModelStore
+
+    store = ModelStore("memory://redrec-test-store", cache_dir=str(tmp_path / "cache"))
+    store.put(_fake_checkpoint(tmp_path / "ck"), "v1")
+    local = store.path("v1")
+    assert local.is_relative_to(tmp_path / "cache") and (local / "serving.safetensors").read_bytes() == b"weights"
+    fs = fsspec.filesystem("memory")
+    store.put(_fake_checkpoint(tmp_path / "ck2", b"other"), "v2")
+    with fs.open("/redrec-test-store/models/v2/serving.safetensors", "wb") as f:
+        f.write(b"corrupted in transit")
+    with pytest.raises(LookupError, match="does not match its manifest"):
+        store.path("v2")
+    assert not any(p.name == "v2" for p in (tmp_path / "cache").rglob("v2"))
+
+
+# ---- model + index under load -------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    from redrec.index.lite import free_port
+
+    return free_port()
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """A pipeline workspace: Milvus Lite server, Feast repo, v1 and v2 checkpoints, v1 released
+    by the deploy step (which starts the server)."""
+    from redrec.data.synthetic import SyntheticConfig, generate
+    from redrec.features.store import FeatureRepo
+    from redrec.pipeline.config import PipelineParams
+    from redrec.pipeline.deploy import stop_local
+    from redrec.pipeline.localrun import ensure_milvus, release_milvus_connections, stop_milvus
+    from redrec.serving.stack import publish_checkpoint
+
+    ws = tmp_path_factory.mktemp("release") / "ws"
+    data = generate(SyntheticConfig(n_users=120, n_items=200, seed=3))
+    models = {v: tiny_model(data, ws.parent / f"m{v}", seed, meta={"version": v}) for seed, v in enumerate(("v1", "v2"))}
+    uri = ensure_milvus(ws)
+    params = PipelineParams(dataset="synthetic", workspace=str(ws), milvus_uri=uri, serving_port=_free_port())
+    try:
+        repo = FeatureRepo(ws / "feast", seq_len=SEQ_LEN)
+        repo.build_sources(data)
+        repo.apply()
+        repo.materialize()
+        publish_checkpoint(models["v1"], data, uri, params.index_alias, "v1")
+        _deploy(params, models["v1"], previous=None)
+        release_milvus_connections()
+        yield {"params": params, "data": data, "models": models, "ws": ws}
+    finally:
+        stop_local(ws)
+        release_milvus_connections()
+        stop_milvus(ws)
+
+
+def _deploy(params, model_dir, previous, kill_at: str | None = None) -> subprocess.CompletedProcess:
+    """The pipeline's deploy step in its own process (as kfp runs it), optionally SIGKILLed at a point."""
+    code = ("import json, sys\nfrom redrec.pipeline.config import PipelineParams\nfrom redrec.pipeline import steps\n"
+            "p = PipelineParams(**json.loads(sys.argv[1]))\nsteps.deploy(p, sys.argv[2], sys.argv[3] or None)\n")
+    env = {**os.environ, "REDREC_TEST_KILL_AT": kill_at or ""}
+    res = subprocess.run([sys.executable, "-c", code, params.model_dump_json(), str(model_dir), previous or ""],
+                         env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    if kill_at is None:
+        assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    return res
+
+
+class Load:
+    """Closed-loop clients calling /recommend for warm users until stopped; keeps every answer."""
+
+    def __init__(self, url: str, users: list[str], clients: int = 3):
+        self.url, self.users, self.stop_flag = url, users, threading.Event()
+        self.answers: list[dict] = []
+        self.errors: list[str] = []
+        self.threads = [threading.Thread(target=self._run, args=(i,), daemon=True) for i in range(clients)]
+
+    def _run(self, i: int) -> None:
+        with httpx.Client(timeout=30) as c:
+            n = i
+            while not self.stop_flag.is_set():
+                u = self.users[n % len(self.users)]
+                n += 1
+                try:
+                    r = c.post(self.url + "/recommend", json={"user_id": u, "scenario": "homefeed", "k": 5})
+                except httpx.HTTPError as e:
+                    self.errors.append(f"{type(e).__name__}: {e}")
+                    continue
+                if r.status_code != 200:
+                    self.errors.append(f"{r.status_code}: {r.text[:300]}")
+                else:
+                    self.answers.append(r.json())
+
+    def __enter__(self):
+        for t in self.threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop_flag.set()
+        for t in self.threads:
+            t.join(60)
+
+    def since(self, n: int) -> list[dict]:
+        return self.answers[n:]
+
+
+def _status(url: str) -> dict:
+    return httpx.get(url + "/ops/release", timeout=10).json()
+
+
+def _wait_answers(load: Load, n: int, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while len(load.answers) < n and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert len(load.answers) >= n, f"only {len(load.answers)} answers; errors: {load.errors[:3]}"
+
+
+def _models(answers: list[dict]) -> set[str]:
+    return {a["model_version"] for a in answers}
+
+
+@pytest.mark.slow
+def test_no_response_ever_pairs_a_model_with_another_models_index(world):
+    from redrec.index.config import IndexConfig
+    from redrec.index.milvus import current_version
+    from redrec.index.milvus import rollback as index_rollback
+    from redrec.pipeline.localrun import release_milvus_connections
+    from redrec.release.model_store import ModelStore
+    from redrec.serving.stack import publish_checkpoint
+
+    p, models = world["params"], world["models"]
+    url = json.loads((Path(p.workspace) / "serving" / "server.json").read_text())["url"]
+    icfg = IndexConfig(uri=p.milvus_uri, name=p.index_alias)
+    users = warm_users(world["data"], 8)
+    with Load(url, users) as load:
+        _wait_answers(load, 20)
+        assert _models(load.answers) == {"v1"}
+
+        # v2's index is published (the alias moves) before any deploy: v1 keeps its own collection
+        publish_checkpoint(models["v2"], world["data"], p.milvus_uri, p.index_alias, "v2")
+        assert current_version(icfg) == "v2"
+        time.sleep(2.5)  # past the server's alias TTL: it has seen the new alias
+        n = len(load.answers)
+        _wait_answers(load, n + 20)
+        st = _status(url)["arms"]["control"]
+        assert st["model_version"] == "v1" and st["alias_model_version"] == "v2"
+        assert st["collection"] == "redrec_items_vv1" and st["paired_with_alias"] is False, st
+        assert "keeps the pair (v1, redrec_items_vv1)" in st["note"]
+        assert _models(load.since(n)) == {"v1"}
+        assert httpx.get(url + "/readyz", timeout=10).status_code == 200  # still serving a whole pair
+
+        # deploy of v2 killed at each point before its config switch: v1 serves on, intact
+        for point in ("deploy:start", "deploy:stored", "deploy:before-config"):
+            res = _deploy(p, models["v2"], "redrec_items_vv1", kill_at=point)
+            assert res.returncode == -9 and f"killed at {point}" in res.stdout, (point, res.stdout[-2000:], res.stderr[-2000:])
+            n = len(load.answers)
+            time.sleep(1.5)  # longer than the server's config poll
+            _wait_answers(load, n + 10)
+            assert _models(load.since(n)) == {"v1"}, point
+            assert _status(url)["arms"]["control"]["model_version"] == "v1"
+        assert ModelStore(p.model_store_uri()).versions() == ["v1", "v2"]  # the killed 'stored' run got that far
+
+        # killed right after its config switch: the config is the commit point, v2 serves whole
+        res = _deploy(p, models["v2"], "redrec_items_vv1", kill_at="deploy:after-config")
+        assert res.returncode == -9
+        deadline = time.monotonic() + 60
+        while _status(url)["arms"]["control"]["model_version"] != "v2" and time.monotonic() < deadline:
+            time.sleep(0.2)
+        n = len(load.answers)
+        _wait_answers(load, n + 20)
+        assert _models(load.since(n)) == {"v2"}
+        assert _status(url)["arms"]["control"]["paired_with_alias"] is True
+
+        # the index alone rolled back (`redrec index rollback`): v2 keeps searching v2's collection
+        index_rollback(icfg)
+        release_milvus_connections()
+        time.sleep(2.5)
+        n = len(load.answers)
+        _wait_answers(load, n + 20)
+        assert _models(load.since(n)) == {"v2"}
+        st = _status(url)["arms"]["control"]
+        assert st["alias_model_version"] == "v1" and st["collection"] == "redrec_items_vv2", st
+
+        # a config naming a model that is not in the store is refused whole: v2 serves on
+        cfg_path = Path(p.workspace) / "serving" / "config.yaml"
+        good = cfg_path.read_text()
+        bad = yaml.safe_load(good)
+        bad["experiment"]["arms"][0]["model_version"] = "v9"
+        cfg_path.write_text(yaml.safe_dump(bad, sort_keys=False))
+        deadline = time.monotonic() + 30
+        while not _status(url)["config"]["error"] and time.monotonic() < deadline:
+            time.sleep(0.2)
+        err = _status(url)["config"]["error"]
+        assert "v9" in err and "unknown version" in err, err
+        n = len(load.answers)
+        _wait_answers(load, n + 10)
+        assert _models(load.since(n)) == {"v2"}
+        cfg_path.write_text(good)
+
+    answers = load.answers
+    assert not load.errors, load.errors[:5]
+    ranked = [a for a in answers if not a["cold_start"] and not a["fallback"]]
+    assert len(ranked) == len(answers) > 100
+    mismatched = [a for a in ranked if a["index_version"] != a["model_version"]]
+    assert not mismatched, mismatched[:3]
+    assert _models(ranked) == {"v1", "v2"}
+
+
+@pytest.mark.slow
+def test_release_promote_and_rollback_move_model_and_index_together(world):
+    """After the load test: `redrec release` lists both releases, rolls back to v1 and promotes v2
+    again; each time alias and serving name the same model."""
+    from redrec.index.config import IndexConfig
+    from redrec.index.milvus import current_version
+    from redrec.pipeline.localrun import release_milvus_connections
+    from redrec.release.releases import ReleaseError, list_releases, promote, rollback
+
+    p = world["params"]
+    url = json.loads((Path(p.workspace) / "serving" / "server.json").read_text())["url"]
+    icfg = IndexConfig(uri=p.milvus_uri, name=p.index_alias)
+    promote(p, "v2")  # whatever the previous test left: a known start
+    rows = {r["model_version"]: r for r in list_releases(p)}
+    assert set(rows) == {"v1", "v2"} and rows["v2"]["alias"] and rows["v2"]["deployed"] and not rows["v1"]["deployed"]
+    out = rollback(p)
+    assert out["version"] == "v1" and current_version(icfg) == "v1"
+    st = _status(url)["arms"]["control"]
+    assert st["model_version"] == "v1" and st["paired_with_alias"] is True
+    r = httpx.post(url + "/recommend", json={"user_id": warm_users(world["data"], 1)[0], "scenario": "ads"}, timeout=30).json()
+    assert r["model_version"] == r["index_version"] == "v1"
+    with pytest.raises(ReleaseError, match="no release older than v1"):
+        rollback(p)
+    with pytest.raises(ReleaseError, match="not in the model store"):
+        promote(p, "v7")
+    promote(p, "v2")
+    assert current_version(icfg) == "v2" and _status(url)["arms"]["control"]["model_version"] == "v2"
+    # the CLI reads the same state
+    cfg = Path(p.workspace) / "run.yaml"
+    cfg.write_text(yaml.safe_dump({"params": json.loads(p.model_dump_json())}))
+    out = subprocess.run([sys.executable, "-m", "redrec.cli", "release", "list", "--config", str(cfg), "--json"],
+                         capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-2000:]
+    listed = {r["model_version"]: r for r in json.loads(out.stdout)}
+    assert listed["v2"]["alias"] and listed["v2"]["deployed"] and listed["v1"]["index_status"] == "ready"
+    release_milvus_connections()
