@@ -490,6 +490,31 @@ def test_serving_probes_ports_and_env(render):
     assert svc["spec"]["ports"] == [{"name": "http", "port": 3000, "targetPort": "http", "protocol": "TCP"}]
 
 
+def test_serving_reads_the_pipelines_model_store(helm, tmp_path):
+    """modelStore: the workspace claim mounted read-only, its store URI in config.yaml, and a
+    config that the serving code itself accepts."""
+    from redrec.serving.config import ServingConfig
+
+    docs = helm.template("-f", CI_VALUES / "default-values.yaml", "-f", values_file(tmp_path, {"modelStore": {
+        "uri": "/var/lib/redrec/model-store", "existingClaim": "redrec-pipeline-workspace"}}))
+    dep = one(docs, "Deployment", f"{RELEASE}-redrec-serving")
+    mounts = {m["name"]: m for m in container(dep, "serving")["volumeMounts"]}
+    assert mounts["model-store"] == {"name": "model-store", "mountPath": "/var/lib/redrec", "readOnly": True}
+    vols = {v["name"]: v for v in dep["spec"]["template"]["spec"]["volumes"]}
+    assert vols["model-store"]["persistentVolumeClaim"] == {"claimName": "redrec-pipeline-workspace", "readOnly": True}
+    cfg = config_yaml(docs)
+    assert cfg["model_store"] == {"uri": "/var/lib/redrec/model-store", "config_poll_s": 5}
+    parsed = ServingConfig.from_dict({**cfg, "milvus": {**cfg["milvus"], "uri": "http://m:19530"}})
+    assert parsed.model_store.uri == "/var/lib/redrec/model-store"
+    # by default no claim is mounted and the bundled model serves
+    default = helm.template("-f", CI_VALUES / "default-values.yaml")
+    assert "model-store" not in {v["name"] for v in one(default, "Deployment", f"{RELEASE}-redrec-serving")
+                                 ["spec"]["template"]["spec"]["volumes"]}
+    assert config_yaml(default)["model_store"]["uri"] == ""
+    err = helm.template_error("-f", values_file(tmp_path, {"modelStore": {"uri": "relative/path"}}, "bad.yaml"))
+    assert "modelStore" in err and "uri" in err
+
+
 def test_feature_server_command_probes_and_config_mount(render):
     docs = render("default")
     dep = one(docs, "Deployment", f"{RELEASE}-redrec-feast")
