@@ -51,6 +51,7 @@ def image():
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(2700)  # the first test builds the image: from nothing (debootstrap, wheelhouse) ~10 min here
 def test_image_runs_non_root_on_a_read_only_root_with_every_piece(image):
     r = docker("run", "--rm", "--network", "host", "--read-only", "--tmpfs", "/tmp", "--cap-drop", "ALL", image,
                "sh", "-c", "id -u && redrec --help && python -c 'import bentoml, feast, kfp, evidently, pymilvus, torch, "
@@ -67,6 +68,7 @@ def test_image_runs_non_root_on_a_read_only_root_with_every_piece(image):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)
 def test_training_pipeline_runs_in_the_image_with_the_docker_runner(image, tmp_path, capfd):
     from redrec.index.config import IndexConfig
     from redrec.index.milvus import current_version
