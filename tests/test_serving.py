@@ -280,6 +280,42 @@ def test_killed_milvus_gives_503_and_the_server_keeps_running(server, world):
     assert r.status_code == 200, r.text
 
 
+@pytest.mark.slow
+def test_with_the_fallback_configured_a_milvus_outage_keeps_the_pod_ready_and_serving(world, tmp_path):
+    """serving.on_dependency_error: popularity — Milvus killed: /readyz stays 200 (degraded, says
+    why), warm users get the scenario's popular items flagged fallback, nothing is a 5xx."""
+    import signal
+
+    from redrec.index.lite import LiteServer
+    from redrec.serving.local import LocalServer
+
+    cfg = json.loads(json.dumps(world["cfg"]))
+    cfg["serving"]["on_dependency_error"] = "popularity"
+    cfg["serving"]["serving_log"]["dir"] = str(tmp_path / "log")
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    user = warm_users(world)[2]
+    with LocalServer(path) as srv:
+        assert not rec(srv, user, "ads")["fallback"]
+        lite = world["lite"]
+        os.killpg(lite.proc.pid, signal.SIGKILL)
+        lite.proc.wait()
+        lite.proc = None
+        try:
+            time.sleep(2.1)  # readiness is cached for 2 s
+            r = httpx.get(srv.url + "/readyz", timeout=30)
+            assert r.status_code == 200, r.text
+            status = httpx.get(srv.url + "/ops/release", timeout=30).json()
+            assert status["readiness"].startswith("degraded, serving the popularity fallback: milvus unreachable")
+            out = rec(srv, user, "ads")
+            assert out["fallback"] and out["model_version"] == "popularity" and out["index_version"] is None
+            assert len(out["items"]) == 10
+        finally:
+            world["lite"] = LiteServer(lite.data_path, port=lite.port)
+            world["lite"].start()
+    # without the fallback the same outage is a 503 and an unready pod: test_killed_milvus_gives_503...
+
+
 def test_feature_server_down_gives_503(server, world):
     from redrec.serving.feast_server import FeatureServer
 

@@ -245,7 +245,8 @@ class Engine:
     def ready(self) -> tuple[bool, str]:
         """Models are loaded before the service starts; ready once every arm has an index built
         from its own model (the alias' collection, or its own previous one) and the popularity
-        table is loaded. Cached for 2 s: probes must stay cheap."""
+        table is loaded. With ``on_dependency_error: popularity`` a Milvus outage leaves the pod
+        ready (degraded): the fallback serves. Cached for 2 s: probes must stay cheap."""
         t, ok, why = self._ready_cache
         if time.monotonic() - t < 2.0:
             return ok, why
@@ -260,10 +261,14 @@ class Engine:
             ok, why = False, str(e)
         except Exception as e:
             ok, why = False, f"milvus unreachable: {type(e).__name__}"
-        if ok and self._popular is None:
+        if self._popular is None:
             self.refresh_popularity(raise_errors=False)
-            if self._popular is None:
-                ok, why = False, "item popularity not loaded (feature store unreachable?)"
+        if ok and self._popular is None:
+            ok, why = False, "item popularity not loaded (feature store unreachable?)"
+        if not ok and self.cfg.serving.on_dependency_error == "popularity" and self._popular is not None:
+            # the models are loaded and the fallback answers every request: an outage of a dependency
+            # must not take every replica out of the Service (that would defeat the fallback)
+            ok, why = True, f"degraded, serving the popularity fallback: {why}"
         self._ready_cache = (time.monotonic(), ok, why)
         return ok, why
 
@@ -288,7 +293,8 @@ class Engine:
             except Exception as e:  # noqa: BLE001 - reported, not raised: this is a status page
                 row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
             arms[name] = row
-        return {"arms": arms, "config": dict(self.reload), "model_source": self.models.name}
+        return {"arms": arms, "config": dict(self.reload), "model_source": self.models.name,
+                "readiness": self.ready()[1]}
 
     # ---- validation -----------------------------------------------------------------------------
     def _check_common(self, user_id: str | None, scenario: str, k: int) -> None:
