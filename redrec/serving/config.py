@@ -80,7 +80,9 @@ class ModelStoreSection(_Strict):
 
 
 class FeastSection(_Strict):
-    repo_path: str = "data"  # the embedded repo (FeatureRepo data dir)
+    # the embedded repo (FeatureRepo data dir); with a feature server, only for its registry file.
+    # No relative default: a relative directory breaks a read-only root filesystem
+    repo_path: str = ""
     # registry for the remote (feature-server) mode; empty: <repo_path>/feast_registry.db
     registry: str = ""
     project: str = "redrec"

@@ -16,10 +16,13 @@ import yaml
 
 from redrec.features.definitions import ITEM_POP_VIEW, ITEM_TEXT_VIEW
 from redrec.features.store import FeatureRepo
-from redrec.serving.config import ServingConfig
+from redrec.serving.config import ConfigError, ServingConfig
 
 
 def remote_store_yaml(cfg: ServingConfig) -> dict:
+    if not cfg.feast.registry and not cfg.feast.repo_path:
+        raise ConfigError("feast.registry is empty: with serving.feature_server_url set, name the Feast registry "
+                          "(the chart's file registry) or feast.repo_path (its feast_registry.db)")
     registry = cfg.feast.registry or str((Path(cfg.feast.repo_path) / "feast_registry.db").resolve())
     return {
         "project": cfg.feast.project,
@@ -32,11 +35,15 @@ def remote_store_yaml(cfg: ServingConfig) -> dict:
 
 def open_repo(cfg: ServingConfig) -> FeatureRepo:
     if not cfg.serving.feature_server_url:
+        if not cfg.feast.repo_path:
+            raise ConfigError("feast.repo_path is empty: name the embedded Feast repo, or set "
+                              "serving.feature_server_url to read through a feature server")
         return FeatureRepo(cfg.feast.repo_path, scenarios=cfg.scenarios)
+    # remote: nothing local but the generated yaml, in a temporary directory (a read-only root works)
     d = Path(tempfile.mkdtemp(prefix="redrec-feast-"))
     fs_yaml = d / "feature_store.yaml"
     fs_yaml.write_text(yaml.safe_dump(remote_store_yaml(cfg), sort_keys=False))
-    return FeatureRepo(cfg.feast.repo_path, fs_yaml=fs_yaml, scenarios=cfg.scenarios)
+    return FeatureRepo(cfg.feast.repo_path or d, fs_yaml=fs_yaml, scenarios=cfg.scenarios)
 
 
 def item_catalogue(repo: FeatureRepo, item_ids: list[str]) -> tuple[dict[str, list[str]], dict[str, int]]:
