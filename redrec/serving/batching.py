@@ -22,6 +22,7 @@ class MicroBatcher:
         self.name = name
         self._queue: asyncio.Queue | None = None
         self._task: asyncio.Task | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._executor = ThreadPoolExecutor(1, thread_name_prefix=f"redrec-{name}")
         self.batches = 0
         self.items = 0
@@ -30,7 +31,8 @@ class MicroBatcher:
     async def submit(self, item: Any) -> Any:
         if self._task is None or self._task.done():
             self._queue = asyncio.Queue()
-            self._task = asyncio.get_running_loop().create_task(self._run())
+            self._loop = asyncio.get_running_loop()
+            self._task = self._loop.create_task(self._run())
         fut = asyncio.get_running_loop().create_future()
         self._queue.put_nowait((item, fut))
         return await fut
@@ -77,6 +79,8 @@ class MicroBatcher:
                 "mean_size": self.items / self.batches if self.batches else 0.0}
 
     def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
+        """Stop the batch loop and its worker thread; callable from any thread (a config reload
+        retires batchers from the watcher thread)."""
+        if self._task is not None and self._loop is not None and not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(self._task.cancel)
         self._executor.shutdown(wait=False, cancel_futures=True)
