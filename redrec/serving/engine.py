@@ -120,7 +120,7 @@ class Engine:
         self._popular_at = 0.0
         self._pop_lock = threading.Lock()
         self._ready_cache: tuple[float, bool, str] = (0.0, False, "not checked yet")
-        self._pairs: dict[str, dict] = {}  # arm -> the last pair it searched (release_status)
+        self._alias_seen: dict[str, str | None] = {}  # arm -> alias target of its last search (log once per change)
         self._retired: list[ArmRuntime] = []
         self._config_path = config_path
         self._config_text = open(config_path).read() if config_path else None
@@ -342,11 +342,12 @@ class Engine:
             log.warning("collection %s is not loaded in Milvus; loading it", target)
             client(rt.index).load_collection(target, timeout=rt.index.timeout_s)
             res = search_paired(rt.index, rt.version, vec, scenario, k, exclude)
-        if res.collection != res.alias_target and self._pairs.get(rt.name, {}).get("alias_target") != res.alias_target:
-            log.warning("arm %s: alias '%s' serves %s, not an index of model %s; searching %s (the model's own) "
-                        "until the config names the alias' model", rt.name, rt.alias, res.alias_target, rt.version,
-                        res.collection)
-        self._pairs[rt.name] = {"collection": res.collection, "alias_target": res.alias_target}
+        if self._alias_seen.get(rt.name) != res.alias_target:
+            self._alias_seen[rt.name] = res.alias_target
+            if res.collection != res.alias_target:
+                log.warning("arm %s: alias '%s' serves %s, not an index of model %s; searching %s (the model's "
+                            "own) until the config names the alias' model", rt.name, rt.alias, res.alias_target,
+                            rt.version, res.collection)
         return res
 
     # ---- API ------------------------------------------------------------------------------------
