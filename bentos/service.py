@@ -25,6 +25,19 @@ from redrec.serving.engine import Engine, ServingError  # noqa: E402
 
 log = logging.getLogger("redrec.serving")
 
+# what answered each request, for the fallback-rate alert (the chart's PrometheusRule):
+# model, cold_start, fallback or holdout
+RESPONSES = bentoml.metrics.Counter(name="redrec_responses", documentation="recommendations by what ranked them",
+                                    labelnames=["scenario", "kind"])
+
+
+def _kind(r: dict) -> str:
+    if r.get("fallback"):
+        return "fallback"
+    if r.get("cold_start"):
+        return "cold_start"
+    return "holdout" if r.get("arm") == "holdout" else "model"
+
 
 class Recommendation(BaseModel):
     request_id: str
@@ -102,9 +115,11 @@ class RedRec:
     ) -> Recommendation:
         """Top-k items for a user in one scenario, read from their behaviour in every scenario."""
         try:
-            return Recommendation(**await self.engine.recommend(user_id, scenario, k, exclude_seen, context))
+            out = await self.engine.recommend(user_id, scenario, k, exclude_seen, context)
         except ServingError as e:
             return _error(e)
+        RESPONSES.labels(scenario=out["scenario"], kind=_kind(out)).inc()
+        return Recommendation(**out)
 
     @bentoml.api(route="/similar_items")
     async def similar_items(

@@ -20,3 +20,11 @@ def synthetic_small():
     from redrec.data.synthetic import SyntheticConfig, generate
 
     return generate(SyntheticConfig(n_users=120, n_items=200, seed=3))
+
+
+@pytest.fixture(scope="session")
+def image():
+    """The runtime image built from this checkout (`make image`), once per session."""
+    from docker_util import build_image
+
+    return build_image()

@@ -50,18 +50,19 @@ VALUE_SETS = ("default", "production", "minimal")
 RELEASE, NAMESPACE = "rr", "recsys"
 PIPELINE_ID = "6f3c1a52-2b7e-4d0c-9a51-3e2f0c1d7b44"  # as in ci/default-values.yaml
 # Custom resources have no schema in kubernetes-validate; they are checked by hand below.
-CRD_KINDS = {("monitoring.coreos.com/v1", "ServiceMonitor")}
+CRD_KINDS = {("monitoring.coreos.com/v1", "ServiceMonitor"), ("monitoring.coreos.com/v1", "PrometheusRule")}
 SCHEMA_ERROR = "values don't meet the specifications of the schema(s)"
 
 EXPECTED_KINDS = {
     "default": {
         "ConfigMap": 2, "Deployment": 2, "Service": 2, "ServiceAccount": 3, "HorizontalPodAutoscaler": 1,
         "PodDisruptionBudget": 2, "CronJob": 1, "Role": 1, "RoleBinding": 1, "NetworkPolicy": 3, "Pod": 1,
+        "PersistentVolumeClaim": 1,
     },
     "production": {
         "ConfigMap": 2, "Deployment": 2, "Service": 2, "ServiceAccount": 3, "HorizontalPodAutoscaler": 1,
         "PodDisruptionBudget": 2, "CronJob": 1, "Role": 1, "RoleBinding": 1, "NetworkPolicy": 3, "Pod": 1,
-        "ServiceMonitor": 1, "PersistentVolumeClaim": 1,
+        "ServiceMonitor": 1, "PersistentVolumeClaim": 1, "PrometheusRule": 1,
     },
     "minimal": {"ConfigMap": 1, "Deployment": 1, "Service": 1, "ServiceAccount": 1},
 }
@@ -482,7 +483,12 @@ def test_serving_probes_ports_and_env(render):
     assert env["REDREC_SERVING_LOG_DIR"]["value"] in mounts and "/tmp" in mounts
     volumes = {v["name"]: v for v in dep["spec"]["template"]["spec"]["volumes"]}
     assert volumes[mounts["/etc/redrec"]["name"]]["configMap"]["name"] == f"{RELEASE}-redrec-config"
-    assert volumes[mounts["/var/lib/redrec/serving-log"]["name"]]["emptyDir"] == {"sizeLimit": "5Gi"}
+    # the log is on the shared claim the drift job reads (created by the chart, ReadWriteMany)
+    claim = volumes[mounts["/var/log/redrec/serving"]["name"]]["persistentVolumeClaim"]["claimName"]
+    assert one(docs, "PersistentVolumeClaim", claim)["spec"]["accessModes"] == ["ReadWriteMany"]
+    # the image's own server, as its user, with BentoML's home writable
+    assert c["command"] + c["args"] == ["bentoml", "serve", "bentos.service:RedRec", "--host", "0.0.0.0", "--port", "3000"]
+    assert c["securityContext"]["runAsUser"] == 10001 and env["BENTOML_HOME"]["value"] in mounts
     annotations = dep["spec"]["template"]["metadata"]["annotations"]
     assert annotations["prometheus.io/scrape"] == "true" and annotations["prometheus.io/port"] == "3000"
     assert annotations["prometheus.io/path"] == "/metrics"
@@ -612,9 +618,10 @@ def test_topology_spread_defaults_to_the_serving_pods(render):
 def test_image_references(render, helm):
     docs = render("default")
     images = {c["image"] for w in workloads(docs) for c in pod_template(w)["spec"]["containers"]}
-    assert images == {"ghcr.io/redrec/redrec-serving:0.1.0"}  # tag defaults to appVersion
+    assert images == {"ghcr.io/redrec/redrec:0.1.0"}  # tag defaults to appVersion
     prod = render("production")
-    digest = "registry.example.com/recsys/redrec-serving@sha256:" \
+    # global.imageRegistry (a mirror) replaces the repository's registry host
+    digest = "mirror.example.com/recsys/redrec-serving@sha256:" \
              "0b3c7b8e5d1f4a6c9e2d8f7a1b4c3d6e5f8a9b0c1d2e3f4a5b6c7d8e9f0a1b2c"
     assert {c["image"] for w in workloads(prod) for c in pod_template(w)["spec"]["containers"]} == {digest}
     assert one(prod, "Deployment", f"{RELEASE}-redrec-serving")["spec"]["template"]["spec"]["imagePullSecrets"] \
@@ -624,7 +631,13 @@ def test_image_references(render, helm):
     assert container(one(docs, "Deployment", f"{RELEASE}-redrec-feast"), "feature-server")["image"] \
         == "feastdev/feature-server:0.67.0"
     assert container(one(docs, "Deployment", f"{RELEASE}-redrec-serving"), "serving")["image"] \
-        == "ghcr.io/redrec/redrec-serving:1.2.3"
+        == "ghcr.io/redrec/redrec:1.2.3"
+    docs = helm.template("-f", CI_VALUES / "default-values.yaml", "--set", "global.imageRegistry=localhost:5000",
+                         "--set", "feast.image.repository=feastdev/feature-server", "--set", "feast.image.tag=0.67.0")
+    assert container(one(docs, "Deployment", f"{RELEASE}-redrec-feast"), "feature-server")["image"] \
+        == "localhost:5000/feastdev/feature-server:0.67.0"  # a repository without a host gets the prefix
+    assert container(one(docs, "Deployment", f"{RELEASE}-redrec-serving"), "serving")["image"] \
+        == "localhost:5000/redrec/redrec:0.1.0"
 
 
 # --------------------------------------------------------------------------------------------
@@ -656,7 +669,10 @@ def test_drift_cronjob_command_schedule_and_token(render):
     assert token_path == token_mount[0]["mountPath"] + "/" + source["serviceAccountToken"]["path"]
     assert mounts["config"]["mountPath"] == "/etc/redrec"
     assert volumes["config"]["configMap"]["name"] == f"{RELEASE}-redrec-config"
-    assert "serving-log" not in volumes  # emptyDir logs are not shared with the job
+    # the job reads the log the serving pods write: the same claim, read-only, at the same path
+    assert volumes["serving-log"]["persistentVolumeClaim"] == {"claimName": f"{RELEASE}-redrec-serving-log", "readOnly": True}
+    assert mounts["serving-log"]["readOnly"] is True
+    assert mounts["serving-log"]["mountPath"] == env["REDREC_SERVING_LOG_DIR"]["value"] == "/var/log/redrec/serving"
 
 
 def test_drift_cronjob_production(render):
@@ -747,7 +763,7 @@ def test_rendered_drift_config_loads_in_the_drift_cli(render, tmp_path, monkeypa
     assert str(cfg.report_dir) == "/var/lib/redrec/drift/reports"
     assert cfg.window_hours == 24 and cfg.cooldown_hours == 6 and cfg.trigger is True and cfg.cluster
     assert cfg.scenarios == ["homefeed", "search", "ads"] and cfg.kfp_namespace == NAMESPACE
-    assert str(cfg.serving_log_dir) == "/var/lib/redrec/serving-log"
+    assert str(cfg.serving_log_dir) == "/var/log/redrec/serving"
     assert cfg.thresholds == Thresholds.from_yaml(DEFAULT_THRESHOLDS)
     assert cfg.thresholds.for_scenario("ads").behaviour.features["category"].threshold == 0.2
     writable = [m["mountPath"] for m in c["volumeMounts"] if not m.get("readOnly")]
@@ -791,7 +807,7 @@ def test_config_contents_default(render):
         {"name": "control", "model_version": "bundled", "index_alias": "redrec_items", "share": 1}]}
     assert cfg["serving"]["max_k"] == 200 and cfg["serving"]["port"] == 3000
     assert cfg["serving"]["feature_server_url"] == f"http://{RELEASE}-redrec-feast.{NAMESPACE}.svc:6566"
-    assert cfg["serving"]["serving_log"]["dir"] == "/var/lib/redrec/serving-log"
+    assert cfg["serving"]["serving_log"]["dir"] == "/var/log/redrec/serving"
     assert cfg["milvus"] == {"uri": "http://milvus.milvus.svc.cluster.local:19530", "collection_alias": "redrec_items"}
     thresholds = cfg["drift"].pop("thresholds")
     assert cfg["drift"] == {"kfp_host": "http://ml-pipeline.kubeflow.svc.cluster.local:8888",
@@ -870,11 +886,23 @@ def test_feature_store_yaml_postgres_and_sql_registry(render):
                                    "FEAST_REGISTRY_PASSWORD": "url%2Fencoded"})
     assert fs["online_store"] == {
         "type": "postgres", "host": "feast-online.db.svc.cluster.local", "port": 5432, "database": "feast",
-        "db_schema": "public", "user": "feast", "password": NASTY_PASSWORD, "sslmode": "verify-full"}
+        "db_schema": "public", "user": "feast", "password": NASTY_PASSWORD, "sslmode": "verify-full",
+        "sslrootcert_path": "/etc/redrec-tls/postgres-root.crt"}
     assert fs["registry"]["registry_type"] == "sql"
     assert fs["registry"]["path"] == \
-        "postgresql+psycopg://feast:url%2Fencoded@feast-registry.db.svc.cluster.local:5432/feast_registry"
+        "postgresql+psycopg://feast:url%2Fencoded@feast-registry.db.svc.cluster.local:5432/feast_registry" \
+        "?sslmode=verify-full&sslrootcert=/etc/redrec-tls/postgres-root.crt"
     assert fs["entity_key_serialization_version"] == 3 and fs["project"] == "redrec"
+    # verify-full: the CA bundle from its Secret, where the yaml names it, in both pods that connect
+    for name, cname in (("feast", "feature-server"), ("serving", "serving")):
+        dep = one(docs, "Deployment", f"{RELEASE}-redrec-{name}")
+        mounts = {m["name"]: m for m in container(dep, cname)["volumeMounts"]}
+        vols = {v["name"]: v for v in dep["spec"]["template"]["spec"]["volumes"]}
+        assert mounts["postgres-ca"]["mountPath"] == "/etc/redrec-tls" and mounts["postgres-ca"]["readOnly"]
+        assert vols["postgres-ca"]["secret"] == {"secretName": "feast-online-db-ca",
+                                                 "items": [{"key": "ca.crt", "path": "postgres-root.crt"}]}
+    serving_env = env_map(container(one(docs, "Deployment", f"{RELEASE}-redrec-serving"), "serving"))
+    assert serving_env["FEAST_REGISTRY_PASSWORD"]["valueFrom"]["secretKeyRef"] == {"name": "feast-registry-db", "key": "password"}
     env = env_map(container(one(docs, "Deployment", f"{RELEASE}-redrec-feast"), "feature-server"))
     assert env["FEAST_ONLINE_STORE_PASSWORD"]["valueFrom"]["secretKeyRef"] == {"name": "feast-online-db", "key": "password"}
     assert env["FEAST_REGISTRY_PASSWORD"]["valueFrom"]["secretKeyRef"] == {"name": "feast-registry-db", "key": "password"}
@@ -934,7 +962,8 @@ def test_network_policies_default(render):
     serving = one(docs, "NetworkPolicy", f"{RELEASE}-redrec-serving")["spec"]
     assert serving["policyTypes"] == ["Ingress", "Egress"]
     assert _rules_ports(serving["ingress"]) == {("TCP", 3000)}
-    assert _rules_ports(serving["egress"]) == {("UDP", 53), ("TCP", 53), ("TCP", 19530), ("TCP", 6566)}
+    # 443: the default file registry is on S3, and serving reads the feature definitions from it
+    assert _rules_ports(serving["egress"]) == {("UDP", 53), ("TCP", 53), ("TCP", 19530), ("TCP", 6566), ("TCP", 443)}
     milvus_rule = [r for r in serving["egress"] if _rules_ports([r]) == {("TCP", 19530)}][0]
     assert milvus_rule["to"] == [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "milvus"}},
                                   "podSelector": {"matchLabels": {"app.kubernetes.io/name": "milvus"}}}]
@@ -1086,6 +1115,18 @@ RULE_CASES = [
      "accessModes must include ReadWriteMany"),
     ("feast-pdb-with-one-replica", {"feast": {"replicaCount": 1}},
      "feast.pdb.enabled=true with 1 feature-server replica(s) would block node drains"),
+    ("feast-pdb-blocks-every-eviction", {"feast": {"replicaCount": 2, "pdb": {"minAvailable": 2}}},
+     "feast.pdb.minAvailable (2) must be below feast.replicaCount (2)"),
+    ("pdb-min-not-below-replicas", {"serving": {"autoscaling": {"minReplicas": 3}, "pdb": {"minAvailable": 3}}},
+     "serving.pdb.minAvailable (3) must be below the serving replicas (3)"),
+    ("pdb-100-percent", {"serving": {"pdb": {"minAvailable": "100%"}}}, "serving.pdb.minAvailable 100% never lets a pod be evicted"),
+    ("drift-blind-without-a-shared-log", {"serving": {"servingLog": {"persistence": {"enabled": False}}}},
+     "drift.enabled=true needs serving.servingLog.persistence.enabled=true"),
+    ("log-pruned-before-the-drift-window", {"serving": {"servingLog": {"retentionHours": 12}}},
+     "serving.servingLog.retentionHours (12) is shorter than drift.windowHours (24)"),
+    ("verify-full-without-a-ca", {"feast": {"onlineStore": {"type": "postgres", "postgres": {
+        "host": "pg", "sslmode": "verify-full", "passwordSecret": {"name": "pg", "key": "password"}}}}},
+     "feast.onlineStore.postgres.sslmode=verify-full verifies the server against a CA"),
     ("drift-claim-missing", {"drift": {"persistence": {"existingClaim": ""}}},
      "drift.persistence.existingClaim is required when drift.persistence.enabled=true"),
     ("drift-reports-outside-the-volume", {"drift": {"reportDir": "/srv/drift/reports"}},
@@ -1164,7 +1205,8 @@ def test_schema_covers_every_value():
 
     def closed(node, where):
         if isinstance(node, dict):
-            if node.get("type") == "object" and "properties" in node:
+            # global is shared with any parent chart, whose keys this chart cannot know
+            if node.get("type") == "object" and "properties" in node and where != "#/properties/global":
                 assert node.get("additionalProperties") is False, f"{where} accepts unknown keys"
             for k, v in node.items():
                 closed(v, f"{where}/{k}")
@@ -1325,5 +1367,15 @@ def test_rendered_config_loads_in_the_serving_service(render, tmp_path, value_se
     if feast["enabled"] and registry["type"] == "file":
         # the remote online store needs the registry the feature server uses
         assert cfg.feast.registry == registry["path"] and cfg.feast.project == feast["project"]
+    elif feast["enabled"]:  # the feature server's SQL registry, the password from the pod's env
+        assert cfg.feast.registry_type == "sql"
+        assert cfg.feast.registry.startswith("postgresql+psycopg://feast:${FEAST_REGISTRY_PASSWORD}@feast-registry.")
+        from redrec.serving.features import remote_store_yaml
+
+        os.environ["FEAST_REGISTRY_PASSWORD"] = "p@ss/word"
+        try:
+            assert remote_store_yaml(cfg)["registry"]["path"].startswith("postgresql+psycopg://feast:p@ss/word@")
+        finally:
+            del os.environ["FEAST_REGISTRY_PASSWORD"]
     else:
         assert cfg.feast.registry == ""

@@ -13,41 +13,15 @@ import time
 from pathlib import Path
 
 import pytest
+from docker_util import docker, record_timing
 
 ROOT = Path(__file__).resolve().parents[1]
-IMAGE = os.environ.get("REDREC_TEST_IMAGE", "redrec:dev")
-TIMINGS = ROOT / "build" / "container-timings.json"
-
 TINY = {
     "dataset": "synthetic",
     "dataset_args": {"n_users": 300, "n_items": 160, "seed": 5},
     "experiment": {"model": {"item_source": "cache-finetune", "user_tower": {"hidden_size": 32, "layers": 1, "heads": 2, "max_len": 20}},
                    "train": {"epochs": 20, "batch_size": 16, "warmup_steps": 2, "patience": 5, "lr": 0.003}},
 }
-
-
-def _record(key: str, seconds: float) -> None:
-    """Wall times of this run (image build, pipeline run), for the closing notes and the README."""
-    TIMINGS.parent.mkdir(parents=True, exist_ok=True)
-    d = json.loads(TIMINGS.read_text()) if TIMINGS.exists() else {}
-    d[key] = round(seconds, 1)
-    TIMINGS.write_text(json.dumps(d, indent=2))
-
-
-def docker(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
-    return subprocess.run(["docker", *args], capture_output=True, text=True, timeout=timeout)
-
-
-@pytest.fixture(scope="session")
-def image():
-    subprocess.run([str(ROOT / "scripts" / "docker_engine.sh")], check=True, timeout=900)
-    t0 = time.monotonic()
-    r = subprocess.run([str(ROOT / "scripts" / "build_image.sh"), IMAGE], cwd=ROOT, capture_output=True, text=True,
-                       timeout=3000, env={**os.environ, "PYTHON": sys.executable})
-    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
-    _record("image_build_s", time.monotonic() - t0)
-    print(r.stdout)
-    return IMAGE
 
 
 @pytest.mark.slow
@@ -84,7 +58,7 @@ def released(image, tmp_path_factory):
     try:
         with redirect_stdout(buf):
             res = run_local(params, image=image)
-        _record("docker_runner_pipeline_s", time.monotonic() - t0)
+        record_timing("docker_runner_pipeline_s", time.monotonic() - t0)
         release_milvus_connections()
         yield params.model_copy(update={"milvus_uri": res.summary["milvus_uri"]}), res, buf.getvalue()
     finally:

@@ -201,3 +201,30 @@ def test_ab_report_cli(tmp_path):
                          capture_output=True, text=True, cwd=ROOT)
     assert bad.returncode == 2 and "does not exist" in bad.stdout
     assert len(read_feedback(tmp_path / "log")) > 0
+
+
+def test_log_rotates_by_size_and_age_and_prunes_only_expired_files(tmp_path):
+    import os
+    import time
+
+    rec = {"request_id": "r", "ts": 1.0, "user_id": "u", "scenario": "s", "arm": "a", "model_version": "v",
+           "items": ["i1"], "scores": [0.5], "cold_start": False}
+    line = len(json.dumps(rec, separators=(",", ":"))) + 1
+    stale = tmp_path / "serving-gone-1.jsonl"
+    stale.write_text(json.dumps(rec) + "\n")
+    os.utime(stale, (time.time() - 7200, time.time() - 7200))
+    log = AppendLog(tmp_path / "serving-p-1.jsonl", rotate_bytes=3 * (line + 1), retention_s=3600)
+    for i in range(7):
+        log.append({**rec, "request_id": f"r{i}"})
+    files = sorted(p.name for p in tmp_path.glob("*.jsonl"))
+    # 3 lines per file, a new one at the 4th and 7th line; the other pod's 2-hour-old file pruned
+    assert files == ["serving-p-1.1.jsonl", "serving-p-1.2.jsonl", "serving-p-1.jsonl"], files
+    assert [len((tmp_path / f).read_text().splitlines()) for f in files] == [3, 1, 3]
+    assert sorted(read_serving_log(tmp_path)["request_id"]) == [f"r{i}" for i in range(7)]  # nothing lost
+    log.close()
+    aged = AppendLog(tmp_path / "serving-q-1.jsonl", rotate_s=0.05)
+    aged.append(rec)
+    time.sleep(0.1)
+    aged.append(rec)
+    assert (tmp_path / "serving-q-1.1.jsonl").exists()
+    aged.close()

@@ -4,13 +4,9 @@ from __future__ import annotations
 
 import json
 import os
-import pwd
 import shutil
-import signal
 import subprocess
 import sys
-import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +19,7 @@ import feast  # noqa: E402,F401  (the platform extra is part of make test)
 from redrec.data.synthetic import SyntheticConfig, generate  # noqa: E402
 from redrec.features import DuplicateEntityRowsError, FeatureRepo, HistoryEvent  # noqa: E402
 from redrec.features.sources import sequence_table  # noqa: E402
+from services_util import Postgres, Redis  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SEQ_LEN = 6
@@ -93,75 +90,12 @@ def test_feast_cli_applies_the_repo_as_is(tmp_path, data):
     assert lib.online_history(u, ["search"]) == naive_history(data.events, u, None, ["search"])
 
 
-class Postgres:
-    """A throwaway PostgreSQL server on 127.0.0.1 with TLS (self-signed: the k8s yaml asks for
-    sslmode=require), to run the Postgres variant of the repo for real."""
-
-    def __init__(self):
-        bins = [Path(b).parent for b in (shutil.which("postgres"),) if b] + sorted(Path("/usr/lib/postgresql").glob("*/bin"))
-        self.bin = next((b for b in bins if (b / "initdb").exists() and (b / "postgres").exists()), None)
-        # the server refuses to run as root, and its folders must be reachable by its own user
-        self.as_user: list[str] = []
-        self.root = Path(tempfile.mkdtemp(prefix="redrec-pg-"))
-        if os.geteuid() == 0:
-            pw = pwd.getpwnam("postgres")
-            self.as_user = ["setpriv", f"--reuid={pw.pw_uid}", f"--regid={pw.pw_gid}", "--clear-groups"]
-            os.chown(self.root, pw.pw_uid, pw.pw_gid)
-        from redrec.index import free_port
-
-        self.port = free_port()
-        self.proc = None
-
-    def _run(self, *cmd):
-        subprocess.run(self.as_user + [str(c) for c in cmd], check=True, capture_output=True, timeout=120,
-                       env={**os.environ, "LC_ALL": "C"})
-
-    def start(self):
-        data = self.root / "data"
-        self._run(self.bin / "initdb", "-D", data, "-U", "feast", "--auth=trust", "-E", "UTF8", "--locale=C", "--no-sync")
-        self._run("openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=127.0.0.1",
-                  "-keyout", data / "server.key", "-out", data / "server.crt")
-        self.log = open(self.root / "server.log", "wb")
-        self.proc = subprocess.Popen(
-            self.as_user + [str(self.bin / "postgres"), "-D", str(data), "-h", "127.0.0.1", "-p", str(self.port),
-                            "-k", str(self.root), "-c", "ssl=on", "-c", "fsync=off", "-c", "full_page_writes=off"],
-            stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
-        import psycopg
-
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                psycopg.connect(host="127.0.0.1", port=self.port, user="feast", dbname="postgres", sslmode="require").close()
-                return self
-            except psycopg.OperationalError:
-                if self.proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError((self.root / "server.log").read_text()[-2000:])
-                time.sleep(0.2)
-
-    def env(self) -> dict[str, str]:
-        return {"FEAST_REGISTRY_URL": f"postgresql+psycopg://feast:unused@127.0.0.1:{self.port}/postgres?sslmode=require",
-                "POSTGRES_HOST": "127.0.0.1", "POSTGRES_PORT": str(self.port), "POSTGRES_DB": "postgres",
-                "POSTGRES_USER": "feast", "POSTGRES_PASSWORD": "unused:trust auth"}
-
-    def stop(self):
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)  # "fast" shutdown
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-        if self.proc is not None:
-            self.log.close()
-        shutil.rmtree(self.root, ignore_errors=True)
-
-
 @pytest.fixture(scope="module")
 def postgres():
     pg = Postgres()
     if pg.bin is None or not shutil.which("openssl"):
         shutil.rmtree(pg.root, ignore_errors=True)
-        pytest.skip("no PostgreSQL server binaries (initdb, postgres) or openssl on this machine")
+        pytest.fail("no PostgreSQL server binaries (initdb, postgres) or openssl: `make test` installs Debian's postgresql")
     try:
         yield pg.start()
     finally:
@@ -213,42 +147,6 @@ def test_redis_yaml_is_a_valid_feast_config(tmp_path, monkeypatch):
     assert cfg.online_store.connection_string == "redis-master:6379,password=a: #b'\""
     assert cfg.registry.registry_type == "sql" and cfg.registry.path.endswith("@pg:5432/feast")
     assert cfg.project == "redrec" and cfg.offline_store.type == "duckdb"
-
-
-class Redis:
-    """A real redis-server on 127.0.0.1 (Debian's package; `make test` installs it)."""
-
-    def __init__(self):
-        from redrec.index import free_port
-
-        binary = shutil.which("redis-server")
-        if binary is None:
-            raise RuntimeError("redis-server is not installed: `make test` installs Debian's redis-server package")
-        self.port = free_port()
-        self.dir = Path(tempfile.mkdtemp(prefix="redrec-redis-"))
-        self.proc = subprocess.Popen([binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-                                      "--appendonly", "no", "--dir", str(self.dir)],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True)
-        import redis
-
-        self.client = redis.Redis(host="127.0.0.1", port=self.port)
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                self.client.ping()
-                break
-            except redis.ConnectionError:
-                if self.proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"redis-server did not start on port {self.port}") from None
-                time.sleep(0.1)
-
-    def stop(self):
-        self.proc.terminate()
-        try:
-            self.proc.wait(20)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-        shutil.rmtree(self.dir, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")

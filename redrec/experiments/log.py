@@ -18,6 +18,7 @@ import logging
 import os
 import socket
 import threading
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -35,41 +36,81 @@ def _process_tag() -> str:
 
 
 class AppendLog:
-    """One JSONL file, appended line by line; thread-safe."""
+    """A JSONL log appended line by line; thread-safe.
 
-    def __init__(self, path: str | Path, fsync: bool = False):
-        self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+    Rotation (``rotate_bytes`` / ``rotate_s``, 0 = never): once the current file reaches that size
+    or age, the next line starts a new file ``<stem>.<n>.jsonl`` beside it, so a reader of a
+    window never has to scan one unbounded file. Retention (``retention_s``, 0 = keep all): at
+    each rotation, log files in the directory last written longer ago than that are deleted (any
+    writer's: on a shared claim every pod prunes the same directory; a file still being written
+    was written recently, so it is never old enough)."""
+
+    def __init__(self, path: str | Path, fsync: bool = False, rotate_bytes: int = 0, rotate_s: float = 0.0,
+                 retention_s: float = 0.0):
+        self.base = Path(path)
+        self.base.parent.mkdir(parents=True, exist_ok=True)
         self.fsync = fsync
-        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        self.rotate_bytes, self.rotate_s, self.retention_s = int(rotate_bytes), float(rotate_s), float(retention_s)
         self._lock = threading.Lock()
+        self._seq = 0
+        self._fd = -1
+        self._open(self.base)
+
+    def _open(self, path: Path) -> None:
+        self.path = path
+        self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        self._opened = time.time()
+        self._size = os.fstat(self._fd).st_size
 
     @classmethod
-    def for_process(cls, log_dir: str | Path, kind: str = "serving", fsync: bool = False) -> "AppendLog":
+    def for_process(cls, log_dir: str | Path, kind: str = "serving", fsync: bool = False, **rotation) -> "AppendLog":
         """``<dir>/serving-<pod>-<pid>.jsonl`` or ``<dir>/feedback-<pod>-<pid>.jsonl``."""
         if kind not in ("serving", "feedback"):
             raise ValueError(f"kind must be 'serving' or 'feedback', not {kind!r}")
-        return cls(Path(log_dir) / f"{kind}-{_process_tag()}.jsonl", fsync=fsync)
+        return cls(Path(log_dir) / f"{kind}-{_process_tag()}.jsonl", fsync=fsync, **rotation)
 
-    def append(self, record: dict) -> None:
-        data = (json.dumps(record, separators=(",", ":"), allow_nan=False) + "\n").encode()
+    def _maybe_rotate(self, incoming: int) -> None:
+        full = self.rotate_bytes and self._size and self._size + incoming > self.rotate_bytes
+        old = self.rotate_s and time.time() - self._opened >= self.rotate_s
+        if not (full or old):
+            return
+        os.close(self._fd)
+        while True:
+            self._seq += 1
+            nxt = self.base.with_name(f"{self.base.stem}.{self._seq}{self.base.suffix}")
+            if not nxt.exists():  # a restarted process with the same pid keeps what it wrote before
+                break
+        self._open(nxt)
+        if self.retention_s:
+            self._prune()
+
+    def _prune(self) -> None:
+        cutoff = time.time() - self.retention_s
+        for f in self.base.parent.glob("*.jsonl"):
+            try:
+                if f != self.path and f.stat().st_mtime < cutoff:
+                    f.unlink()
+            except FileNotFoundError:  # another pod pruned it first
+                pass
+
+    def _write(self, data: bytes) -> None:
         with self._lock:
+            if self._fd < 0:
+                raise ValueError(f"{self.path}: the log is closed")
+            self._maybe_rotate(len(data))
             n = os.write(self._fd, data)
             while n < len(data):  # short writes happen only on full disks/signals; finish the line
                 n += os.write(self._fd, data[n:])
+            self._size += len(data)
             if self.fsync:
                 os.fsync(self._fd)
 
+    def append(self, record: dict) -> None:
+        self._write((json.dumps(record, separators=(",", ":"), allow_nan=False) + "\n").encode())
+
     def append_many(self, records: list[dict]) -> None:
-        if not records:
-            return
-        data = "".join(json.dumps(r, separators=(",", ":"), allow_nan=False) + "\n" for r in records).encode()
-        with self._lock:
-            n = os.write(self._fd, data)
-            while n < len(data):
-                n += os.write(self._fd, data[n:])
-            if self.fsync:
-                os.fsync(self._fd)
+        if records:
+            self._write("".join(json.dumps(r, separators=(",", ":"), allow_nan=False) + "\n" for r in records).encode())
 
     def close(self) -> None:
         with self._lock:

@@ -29,6 +29,16 @@ class ServingLogConfig(_Strict):
     dir: str = "data/serving-log"
     per_pod_file: bool = True  # always true here: each process writes its own file
     fsync: bool = False  # fsync every line (power-loss safe) instead of write() only (process-crash safe)
+    # a new file once the current one holds this much or is this old (0: never), and files not
+    # written for retention_hours deleted at each rotation (0: kept); the drift job reads
+    # drift.window_hours back, so retention must cover it (the chart refuses less)
+    rotate_mb: float = Field(256.0, ge=0)
+    rotate_minutes: float = Field(60.0, ge=0)
+    retention_hours: float = Field(72.0, ge=0)
+
+    def writer_args(self) -> dict:
+        return {"fsync": self.fsync, "rotate_bytes": int(self.rotate_mb * 2**20), "rotate_s": self.rotate_minutes * 60,
+                "retention_s": self.retention_hours * 3600}
 
 
 class ServingSection(_Strict):
@@ -83,8 +93,10 @@ class FeastSection(_Strict):
     # the embedded repo (FeatureRepo data dir); with a feature server, only for its registry file.
     # No relative default: a relative directory breaks a read-only root filesystem
     repo_path: str = ""
-    # registry for the remote (feature-server) mode; empty: <repo_path>/feast_registry.db
+    # registry for the remote (feature-server) mode; empty: <repo_path>/feast_registry.db. With
+    # registry_type sql, a SQLAlchemy URL whose ${VARS} (the password) come from the environment
     registry: str = ""
+    registry_type: Literal["file", "sql"] = "file"
     project: str = "redrec"
 
 

@@ -114,8 +114,8 @@ class Engine:
         self._gen: _Generation | None = None
         self._install(cfg, self._load_arms(cfg))
         sl = cfg.serving.serving_log
-        self.log = AppendLog.for_process(sl.dir, "serving", fsync=sl.fsync)
-        self.feedback = AppendLog.for_process(sl.dir, "feedback", fsync=sl.fsync)
+        self.log = AppendLog.for_process(sl.dir, "serving", **sl.writer_args())
+        self.feedback = AppendLog.for_process(sl.dir, "feedback", **sl.writer_args())
         self._popular: dict[str, list[tuple[str, float]]] | None = None
         self._popular_at = 0.0
         self._pop_lock = threading.Lock()

@@ -9,6 +9,8 @@ directly. The calling code is the same in both cases.
 
 from __future__ import annotations
 
+import os
+import re
 import tempfile
 from pathlib import Path
 
@@ -24,10 +26,19 @@ def remote_store_yaml(cfg: ServingConfig) -> dict:
         raise ConfigError("feast.registry is empty: with serving.feature_server_url set, name the Feast registry "
                           "(the chart's file registry) or feast.repo_path (its feast_registry.db)")
     registry = cfg.feast.registry or str((Path(cfg.feast.repo_path) / "feast_registry.db").resolve())
+    reg = {"registry_type": cfg.feast.registry_type, "path": registry, "cache_ttl_seconds": 60}
+    if cfg.feast.registry_type == "sql":
+        missing = sorted(set(re.findall(r"\$\{(\w+)\}", registry)) - set(os.environ))
+        if missing:
+            raise ConfigError(f"feast.registry names ${{{missing[0]}}}, which is not set in the environment "
+                              "(the chart sets FEAST_REGISTRY_PASSWORD from feast.registry.sql.passwordSecret)")
+        # expanded here, so the YAML written below quotes whatever the password holds
+        reg["path"] = re.sub(r"\$\{(\w+)\}", lambda m: os.environ[m.group(1)], registry)
+        reg["sqlalchemy_config_kwargs"] = {"pool_pre_ping": True}
     return {
         "project": cfg.feast.project,
         "provider": "local",
-        "registry": {"registry_type": "file", "path": registry, "cache_ttl_seconds": 60},
+        "registry": reg,
         "online_store": {"type": "remote", "path": cfg.serving.feature_server_url, "connection_retries": 1},
         "entity_key_serialization_version": 3,
     }

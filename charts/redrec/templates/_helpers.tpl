@@ -88,6 +88,17 @@ Image reference: (dict "ctx" $ "image" .Values.feast.image). Empty fields fall b
 {{- $base := .ctx.Values.image -}}
 {{- $img := .image | default dict -}}
 {{- $repo := $img.repository | default $base.repository -}}
+{{- /* global.imageRegistry (a mirror) replaces the repository's registry host, or prefixes a
+       repository that names none */ -}}
+{{- $registry := dig "imageRegistry" "" (.ctx.Values.global | default dict) -}}
+{{- if $registry -}}
+{{- $parts := splitList "/" $repo -}}
+{{- $first := first $parts -}}
+{{- if and (gt (len $parts) 1) (or (contains "." $first) (contains ":" $first) (eq $first "localhost")) -}}
+{{- $parts = rest $parts -}}
+{{- end -}}
+{{- $repo = printf "%s/%s" (trimSuffix "/" $registry) (join "/" $parts) -}}
+{{- end -}}
 {{- $digest := $img.digest | default "" -}}
 {{- $tag := $img.tag | default "" -}}
 {{- if and (not $img.repository) (not $digest) (not $tag) -}}
@@ -183,6 +194,27 @@ default port (https 443, http 80) and then to "default".
 {{- default .Release.Namespace .Values.kfp.namespace -}}
 {{- end -}}
 
+{{/* SQLAlchemy URL of a SQL registry; the password is expanded from the environment by Feast
+(serving: by redrec) when the YAML is read. */}}
+{{- define "redrec.feast.sqlRegistryUrl" -}}
+{{- $reg := .Values.feast.registry.sql -}}
+{{- $q := printf "sslmode=%s" $reg.sslmode -}}
+{{- if and (has $reg.sslmode (list "verify-ca" "verify-full")) .Values.feast.onlineStore.postgres.sslRootCertSecret.name -}}
+{{- $q = printf "%s&sslrootcert=/etc/redrec-tls/postgres-root.crt" $q -}}
+{{- end -}}
+{{- printf "%s://%s:${FEAST_REGISTRY_PASSWORD}@%s:%d/%s?%s" $reg.driver $reg.user $reg.host (int $reg.port) $reg.database $q -}}
+{{- end -}}
+
+{{/* The Postgres CA bundle (verify-ca / verify-full), as a volume named postgres-ca. */}}
+{{- define "redrec.postgresCaVolume" -}}
+- name: postgres-ca
+  secret:
+    secretName: {{ .Values.feast.onlineStore.postgres.sslRootCertSecret.name }}
+    items:
+      - key: {{ .Values.feast.onlineStore.postgres.sslRootCertSecret.key }}
+        path: postgres-root.crt
+{{- end -}}
+
 {{/* Name of the serving-log claim. */}}
 {{- define "redrec.servingLog.claimName" -}}
 {{- default (printf "%s-serving-log" (include "redrec.fullname" .)) .Values.serving.servingLog.persistence.existingClaim -}}
@@ -218,6 +250,17 @@ inconsistency stops rendering with a message naming the values to fix.
 {{- if and .Values.serving.pdb.enabled (lt $min 2) -}}
 {{- fail (printf "serving.pdb.enabled=true with %d serving replica(s) would block node drains; raise serving.replicaCount / serving.autoscaling.minReplicas to 2 or more, or set serving.pdb.enabled=false" $min) -}}
 {{- end -}}
+{{- $pdbMin := .Values.serving.pdb.minAvailable -}}
+{{- if and .Values.serving.pdb.enabled (not (kindIs "string" $pdbMin)) (ge (int $pdbMin) $min) -}}
+{{- fail (printf "serving.pdb.minAvailable (%d) must be below the serving replicas (%d): otherwise no pod may ever be evicted and node drains hang; lower it or raise serving.replicaCount / serving.autoscaling.minReplicas" (int $pdbMin) $min) -}}
+{{- end -}}
+{{- if and .Values.serving.pdb.enabled (kindIs "string" $pdbMin) (eq (trimSuffix "%" $pdbMin) "100") -}}
+{{- fail "serving.pdb.minAvailable 100% never lets a pod be evicted (node drains hang); use a lower percentage or an integer below the replicas" -}}
+{{- end -}}
+{{- $feastMin := .Values.feast.pdb.minAvailable -}}
+{{- if and .Values.feast.enabled .Values.feast.pdb.enabled (ge (int .Values.feast.replicaCount) 2) (not (kindIs "string" $feastMin)) (ge (int $feastMin) (int .Values.feast.replicaCount)) -}}
+{{- fail (printf "feast.pdb.minAvailable (%d) must be below feast.replicaCount (%d): otherwise node drains hang" (int $feastMin) (int .Values.feast.replicaCount)) -}}
+{{- end -}}
 {{- if and .Values.feast.enabled .Values.feast.pdb.enabled (lt (int .Values.feast.replicaCount) 2) -}}
 {{- fail (printf "feast.pdb.enabled=true with %d feature-server replica(s) would block node drains; raise feast.replicaCount to 2 or more, or set feast.pdb.enabled=false" (int .Values.feast.replicaCount)) -}}
 {{- end -}}
@@ -234,6 +277,13 @@ inconsistency stops rendering with a message naming the values to fix.
 {{- fail "serving.servingLog.persistence: more than one serving replica shares the claim; accessModes must include ReadWriteMany (or use an existingClaim)" -}}
 {{- end -}}
 {{- if .Values.drift.enabled -}}
+{{- if not .Values.serving.servingLog.persistence.enabled -}}
+{{- fail "drift.enabled=true needs serving.servingLog.persistence.enabled=true: with the log on a per-pod emptyDir the drift job reads nothing and reports \"insufficient data\" every run (or set drift.enabled=false)" -}}
+{{- end -}}
+{{- $ret := .Values.serving.servingLog.retentionHours | float64 -}}
+{{- if and (gt $ret 0.0) (lt $ret (.Values.drift.windowHours | float64)) -}}
+{{- fail (printf "serving.servingLog.retentionHours (%v) is shorter than drift.windowHours (%v): the drift job would compare a window the log no longer holds; raise the retention (or 0 to keep everything)" $ret .Values.drift.windowHours) -}}
+{{- end -}}
 {{- $dp := .Values.drift.persistence -}}
 {{- if and $dp.enabled (not $dp.existingClaim) -}}
 {{- fail "drift.persistence.existingClaim is required when drift.persistence.enabled=true (the training pipeline's workspace claim, which holds the drift reference; the chart does not create it)" -}}
@@ -260,6 +310,13 @@ inconsistency stops rendering with a message naming the values to fix.
 {{- end -}}
 {{- if and .Values.feast.enabled (eq .Values.feast.registry.type "file") (not .Values.feast.registry.path) -}}
 {{- fail "feast.registry.path is required when feast.registry.type=file" -}}
+{{- end -}}
+{{- $pg := .Values.feast.onlineStore.postgres -}}
+{{- if and .Values.feast.enabled (eq .Values.feast.onlineStore.type "postgres") (has $pg.sslmode (list "verify-ca" "verify-full")) (not $pg.sslRootCertSecret.name) -}}
+{{- fail (printf "feast.onlineStore.postgres.sslmode=%s verifies the server against a CA the pod must have: set feast.onlineStore.postgres.sslRootCertSecret.name (a Secret with the CA bundle under sslRootCertSecret.key), or use sslmode require" $pg.sslmode) -}}
+{{- end -}}
+{{- if and .Values.feast.enabled (eq .Values.feast.registry.type "sql") (has .Values.feast.registry.sql.sslmode (list "verify-ca" "verify-full")) (not $pg.sslRootCertSecret.name) -}}
+{{- fail "feast.registry.sql.sslmode verify-ca/verify-full uses the CA bundle of feast.onlineStore.postgres.sslRootCertSecret: set it, or use sslmode require" -}}
 {{- end -}}
 {{- if and (not .Values.feast.enabled) (not .Values.feast.externalUrl) -}}
 {{- fail "feast.externalUrl is required when feast.enabled=false (the serving pods need a feature server)" -}}
