@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any, Literal, Optional
 
 import bentoml
 from fastapi import FastAPI
@@ -22,8 +22,28 @@ os.environ.setdefault("BENTOML_DO_NOT_TRACK", "True")
 
 from redrec.serving.config import ServingConfig  # noqa: E402
 from redrec.serving.engine import Engine, ServingError  # noqa: E402
+from redrec.serving.http import ErrorContract  # noqa: E402
 
 log = logging.getLogger("redrec.serving")
+
+
+def _contract() -> tuple[tuple[str, ...], int, int]:
+    """The scenarios and the largest k of the config the process starts with, for the request
+    types (and so the OpenAPI document): a generated client knows the valid values. The engine
+    still checks both against the config it serves (a reload may change them)."""
+    try:
+        cfg = ServingConfig.from_env()
+        return tuple(cfg.scenarios), cfg.serving.max_k, cfg.serving.max_user_id_len
+    except Exception:  # no config yet (a bento build, docs): plain types; __init__ reports the error
+        return (), 10_000, 4096
+
+
+SCENARIOS, MAX_K, MAX_USER_ID = _contract()
+Scenario = Literal[SCENARIOS] if SCENARIOS else str  # type: ignore[valid-type]
+# a user id: not blank (the pattern needs one non-space character), bounded as the config says
+UserId = Annotated[str, Field(min_length=1, max_length=MAX_USER_ID, pattern=r"\S")]
+# OpenAPI 3.0 spells "or null" as nullable: BentoML's schema drops pydantic's anyOf-null
+NULLABLE = {"nullable": True}
 
 # what answered each request, for the fallback-rate alert (the chart's PrometheusRule):
 # model, cold_start, fallback or holdout
@@ -46,7 +66,7 @@ class Recommendation(BaseModel):
     scenario: str
     arm: str = Field(description="experiment arm, or 'holdout'")
     model_version: str = Field(description="model that ranked the items ('popularity' for holdout/fallback)")
-    index_version: Optional[str] = Field(None, description="model version recorded by the index collection searched "
+    index_version: Optional[str] = Field(None, json_schema_extra=NULLABLE, description="model version recorded by the index collection searched "
                                          "(always model_version; null when no index was searched)")
     items: list[str]
     scores: list[float]
@@ -64,12 +84,15 @@ class SimilarItems(BaseModel):
 
 
 class Event(BaseModel):
-    user_id: Annotated[str, Field(min_length=1)]
+    user_id: UserId
     item_id: Annotated[str, Field(min_length=1)]
-    scenario: Annotated[str, Field(min_length=1)]
+    scenario: Scenario
     action: Annotated[str, Field(min_length=1)]
-    ts: Optional[int] = Field(None, ge=0, description="unix seconds; default: now")
-    request_id: Optional[str] = Field(None, max_length=128, description="the response this event reacts to")
+    # bounded: a ts in the far future is bad input (400), not a store outage, and never wraps int64
+    ts: Optional[int] = Field(None, ge=0, le=253402300799, json_schema_extra=NULLABLE,
+                              description="unix seconds (up to year 9999); default: now")
+    request_id: Optional[str] = Field(None, max_length=128, json_schema_extra=NULLABLE,
+                                      description="the response this event reacts to")
 
 
 class Recorded(BaseModel):
@@ -107,11 +130,13 @@ class RedRec:
     @bentoml.api(route="/recommend")
     async def recommend(
         self,
-        user_id: Annotated[str, Field(min_length=1, max_length=4096)],
-        scenario: str,
-        k: Annotated[int, Field(ge=1)] = 10,
-        exclude_seen: bool = True,
-        context: Optional[dict[str, Any]] = None,
+        user_id: UserId,
+        scenario: Scenario,
+        k: Annotated[int, Field(ge=1, le=MAX_K, strict=True)] = 10,
+        exclude_seen: Annotated[bool, Field(strict=True)] = True,
+        context: Annotated[Optional[dict[str, Any]], Field(json_schema_extra=NULLABLE,
+                                                            description="logged with the response; finite JSON, at most "
+                                                                        "serving.max_context_bytes")] = None,
     ) -> Recommendation:
         """Top-k items for a user in one scenario, read from their behaviour in every scenario."""
         try:
@@ -125,9 +150,9 @@ class RedRec:
     async def similar_items(
         self,
         item_id: Annotated[str, Field(min_length=1, max_length=4096)],
-        scenario: str,
-        k: Annotated[int, Field(ge=1)] = 10,
-        user_id: Optional[str] = None,
+        scenario: Scenario,
+        k: Annotated[int, Field(ge=1, le=MAX_K, strict=True)] = 10,
+        user_id: Annotated[Optional[UserId], Field(json_schema_extra=NULLABLE)] = None,
     ) -> SimilarItems:
         """Items eligible in the scenario closest to ``item_id`` (the arm of ``user_id``, else control)."""
         try:
@@ -147,3 +172,8 @@ class RedRec:
     def batching_stats(self) -> dict:
         """Micro-batching counters per arm (batches, items, largest, mean size)."""
         return self.engine.stats()
+
+
+# one error contract on the API routes: JSON bodies only (415), BentoML's validation errors as
+# {error, field}, and the OpenAPI document declaring exactly that
+RedRec.add_asgi_middleware(ErrorContract, routes=("/recommend", "/similar_items", "/record_events", "/batching_stats"))

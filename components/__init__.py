@@ -22,7 +22,7 @@ from components.publish import publish
 from components.record_reference import record_reference
 from components.train import train
 
-DEFAULT_IMAGE = "ghcr.io/redrec/redrec-pipeline:latest"
+DEFAULT_IMAGE = "ghcr.io/redrec/redrec:0.1.0"
 STEP_FUNCTIONS = (prepare_data, build_features, train, evaluate, gate, publish, deploy, record_reference, check_drift)
 
 

@@ -1257,6 +1257,10 @@ STUBS = r'''
 set -euo pipefail
 record() { printf '%q ' "$@" >> "$CMD_LOG"; printf '\n' >> "$CMD_LOG"; }
 kubectl() { record kubectl "$@"; }
+make() { record make "$@"; }
+docker() { record docker "$@"; }
+redrec() { record redrec "$@"; }
+curl() { record curl "$@"; }
 helm() {
   record helm "$@"
   case "${1:-}" in
@@ -1301,6 +1305,15 @@ def test_documented_install_commands_render(helm, tmp_path):
     commands = [shlex.split(line) for line in log.read_text().splitlines() if line.strip()]
 
     installs = [c for c in commands if c[:2] in (["helm", "install"], ["helm", "upgrade"])]
+    # the journey's order: image built and pushed, first release published, then the install
+    at = {key: next(i for i, c in enumerate(commands) if c[:len(key)] == list(key))
+          for key in [("make", "image"), ("docker", "push"), ("redrec", "pipeline", "submit"), ("helm", "install", "redrec")]}
+    assert at[("make", "image")] < at[("docker", "push")] < at[("helm", "install", "redrec")]
+    first_run = commands[at[("redrec", "pipeline", "submit")]]
+    assert _opt(first_run, "--deploy-target") == "none" and at[("redrec", "pipeline", "submit")] < at[("helm", "install", "redrec")]
+    image = "registry.example.com/recsys/redrec:0.1.0"
+    assert commands[at[("make", "image")]] == ["make", "image", f"IMAGE={image}"] and commands[at[("docker", "push")]][-1] == image
+    assert any(c[:3] == ["redrec", "release", "rollback"] for c in commands)
     charts = [next(a for a in c[3:] if not a.startswith("-") and ("/" in a)) for c in installs]
     assert charts[0] == "zilliztech/milvus" and "./charts/redrec" in charts[1:], "Milvus first, then RED-Rec"
     repo_add = [c for c in commands if c[:3] == ["helm", "repo", "add"]]
@@ -1326,8 +1339,17 @@ def test_documented_install_commands_render(helm, tmp_path):
     cfg = yaml.safe_load(one(docs, "ConfigMap", "redrec-config")["data"]["config.yaml"])
     serving = one(docs, "Deployment", "redrec-serving")
     env = env_map(container(serving, "serving"))
+    # the pushed image, serving the first release from the workspace claim's model store
+    assert container(serving, "serving")["image"] == image
+    assert cfg["model_store"]["uri"] == "/var/lib/redrec/model-store"
+    assert [a["model_version"] for a in cfg["experiment"]["arms"]] == ["20261202-0412-ab12cd"]
+    claim_vols = {v["persistentVolumeClaim"]["claimName"] for v in serving["spec"]["template"]["spec"]["volumes"]
+                  if "persistentVolumeClaim" in v}
+    assert "redrec-pipeline-workspace" in claim_vols
     assert cfg["milvus"]["uri"] == env["MILVUS_URI"]["value"] == milvus_uri
-    secret_cmds = [c for c in commands if c[:1] == ["kubectl"] and "secret" in c and "create" in c]
+    # the pipeline's Milvus credentials (cluster.milvus_secret) and serving's read-only token
+    secret_cmds = [c for c in commands if c[:1] == ["kubectl"] and "secret" in c and "create" in c
+                   and "milvus-credentials" not in c]
     assert len(secret_cmds) == 1
     sc = secret_cmds[0]
     secret_name = sc[sc.index("generic") + 1]

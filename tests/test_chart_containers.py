@@ -21,7 +21,6 @@ from contextlib import redirect_stdout
 from pathlib import Path
 
 import pytest
-import yaml
 from docker_util import docker, pod_run_args, record_timing
 from services_util import Postgres, Redis
 from test_chart import CI_VALUES, Helm, find_helm
@@ -118,7 +117,8 @@ def overlay(cluster: dict, image: str) -> dict:
 def render(tmp_path: Path, values_file: Path, extra: dict) -> list[dict]:
     helm = Helm(find_helm(), tmp_path / "helm-home")
     over = tmp_path / f"overlay-{values_file.stem}.yaml"
-    over.write_text(yaml.safe_dump(extra))
+    # JSON (valid YAML) quotes every string: a version such as 20261202060512_4e31 is a number to helm's YAML
+    over.write_text(json.dumps(extra))
     return helm.template("-f", values_file, "-f", over)
 
 
@@ -188,7 +188,7 @@ def test_chart_workloads_run_as_rendered(image, cluster, tmp_path):
         # record_events goes through the feature server into Redis: read back from Redis itself
         keys_before = redis_py.Redis(port=cluster["redis"].port).dbsize()
         item = str(ev["item_id"].iloc[-1])
-        ts = int(ev["ts"].max()) + 60
+        ts = int(time.time())  # inside the drift window (the synthetic log is older)
         r = httpx.post(url + "/record_events", json={"events": [{"user_id": str(users[0]), "item_id": item, "scenario": "search",
                                                                  "action": "click", "ts": ts, "request_id": first["request_id"]}]},
                        timeout=30)
@@ -237,9 +237,26 @@ def test_production_feature_server_verifies_postgres_tls(image, cluster, tmp_pat
     extra["image"]["digest"] = ""
     extra["feast"]["registry"]["sql"].update(sslmode="verify-full", passwordSecret={"name": "feast-registry-db", "key": "password"})
     extra["feast"]["onlineStore"] = {"type": "postgres", "postgres": {
-        "host": "127.0.0.1", "port": pg.port, "database": "postgres", "user": "feast", "sslmode": "verify-full",
+        "host": "127.0.0.1", "port": pg.port, "database": "postgres", "dbSchema": "redrec", "user": "feast", "sslmode": "verify-full",
         "sslRootCertSecret": {"name": "feast-online-db-ca", "key": "ca.crt"},
         "passwordSecret": {"name": "feast-online-db", "key": "password"}}}
+    # the online rows in Postgres: the pipeline's data materialised with the repo's Postgres config
+    from redrec.features import FeatureRepo
+
+    saved = dict(os.environ)
+    try:
+        os.environ.update(pg.env())
+        data = _prepared(cluster["res"])
+        repo = FeatureRepo(tmp_path / "pg-repo", fs_yaml=ROOT / "feature_repo" / "k8s" / "feature_store.postgres.yaml")
+        repo.build_sources(data)
+        repo.apply()
+        repo.materialize()
+        user = str(data.events["user_id"].iloc[0])
+        expected = [h.item_id for h in repo.online_history(user, ["homefeed"])]
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+    assert expected
     docs = render(tmp_path, CI_VALUES / "production-values.yaml", extra)
     dep = one(docs, "Deployment", f"{RELEASE}-redrec-feast")
     secrets = {("feast-registry-db", "password"): REGISTRY_PASSWORD, ("feast-online-db", "password"): ONLINE_PASSWORD,
@@ -249,20 +266,22 @@ def test_production_feature_server_verifies_postgres_tls(image, cluster, tmp_pat
     try:
         base = f"http://127.0.0.1:{cluster['ports']['feast']}"
         _wait_http(base + "/health", name)
-        user = str(_events(cluster["res"])["user_id"].iloc[0])
         r = httpx.post(base + "/get-online-features", json={"features": ["seq_homefeed:item_ids"], "entities": {"user_id": [user]}},
                        timeout=30)
-        # the Postgres store was never materialised: the row is read (over TLS) and comes back empty
+        # read over verify-full TLS from Postgres: the user's homefeed window as materialised
         assert r.status_code == 200, r.text
-        assert r.json()["metadata"]["feature_names"] == ["user_id", "item_ids"]
-        # the same server with a CA that did not sign the certificate refuses to connect
-        logs = docker("logs", name)
-        assert "certificate verify failed" not in logs.stdout + logs.stderr
+        out = r.json()
+        assert out["metadata"]["feature_names"] == ["user_id", "item_ids"]
+        assert out["results"][1]["values"][0][-len(expected):] == expected, out
     finally:
         docker("rm", "-f", name)
 
 
-def _events(res):
+def _prepared(res):
     from redrec.pipeline.steps import load_prepared
 
-    return load_prepared(res.run_dir / "prepare-data" / "data").events
+    return load_prepared(res.run_dir / "prepare-data" / "data")
+
+
+def _events(res):
+    return _prepared(res).events

@@ -55,6 +55,8 @@ def cmd_submit(args) -> int:
     from redrec.pipeline.cluster import submit
 
     rc = _config(args)
+    if args.deploy_target:  # "none" for the first release: no serving Deployment exists yet to roll
+        rc.params = rc.params.model_copy(update={"deploy_target": args.deploy_target})
     out = submit(rc.params, rc.cluster, args.host, pipeline=args.pipeline, schedule=args.schedule,
                  experiment=args.experiment, work_dir=args.work_dir)
     print(json.dumps(out, indent=2))
@@ -102,6 +104,9 @@ def register(subparsers) -> None:
     s.add_argument("--pipeline", choices=("training", "monitoring"), default="training")
     s.add_argument("--schedule", help="6-field cron for a recurring run, e.g. '0 0 */6 * * *'")
     s.add_argument("--experiment", default="redrec")
+    s.add_argument("--deploy-target", dest="deploy_target", choices=("kubernetes", "none"),
+                   help="none: publish the release (model store + Milvus alias) without touching a serving "
+                        "Deployment, for the first run before `helm install`; default kubernetes")
     s.add_argument("--work-dir", dest="work_dir", default="build/pipelines", help="where the submitted YAML is compiled")
     s.set_defaults(func=cmd_submit)
 

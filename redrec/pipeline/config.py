@@ -113,7 +113,7 @@ class ClusterConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    image: str = Field("ghcr.io/redrec/redrec-pipeline:latest", description="image with redrec installed (every step)")
+    image: str = Field("ghcr.io/redrec/redrec:0.1.0", description="image with redrec installed (every step)")
     accelerator_type: str = Field("nvidia.com/gpu", description="GPU resource of the train step")
     gpu_limit: int = Field(1, ge=0, description="GPUs of the train step's own pod (single-node training)")
     train_node_selector: dict[str, str] = Field(default_factory=lambda: {"nvidia.com/gpu.present": "true"})

@@ -48,6 +48,7 @@ class ServingSection(_Strict):
     serving_log: ServingLogConfig = Field(default_factory=ServingLogConfig)
     max_user_id_len: int = Field(256, ge=1, le=4096)
     max_events_per_call: int = Field(1000, ge=1)
+    max_context_bytes: int = Field(4096, ge=0)  # /recommend's context, logged verbatim with the response
     # Milvus or Feast down: "error" answers 503 with the reason; "popularity" serves the
     # scenario's popular items (flagged fallback=true in the response and the log)
     on_dependency_error: Literal["error", "popularity"] = "error"

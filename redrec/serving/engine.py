@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import logging
 import threading
 import time
@@ -373,6 +374,7 @@ class Engine:
     async def recommend(self, user_id: str, scenario: str, k: int = 10, exclude_seen: bool = True,
                         context: dict | None = None) -> dict:
         self._check_common(user_id, scenario, k)
+        self._check_context(context)
         t0 = time.perf_counter()
         arm, rt = self._arm_runtime(user_id)
         fallback, cold, history, vec, reason, index = False, False, [], None, None, None
@@ -425,6 +427,18 @@ class Engine:
             record["user_embedding"] = [round(float(x), 5) for x in m / max(np.linalg.norm(m), 1e-12)]
         self.log.append(record)  # before returning: an acknowledged response is on the log
         return resp
+
+    def _check_context(self, context: dict | None) -> None:
+        """Before any work: the context is logged verbatim, so it must be finite JSON of bounded size."""
+        if not context:
+            return
+        try:
+            size = len(json.dumps(context, separators=(",", ":"), allow_nan=False))
+        except (ValueError, TypeError) as e:
+            raise BadRequest(f"context must be JSON with finite numbers only (no NaN or Infinity): {e}", "context") from None
+        limit = self.cfg.serving.max_context_bytes
+        if size > limit:
+            raise BadRequest(f"context is {size} bytes of JSON; at most {limit} are accepted", "context")
 
     async def similar_items(self, item_id: str, scenario: str, k: int = 10, user_id: str | None = None) -> dict:
         self._check_common(user_id, scenario, k)

@@ -1,0 +1,138 @@
+"""ASGI middleware in front of the BentoML routes, for one error contract on every API route.
+
+- Every API route takes JSON only: any other content type is refused before BentoML parses it
+  (its multipart parser answers a body without a boundary with a 500) with 415.
+- BentoML answers a request that fails its pydantic validation with 400 and its own body
+  ``{"error", "detail": [...]}``; it is rewritten to the service's ``{"error", "field"}`` (the
+  first failing field, dotted), the body the service itself sends for every 4xx/503.
+- BentoML's OpenAPI document (``/docs.json``) declares its own exception shapes for errors; the
+  statuses the service really sends are declared instead, with the ``{error, field}`` schema.
+"""
+
+from __future__ import annotations
+
+import json
+
+ERROR_SCHEMA = {
+    "type": "object",
+    "title": "Error",
+    "required": ["error"],
+    "properties": {
+        "error": {"type": "string", "description": "what is wrong and how to fix it"},
+        "field": {"type": "string", "description": "the request field at fault (absent for outages)"},
+    },
+}
+ERROR_STATUSES = {
+    "400": "bad input: the field named is missing, malformed or out of range",
+    "404": "an id that does not exist (similar_items' item_id)",
+    "415": "the body is not application/json",
+    "503": "a dependency (Milvus, Feast) is down and no fallback is configured",
+}
+
+
+def _field(detail) -> str:
+    """pydantic's loc of the first error, without BentoML's wrapper levels: events.0.ts."""
+    if not isinstance(detail, list) or not detail or not isinstance(detail[0], dict):
+        return "body"
+    loc = [str(x) for x in detail[0].get("loc", []) if x not in ("body", "__root__")]
+    return ".".join(loc) or "body"
+
+
+def _message(detail, fallback: str) -> str:
+    if isinstance(detail, list) and detail and isinstance(detail[0], dict) and detail[0].get("msg"):
+        return f"{_field(detail)}: {detail[0]['msg']}"
+    return fallback
+
+
+def patch_openapi(spec: dict, routes: set[str]) -> dict:
+    comps = spec.setdefault("components", {}).setdefault("schemas", {})
+    comps["Error"] = ERROR_SCHEMA
+    ref = {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}
+    for path, item in spec.get("paths", {}).items():
+        if path not in routes or "post" not in item:
+            continue
+        responses = {k: v for k, v in item["post"].get("responses", {}).items() if str(k).startswith("2")}
+        responses.update({code: {"description": d, "content": ref} for code, d in ERROR_STATUSES.items()})
+        item["post"]["responses"] = responses
+    return spec
+
+
+async def _send_json(send, status: int, payload: dict, headers: list | None = None) -> None:
+    body = json.dumps(payload).encode()
+    hdrs = [(k, v) for k, v in (headers or []) if k.lower() not in (b"content-length", b"content-type")]
+    await send({"type": "http.response.start", "status": status,
+                "headers": [*hdrs, (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})
+
+
+class ErrorContract:
+    def __init__(self, app, routes: tuple[str, ...], spec_path: str = "/docs.json"):
+        self.app = app
+        self.routes = set(routes)
+        self.spec_path = spec_path
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        path, method = scope.get("path"), scope.get("method")
+        if method == "POST" and path in self.routes:
+            ctype = ""
+            for k, v in scope.get("headers", []):
+                if k == b"content-type":
+                    ctype = v.decode("latin-1").split(";", 1)[0].strip().lower()
+            if ctype and ctype != "application/json":
+                return await _send_json(send, 415, {
+                    "error": f"content-type {ctype!r} is not accepted: send the body as application/json",
+                    "field": "content-type"})
+            return await self._rewriting(scope, receive, send, self._rewrite_400)
+        if method == "GET" and path == self.spec_path:
+            return await self._rewriting(scope, receive, send, self._rewrite_spec)
+        return await self.app(scope, receive, send)
+
+    async def _rewriting(self, scope, receive, send, rewrite):
+        """Run the app, hold back a response ``rewrite`` wants to change (small JSON bodies only)."""
+        held: dict = {}
+
+        async def capture(message):
+            if message["type"] == "http.response.start":
+                if rewrite(message["status"], None) is None:
+                    held["pass"] = True
+                    return await send(message)
+                held["start"], held["body"] = message, b""
+                return None
+            if held.get("pass") or message["type"] != "http.response.body":
+                return await send(message)
+            held["body"] += message.get("body", b"")
+            if message.get("more_body"):
+                return None
+            out = rewrite(held["start"]["status"], held["body"])
+            if out is None:
+                await send(held["start"])
+                return await send({"type": "http.response.body", "body": held["body"]})
+            status, payload = out
+            return await _send_json(send, status, payload, held["start"].get("headers"))
+
+        await self.app(scope, receive, capture)
+
+    @staticmethod
+    def _rewrite_400(status: int, body: bytes | None):
+        if status != 400:
+            return None
+        if body is None:
+            return True  # hold it
+        try:
+            data = json.loads(body)
+        except ValueError:
+            return 400, {"error": "the body is not valid JSON", "field": "body"}
+        if isinstance(data, dict) and "field" in data:
+            return None  # the service's own error
+        detail = data.get("detail") if isinstance(data, dict) else None
+        msg = data.get("error", "bad request") if isinstance(data, dict) else "bad request"
+        return 400, {"error": _message(detail, str(msg)), "field": _field(detail)}
+
+    def _rewrite_spec(self, status: int, body: bytes | None):
+        if status != 200:
+            return None
+        if body is None:
+            return True
+        return 200, patch_openapi(json.loads(body), self.routes)
