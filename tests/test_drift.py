@@ -259,6 +259,27 @@ def test_no_shift_gives_no_alarm(world, tmp_path, local_kfp):
         assert {checks[n]["status"] for n in ("behaviour", "user_embedding", "served_score", "online_hit_rate")} == {"ok"}, s
 
 
+def test_cold_starts_and_fallbacks_do_not_look_like_score_drift(world, tmp_path, local_kfp):
+    """Live traffic mixes model-ranked responses with cold starts and fallbacks that log popularity
+    counts (thousands) in the same 'scores' field: the model-side checks compare model outputs
+    only, so the same model on the same users is still ok everywhere."""
+    log = tmp_path / "log"
+    lines = [json.loads(x) for x in (world["root"] / "log-noshift" / "serving-pod-0.jsonl").read_text().splitlines()]
+    rng = np.random.default_rng(3)
+    for n, r in enumerate(lines):
+        if n % 4 == 0:  # a quarter of the traffic: cold starts and popularity fallbacks
+            r.update(cold_start=n % 8 == 0, fallback=n % 8 == 4, model_version="popularity",
+                     scores=sorted(rng.integers(1000, 5000, len(r["scores"])).astype(float).tolist(), reverse=True))
+            r.pop("user_embedding", None)
+    _write_jsonl(log / "serving-pod-0.jsonl", lines)
+    (log / "feedback-pod-0.jsonl").write_text((world["root"] / "log-noshift" / "feedback-pod-0.jsonl").read_text())
+    summary, _ = run_check(_cfg(world, tmp_path, log=str(log), trigger=False))
+    for s in summary["scenarios"]:
+        checks = {c["name"]: c for c in s["checks"]}
+        assert s["verdict"] == "ok" and checks["served_score"]["status"] == "ok", s
+        assert checks["served_score"]["score"] < 0.1, checks["served_score"]
+
+
 def test_behaviour_drift_share_agrees_with_evidently_and_score_drift(world, tmp_path):
     """With the model-side checks alone (behaviour disabled), an unexplained model-side drift
     flags the scenario: here the serving log's scores are pushed up, as a changed model would."""

@@ -172,6 +172,22 @@ def behaviour_check(ref: pd.DataFrame, cur: pd.DataFrame, th: ScenarioThresholds
 _EMB_METHODS = {"model": ModelDriftMethod, "distance": DistanceDriftMethod, "mmd": MMDDriftMethod}
 
 
+def model_ranked(requests: pd.DataFrame) -> pd.DataFrame:
+    """The responses the model ranked: not cold starts (popularity counts in ``scores``), not the
+    fallback, not the holdout. Only these are comparable with the reference's model outputs."""
+    if not len(requests):
+        return requests
+    keep = np.ones(len(requests), dtype=bool)
+    for col in ("cold_start", "fallback"):
+        if col in requests:
+            keep &= ~requests[col].fillna(False).astype(bool).to_numpy()
+    if "arm" in requests:
+        keep &= (requests["arm"] != "holdout").to_numpy()
+    if "model_version" in requests:
+        keep &= (requests["model_version"] != "popularity").to_numpy()
+    return requests[keep]
+
+
 def embedding_check(ref: pd.DataFrame | None, requests: pd.DataFrame, dim: int | None, th: ScenarioThresholds, seed: int) -> tuple[CheckResult, list[str], object]:
     et = th.embedding
     res = CheckResult("user_embedding", "skipped", method=f"evidently embedding drift ({et.method})", threshold=et.threshold)
@@ -182,6 +198,7 @@ def embedding_check(ref: pd.DataFrame | None, requests: pd.DataFrame, dim: int |
         res.message = "the reference was recorded without a model: no reference embeddings"
         return res, [], None
     cols = [f"e{d}" for d in range(dim)]
+    requests = model_ranked(requests)
     raw = requests["user_embedding"] if "user_embedding" in requests else pd.Series([], dtype=object)
     present = raw.dropna()
     vecs = [v for v in (reduce_embedding(x, dim) for x in present) if v is not None]
@@ -226,6 +243,8 @@ def prediction_check(ref: pd.DataFrame | None, requests: pd.DataFrame, th: Scena
         res.message = "the reference was recorded without a model: no reference scores"
         return res, [], None
     ref = ref.loc[ref["rank"] < pt.top_k, ["score"]]
+    # model cosines only: a cold start or a fallback logs popularity counts in the same field
+    requests = model_ranked(requests)
     cur = pd.DataFrame({"score": [s for row in requests.get("scores", []) for s in row[: pt.top_k]]}, dtype="float64")
     problems = []
     finite = np.isfinite(cur["score"].to_numpy())

@@ -49,6 +49,8 @@ def reference_model_outputs(
     req = events.iloc[np.concatenate(picks)][["user_id", "scenario", "ts"]].reset_index(drop=True)
     req.insert(0, "request_id", [f"ref-{i}" for i in range(len(req))])
     served, info = serve_like(model_dir, events, items, req, top_k)
+    # as the live checks: model-ranked responses only (a live cold start serves popularity)
+    served = served[~served["cold_start"].astype(bool)].reset_index(drop=True)
     dim = int(info["model"]["dim"])
     vecs = [reduce_embedding(v, dim) for v in served["user_embedding"]]
     keep = [i for i, v in enumerate(vecs) if v is not None]
