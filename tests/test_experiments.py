@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -228,3 +229,28 @@ def test_log_rotates_by_size_and_age_and_prunes_only_expired_files(tmp_path):
     aged.append(rec)
     assert (tmp_path / "serving-q-1.1.jsonl").exists()
     aged.close()
+
+
+def test_lift_p_value_and_interval_never_disagree():
+    """Significant exactly when the interval excludes no lift, for both metrics, over many
+    random arm pairs (small, large, equal and different rates)."""
+    from redrec.experiments.report import ArmStats, _lift
+
+    rng = np.random.default_rng(0)
+    seen = {True: 0, False: 0}
+    for _ in range(400):
+        arms = []
+        for name in ("treatment", "control"):
+            users = int(rng.integers(50, 5000))
+            hits = int(rng.binomial(users, rng.uniform(0.02, 0.4)))
+            resp = users * 3
+            clicks = int(rng.binomial(resp, rng.uniform(0.02, 0.3)))
+            arms.append(ArmStats(name, users, resp, clicks, hits, clicks / resp, math.sqrt(clicks / resp * (1 - clicks / resp) / users),
+                                 hits / users, math.sqrt(hits / users * (1 - hits / users) / users)))
+        for metric in ("hit_rate", "ctr"):
+            lf = _lift(metric, arms[0], arms[1], 0.95)
+            excludes = lf.ci_low > 0 or lf.ci_high < 0
+            assert lf.significant == excludes, lf
+            assert lf.ci_low <= lf.value <= lf.ci_high, lf
+            seen[lf.significant] += 1
+    assert seen[True] > 50 and seen[False] > 50  # both outcomes were exercised

@@ -6,9 +6,10 @@ computed over users, never over requests (requests of one user are correlated):
 - CTR = clicked responses / responses, a ratio of per-user sums; its variance comes from the
   delta method over users (cluster-robust).
 - hit rate = share of exposed users with at least one click, a per-user proportion.
-Relative lift = treatment / control - 1; its CI is the delta-method CI of log(ratio),
-exponentiated (asymmetric, never below -100%); the p-value is a two-sided z test of the
-difference. SRM: a chi-square goodness-of-fit test of users per group against the configured
+Relative lift = treatment / control - 1, with a test and an interval that come from one
+procedure (so they never disagree): for hit rate statsmodels' score test and score interval for
+the ratio of two proportions; for CTR the Wald test and interval of log(ratio) with the
+delta-method variance, exponentiated (asymmetric, never below -100%). SRM: a chi-square goodness-of-fit test of users per group against the configured
 shares (holdout included); p < 0.001 flags the experiment as untrustworthy.
 """
 
@@ -105,16 +106,31 @@ def _arm_stats(arm: str, g: pd.DataFrame) -> ArmStats:
 
 
 def _lift(metric: str, t: ArmStats, c: ArmStats, conf: float) -> Lift:
-    vt, st = (t.ctr, t.ctr_se) if metric == "ctr" else (t.hit_rate, t.hit_rate_se)
-    vc, sc = (c.ctr, c.ctr_se) if metric == "ctr" else (c.hit_rate, c.hit_rate_se)
-    z = stats.norm.ppf(0.5 + conf / 2)
+    """The test and its interval are one procedure, so they never disagree (p < 1 - conf exactly
+    when the interval excludes no lift): hit rate, a per-user proportion, by statsmodels' score
+    test of the ratio of two independent proportions and the score interval that inverts it;
+    CTR, a ratio of per-user sums, by the Wald test of log(ratio) with the delta-method variance
+    (cluster-robust over users) and the Wald interval of the same statistic."""
+    from statsmodels.stats.proportion import confint_proportions_2indep, test_proportions_2indep
+
     nan = float("nan")
+    if metric == "hit_rate":
+        if t.users == 0 or c.users == 0 or c.hit_users == 0:
+            return Lift(metric, t.arm, c.arm, (t.hit_rate / c.hit_rate - 1) if c.hit_rate > 0 else nan, nan, nan, nan, False)
+        args = (t.hit_users, t.users, c.hit_users, c.users)
+        p = float(test_proportions_2indep(*args, compare="ratio", method="score").pvalue)
+        lo, hi = confint_proportions_2indep(*args, compare="ratio", method="score", alpha=1 - conf)
+        ratio = t.hit_rate / c.hit_rate
+        return Lift(metric, t.arm, c.arm, ratio - 1, float(lo) - 1, float(hi) - 1, p, p < 1 - conf)
+    vt, st, vc, sc = t.ctr, t.ctr_se, c.ctr, c.ctr_se
     if vt <= 0 or vc <= 0 or not (np.isfinite(st) and np.isfinite(sc)):
         return Lift(metric, t.arm, c.arm, (vt / vc - 1) if vc > 0 else nan, nan, nan, nan, False)
-    se_diff = math.sqrt(st**2 + sc**2)
-    p = float(2 * stats.norm.sf(abs(vt - vc) / se_diff)) if se_diff > 0 else (0.0 if vt != vc else 1.0)
+    z = stats.norm.ppf(0.5 + conf / 2)
     se_log = math.sqrt((st / vt) ** 2 + (sc / vc) ** 2)
     ratio = vt / vc
+    if se_log == 0:
+        return Lift(metric, t.arm, c.arm, ratio - 1, ratio - 1, ratio - 1, 0.0 if ratio != 1 else 1.0, ratio != 1)
+    p = float(2 * stats.norm.sf(abs(math.log(ratio)) / se_log))
     lo, hi = ratio * math.exp(-z * se_log) - 1, ratio * math.exp(z * se_log) - 1
     return Lift(metric, t.arm, c.arm, ratio - 1, lo, hi, p, p < 1 - conf)
 
