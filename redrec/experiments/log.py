@@ -19,6 +19,8 @@ import os
 import socket
 import threading
 import time
+from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
@@ -119,43 +121,103 @@ class AppendLog:
                 self._fd = -1
 
 
-def _read_lines(files: list[Path], required: tuple[str, ...]) -> tuple[list[dict], int]:
-    rows, torn = [], 0
-    for f in files:
-        with open(f, "rb") as fh:
-            for n, raw in enumerate(fh, 1):
-                if not raw.strip():
+# The reader: one for every consumer (A/B analysis, drift monitor). A few malformed lines must not
+# blind the monitor or stop an analysis, so bad lines are skipped and counted per reason (file and
+# line of the first few kept); the caller decides whether what is left is enough to judge.
+REQUEST_FIELDS = ("request_id", "ts", "user_id", "scenario", "items", "scores")  # what every response line has
+
+
+@dataclass
+class LogRead:
+    requests: pd.DataFrame
+    feedback: pd.DataFrame
+    files: int = 0
+    skipped: Counter = field(default_factory=Counter)
+    examples: list[str] = field(default_factory=list)
+
+    @property
+    def n_skipped(self) -> int:
+        return int(sum(self.skipped.values()))
+
+    def problems(self) -> list[str]:
+        if not self.skipped:
+            return []
+        reasons = ", ".join(f"{k}: {v}" for k, v in sorted(self.skipped.items()))
+        return [f"serving log: skipped malformed lines ({reasons}); first: " + "; ".join(self.examples[:3])]
+
+
+def _check(rec, fields: tuple[str, ...]) -> str | None:
+    if not isinstance(rec, dict):
+        return "not a JSON object"
+    miss = [f for f in fields if rec.get(f) is None]
+    if miss:
+        return f"missing field(s) {miss}"
+    try:
+        float(rec["ts"])
+    except (TypeError, ValueError):
+        return "field 'ts' is not a number"
+    if "items" in fields and (not isinstance(rec["items"], list) or not isinstance(rec["scores"], list) or len(rec["items"]) != len(rec["scores"])):
+        return "fields 'items' and 'scores' must be lists of equal length"
+    return None
+
+
+def read_log(log_dir: str | Path | None, start: float = float("-inf"), end: float = float("inf"),
+             request_fields: tuple[str, ...] = REQUEST_FIELDS) -> LogRead:
+    """Response and feedback lines with ``start <= ts < end`` from every ``*.jsonl`` under
+    ``log_dir`` (rotated files and per-pod sub-directories included); a missing directory reads
+    as empty (the caller reports it)."""
+    req, fb = [], []
+    out = LogRead(pd.DataFrame(), pd.DataFrame())
+    paths = sorted(Path(log_dir).rglob("*.jsonl")) if log_dir is not None and Path(log_dir).is_dir() else []
+    for path in paths:
+        is_fb = path.name.startswith("feedback-")
+        fields = FEEDBACK_FIELDS if is_fb else request_fields
+        out.files += 1
+        with path.open(encoding="utf-8", errors="replace") as fh:
+            for n, line in enumerate(fh, 1):
+                if not line.strip():
                     continue
                 try:
-                    rec = json.loads(raw)
+                    rec = json.loads(line)
                 except json.JSONDecodeError:
-                    torn += 1
-                    log.warning("%s line %d: not valid JSON (torn write?); skipped", f, n)
+                    # a writer killed mid-line leaves a torn last line: skip it, count it
+                    out.skipped["invalid JSON"] += 1
+                    out.examples.append(f"{path.name}:{n} invalid JSON")
                     continue
-                missing = [k for k in required if k not in rec]
-                if missing:
-                    raise ValueError(f"{f} line {n}: missing field(s) {missing}")
-                rows.append(rec)
-    return rows, torn
+                why = _check(rec, fields)
+                if why:
+                    out.skipped[why] += 1
+                    out.examples.append(f"{path.name}:{n} {why}")
+                    continue
+                if start <= float(rec["ts"]) < end:
+                    (fb if is_fb else req).append(rec)
+    out.requests = pd.DataFrame(req) if req else pd.DataFrame(columns=list(request_fields))
+    out.feedback = pd.DataFrame(fb) if fb else pd.DataFrame(columns=list(FEEDBACK_FIELDS))
+    for df in (out.requests, out.feedback):
+        df["ts"] = pd.to_numeric(df["ts"]).astype("float64")
+        for c in ("user_id", "scenario", "request_id"):
+            df[c] = df[c].astype(str)
+    return out
 
 
-def _files(log_dir: str | Path, feedback: bool) -> list[Path]:
-    d = Path(log_dir)
-    if not d.is_dir():
-        raise FileNotFoundError(f"serving log dir {d} does not exist")
-    return sorted(p for p in d.glob("*.jsonl") if p.name.startswith("feedback-") == feedback)
+def _frame(df: pd.DataFrame, lr: LogRead) -> pd.DataFrame:
+    df.attrs["torn_lines"] = int(lr.skipped.get("invalid JSON", 0))
+    df.attrs["skipped_lines"] = lr.n_skipped
+    return df
 
 
 def read_serving_log(log_dir: str | Path) -> pd.DataFrame:
-    """All response lines under ``log_dir`` (``*.jsonl`` except ``feedback-*``)."""
-    rows, torn = _read_lines(_files(log_dir, False), RESPONSE_FIELDS)
-    df = pd.DataFrame(rows, columns=list(dict.fromkeys([*RESPONSE_FIELDS, *(k for r in rows[:1] for k in r)])))
-    df.attrs["torn_lines"] = torn
-    return df
+    """All response lines with every field the A/B analysis needs (others skipped and counted)."""
+    d = Path(log_dir)
+    if not d.is_dir():
+        raise FileNotFoundError(f"serving log dir {d} does not exist")
+    lr = read_log(d, request_fields=RESPONSE_FIELDS)
+    return _frame(lr.requests, lr)
 
 
 def read_feedback(log_dir: str | Path) -> pd.DataFrame:
-    rows, torn = _read_lines(_files(log_dir, True), FEEDBACK_FIELDS)
-    df = pd.DataFrame(rows, columns=list(FEEDBACK_FIELDS))
-    df.attrs["torn_lines"] = torn
-    return df
+    d = Path(log_dir)
+    if not d.is_dir():
+        raise FileNotFoundError(f"serving log dir {d} does not exist")
+    lr = read_log(d)
+    return _frame(lr.feedback, lr)
