@@ -504,3 +504,26 @@ def test_cronjob_entry_point_starts_one_kfp_run_with_the_sa_token(world, tmp_pat
     # KFP down: the check still writes its report, and exits 4 so the Job shows the failure
     summary, _ = run_check(_cfg(world, tmp_path, kfp_host="http://127.0.0.1:9", pipeline_id="p", kfp_namespace="team-recs"))
     assert summary["exit_code"] == 4 and not summary["trigger"]["fired"] and summary["trigger"]["error"]
+
+
+def test_drift_pages_in_a_browser(world, tmp_path):
+    """The on-call engineer's view: the run's index and a drifted scenario's page in headless
+    Chromium, with Evidently's embedded dashboard drawn, no console error, nothing fetched."""
+    from browser_util import Browser
+
+    summary, run_dir = run_check(_cfg(world, tmp_path, trigger=False))
+    assert summary["drifted"] == ["search"]
+    b = Browser()
+    try:
+        index = b.open(run_dir / "index.html", "drift-index")
+        assert index.console_errors == [] and index.failed_requests == []
+        text = index.text()
+        assert "search" in text and "DRIFTED" in text and "homefeed" in text
+        page = b.open(run_dir / "search.html", "drift-search")
+        assert page.console_errors == [] and page.failed_requests == []
+        assert "DRIFTED" in page.text() and "action" in page.text()
+        # Evidently's dashboard is drawn from its embedded data: its plots are real SVG in the DOM
+        assert page.count("svg") >= 3, page.count("svg")
+        assert page.screenshot.stat().st_size > 20_000
+    finally:
+        b.close()

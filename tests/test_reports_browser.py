@@ -1,0 +1,61 @@
+"""The reports people read, opened in headless Chromium: the A/B report and the offline quality
+report load without console errors or outside requests, show their key numbers and draw their
+plots. Screenshots: build/screenshots/. (The drift pages: tests/test_drift.py, beside the model
+their runs need.)"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+from browser_util import Browser
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # bench/ is not a package of the install
+
+
+@pytest.fixture(scope="module")
+def browser():
+    b = Browser()
+    try:
+        yield b
+    finally:
+        b.close()
+
+
+def test_ab_report_in_a_browser(browser, tmp_path):
+    from test_experiments import simulate
+
+    from redrec.experiments.assignment import HOLDOUT, ExperimentSpec
+    from redrec.experiments.report import analyse, write_report
+
+    sp = ExperimentSpec(name="rollout", holdout_share=0.1, arms=[{"name": "control", "model_version": "v1", "share": 0.5},
+                                                                  {"name": "treat", "model_version": "v2", "share": 0.5}])
+    simulate(tmp_path / "log", sp, {"control": 0.10, "treat": 0.13, HOLDOUT: 0.08})
+    rep = analyse(tmp_path / "log", sp)
+    paths = write_report(rep, tmp_path / "out")
+    page = browser.open(paths["html"], "ab-report")
+    assert page.console_errors == [] and page.failed_requests == []
+    text = page.text()
+    lift = next(l for l in rep.lifts["overall"] if l.metric == "ctr" and l.arm == "treat")
+    assert "treat" in text and "control" in text and "rollout" in text
+    assert f"{lift.value * 100:+.1f}" in text, text[:2000]  # the lift, as the table prints it
+    # the lift plots are drawn: an svg per metric with a mark per arm and scenario
+    assert page.count("svg") >= 2 and page.count("svg rect, svg line, svg circle") >= 4
+    assert page.screenshot.stat().st_size > 10_000
+
+
+def test_quality_report_in_a_browser(browser, tmp_path):
+    from bench.quality_report import write_html
+
+    report = json.loads((ROOT / "bench" / "results" / "quality.json").read_text())
+    path = write_html(report, tmp_path / "quality.html")
+    page = browser.open(path, "quality-report")
+    assert page.console_errors == [] and page.failed_requests == []
+    text = page.text()
+    sasrec = report["datasets"]["movielens-1m"]["loo"]["results"]["sasrec"]["overall"]["ndcg@10"]
+    assert f"{sasrec:.4f}" in text, text[:3000]
+    assert page.count("svg") >= 2 and page.count("svg polyline, svg path") >= 2  # validation curves drawn
+    assert page.screenshot.stat().st_size > 10_000
