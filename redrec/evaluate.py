@@ -189,19 +189,21 @@ def evaluate_popularity(enc: EncodedData, split: Split, on: str = "test", all_it
 
 
 def format_table(results: dict[str, EvalResult], scenarios: list[str], metric_keys=("ndcg@10", "hr@10", "mrr"), ref: str | None = None) -> str:
+    """One row per model and scenario (then overall), so the table stays under 100 columns
+    however many scenarios there are; ``ref``: the first metric's ratio to that model's."""
     cols = scenarios + ["overall"]
-    lines = [f"{'model':<18}" + "".join(f"{c + ' ' + m:>22}" for c in cols for m in metric_keys)]
+    name_w = max([18, *(len(n) + 1 for n in results)])
+    head = f"{'model':<{name_w}}{'scenario':<12}" + "".join(f"{m:>10}" for m in metric_keys)
+    if ref and ref in results:
+        head += f"{metric_keys[0] + ' vs ' + ref:>24}"
+    lines = [head, "-" * len(head)]
     for name, res in results.items():
-        cells = []
         for c in cols:
             src = res.overall if c == "overall" else res.per_scenario.get(c, {})
-            for m in metric_keys:
-                v = src.get(m, float("nan"))
-                r = ""
-                if ref and ref in results and m == metric_keys[0]:
-                    rs = results[ref].overall if c == "overall" else results[ref].per_scenario.get(c, {})
-                    if rs.get(m):
-                        r = f" ({v / rs[m]:.2f}x)"
-                cells.append(f"{v:.4f}{r}".rjust(22))
-        lines.append(f"{name:<18}" + "".join(cells))
+            row = f"{name:<{name_w}}{c:<12}" + "".join(f"{src.get(m, float('nan')):>10.4f}" for m in metric_keys)
+            if ref and ref in results:
+                rs = results[ref].overall if c == "overall" else results[ref].per_scenario.get(c, {})
+                v, r = src.get(metric_keys[0], float("nan")), rs.get(metric_keys[0])
+                row += f"{(f'{v / r:.2f}x') if r else '-':>24}"
+            lines.append(row)
     return "\n".join(lines)

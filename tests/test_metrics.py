@@ -80,3 +80,17 @@ def test_batch_ranks_agree_with_rank_metrics_on_ties_nans_and_masks():
             n_nan_targets += bool(np.isnan(scores[b, t]))
         assert metrics_from_ranks(ranks[b], len(targets[b])) == pytest.approx(rank_metrics(scores[b], targets[b]))
     assert n_nan_targets > 0
+
+
+
+def test_evaluation_table_fits_100_columns():
+    from redrec.evaluate import EvalResult, format_table
+
+    scen = ["homefeed", "search", "ads", "live"]
+    res = {name: EvalResult(overall={"ndcg@10": 0.1, "hr@10": 0.2, "mrr": 0.05},
+                            per_scenario={s: {"ndcg@10": 0.1, "hr@10": 0.2, "mrr": 0.05} for s in scen})
+           for name in ("popularity", "sasrec", "redrec-single-scenario", "redrec")}
+    table = format_table(res, scen, ref="popularity")
+    lines = table.splitlines()
+    assert max(map(len, lines)) <= 100, table
+    assert len(lines) == 2 + 4 * 5 and "redrec-single-scenario" in table and "1.00x" in table

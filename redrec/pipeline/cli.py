@@ -39,7 +39,23 @@ def cmd_run(args) -> int:
         return 1
     if s.get("service"):
         print(f"\nthe service keeps running at {s['service']}; stop it with `redrec pipeline stop --config {args.config}`")
+        example = _example_request(res.run_dir, rc.params)
+        if example:
+            print("ask it (a real user of this data; an unknown id gets the popular items, cold_start true):\n"
+                  f"  curl -s {s['service']}/recommend -H 'content-type: application/json' \\\n    -d '{example}'")
     return 0
+
+
+def _example_request(run_dir, params) -> str | None:
+    """A request body for a user the data really has (ML-1M ids are 1m_<n>, not <n>)."""
+    try:
+        from redrec.pipeline.steps import load_prepared
+
+        data = load_prepared(Path(run_dir) / "prepare-data" / "data")
+        user, scenario = str(data.events["user_id"].iloc[0]), data.scenarios[0]
+    except Exception:  # the run's data is not readable here: no example rather than a wrong one
+        return None
+    return json.dumps({"user_id": user, "scenario": scenario, "k": 5})
 
 
 def cmd_compile(args) -> int:
