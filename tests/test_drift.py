@@ -256,7 +256,7 @@ def test_no_shift_gives_no_alarm(world, tmp_path, local_kfp):
     for s in summary["scenarios"]:
         checks = {c["name"]: c for c in s["checks"]}
         # every check was really judged on this data, not skipped
-        assert {checks[n]["status"] for n in ("behaviour", "user_embedding", "served_score", "online_hit_rate")} == {"ok"}, s
+        assert {checks[n]["status"] for n in ("behaviour", "user_embedding", "served_score", "online_hit_rate", "serving_mix")} == {"ok"}, s
 
 
 def test_cold_starts_and_fallbacks_do_not_look_like_score_drift(world, tmp_path, local_kfp):
@@ -278,6 +278,11 @@ def test_cold_starts_and_fallbacks_do_not_look_like_score_drift(world, tmp_path,
         checks = {c["name"]: c for c in s["checks"]}
         assert s["verdict"] == "ok" and checks["served_score"]["status"] == "ok", s
         assert checks["served_score"]["score"] < 0.1, checks["served_score"]
+        # 12.5 % fallbacks: an alert of its own (an outage), reported in the notes, never drift
+        mix = checks["serving_mix"]
+        assert mix["status"] == "alert" and "popularity fallback" in mix["message"] and abs(mix["score"] - 0.125) < 0.03, mix
+        assert any(n.startswith("ALERT serving_mix") for n in s["notes"]), s["notes"]
+    assert summary["drifted"] == [] and summary["exit_code"] == 0
 
 
 def test_behaviour_drift_share_agrees_with_evidently_and_score_drift(world, tmp_path):

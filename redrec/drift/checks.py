@@ -267,6 +267,33 @@ def prediction_check(ref: pd.DataFrame | None, requests: pd.DataFrame, th: Scena
     return res, problems, snap
 
 
+def serving_mix_check(requests: pd.DataFrame, th: ScenarioThresholds) -> CheckResult:
+    """Fallback and cold-start rates of the window: status ``alert`` above their thresholds."""
+    mt = th.serving_mix
+    res = CheckResult("serving_mix", "skipped", method="fallback / cold-start share of requests", threshold=mt.max_fallback_rate)
+    if not mt.enabled:
+        res.message = "disabled in the thresholds"
+        return res
+    n = len(requests)
+    res.n_current = n
+    if n < mt.min_requests:
+        res.status, res.message = "insufficient_data", f"{n} requests, at least {mt.min_requests} needed"
+        return res
+    flag = lambda col: float(requests[col].fillna(False).astype(bool).mean()) if col in requests else 0.0  # noqa: E731
+    fallback, cold = flag("fallback"), flag("cold_start")
+    res.score = fallback
+    alerts = []
+    if fallback > mt.max_fallback_rate:
+        alerts.append(f"{fallback:.1%} of requests served by the popularity fallback (max {mt.max_fallback_rate:.1%}): "
+                      "a dependency is failing (the serving pods' /readyz and fallback_reason in the log say which)")
+    if cold > mt.max_cold_start_rate:
+        alerts.append(f"{cold:.1%} cold starts (max {mt.max_cold_start_rate:.1%}): new users, or user ids that no longer "
+                      "match the feature store's")
+    res.status = "alert" if alerts else "ok"
+    res.message = "; ".join(alerts) or f"fallback {fallback:.1%}, cold start {cold:.1%}"
+    return res
+
+
 def hit_rate_check(requests: pd.DataFrame, feedback: pd.DataFrame, offline: dict, th: ScenarioThresholds) -> CheckResult:
     ht = th.hit_rate
     key = f"hr@{ht.k}"
@@ -307,6 +334,7 @@ def verdict(checks: list[CheckResult], drifted_elsewhere: list[str] | None = Non
     model_drift = [c.name for c in checks if c.name not in OWN_CHECKS and c.status == "drift"]
     status = {c.status for c in checks}
     notes = []
+    notes += [f"ALERT {c.name}: {c.message}" for c in checks if c.status == "alert"]  # reported, never drift
     if "drift" in own:
         return "drift", notes
     if model_drift:

@@ -92,11 +92,22 @@ class HitRateThresholds(_Strict):
     negative_actions: list[str] = Field(default_factory=lambda: ["skip"])
 
 
+class ServingMixThresholds(_Strict):
+    """What answered the window's requests. A surge of popularity fallbacks is an outage and a
+    surge of cold starts a traffic or identity change: both are alerts of their own, never
+    drift (retraining fixes neither)."""
+    enabled: bool = True
+    max_fallback_rate: float = Field(0.05, ge=0, le=1)
+    max_cold_start_rate: float = Field(0.5, ge=0, le=1)
+    min_requests: int = Field(100, ge=1)
+
+
 class ScenarioThresholds(_Strict):
     behaviour: BehaviourThresholds = Field(default_factory=BehaviourThresholds)
     embedding: EmbeddingThresholds = Field(default_factory=EmbeddingThresholds)
     prediction: PredictionThresholds = Field(default_factory=PredictionThresholds)
     hit_rate: HitRateThresholds = Field(default_factory=HitRateThresholds)
+    serving_mix: ServingMixThresholds = Field(default_factory=ServingMixThresholds)
 
 
 def _merge(base: dict, over: dict) -> dict:

@@ -87,6 +87,7 @@ def judge_scenario(s: str, ref: Reference, cur_feats: pd.DataFrame, requests: pd
         if snap is not None:
             snaps.append(snap)
     results.append(C.hit_rate_check(req, fb, (ref.info.get("offline_metrics") or {}).get(s, {}), th))
+    results.append(C.serving_mix_check(req, th))
     return C.ScenarioResult(s, C.verdict(results)[0], results, problems, snaps)
 
 

@@ -21,8 +21,8 @@ from evidently.core.metric_types import render_widgets
 from redrec.drift.checks import ScenarioResult
 
 SUMMARY_FORMAT = "redrec-drift-summary/1"
-_COLORS = {"drift": "#c62828", "ok": "#2e7d32", "insufficient_data": "#6d6d6d", "error": "#e65100", "skipped": "#6d6d6d"}
-_LABEL = {"drift": "DRIFTED", "ok": "OK", "insufficient_data": "INSUFFICIENT DATA", "error": "ERROR", "skipped": "skipped"}
+_COLORS = {"drift": "#c62828", "ok": "#2e7d32", "insufficient_data": "#6d6d6d", "error": "#e65100", "skipped": "#6d6d6d", "alert": "#ad1457"}
+_LABEL = {"drift": "DRIFTED", "ok": "OK", "insufficient_data": "INSUFFICIENT DATA", "error": "ERROR", "skipped": "skipped", "alert": "ALERT"}
 _STYLE = """<style>
 .rr{font-family:system-ui,Arial,sans-serif;margin:16px 24px;color:#222}
 .rr table{border-collapse:collapse;margin:8px 0 16px}
