@@ -334,6 +334,48 @@ def test_with_the_fallback_configured_a_milvus_outage_keeps_the_pod_ready_and_se
     # without the fallback the same outage is a 503 and an unready pod: test_killed_milvus_gives_503...
 
 
+@pytest.mark.slow
+def test_a_hung_feature_server_costs_a_deadline_not_the_arm(world, tmp_path):
+    """The feature server frozen (SIGSTOP: connections accepted, never answered). Each request
+    fails within serving.feast_timeout_s instead of wedging the arm's batch thread: with the
+    fallback configured it is served popularity, /readyz says Feast is timing out (degraded);
+    once Feast answers again, the model serves again."""
+    import signal
+
+    from redrec.serving.local import LocalServer
+
+    cfg = json.loads(json.dumps(world["cfg"]))
+    cfg["serving"].update(on_dependency_error="popularity", feast_timeout_s=1.0)
+    cfg["serving"]["serving_log"]["dir"] = str(tmp_path / "log")
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    user = warm_users(world)[3]
+    with LocalServer(path) as srv:
+        assert not rec(srv, user, "search")["fallback"]
+        fs = world["fs"]
+        os.killpg(fs.proc.pid, signal.SIGSTOP)
+        try:
+            for _ in range(3):  # more requests than one deadline: none waits for the previous one
+                t0 = time.monotonic()
+                out = rec(srv, user, "search")
+                assert out["fallback"] and out["model_version"] == "popularity", out
+                assert time.monotonic() - t0 < 10
+            time.sleep(2.1)  # readiness is cached for 2 s
+            r = httpx.get(srv.url + "/readyz", timeout=30)
+            assert r.status_code == 200, r.text
+            status = httpx.get(srv.url + "/ops/release", timeout=30).json()
+            assert "feast timing out" in status["readiness"], status["readiness"]
+        finally:
+            os.killpg(fs.proc.pid, signal.SIGCONT)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            out = rec(srv, user, "search")
+            if not out["fallback"]:
+                break
+            time.sleep(0.5)
+        assert not out["fallback"] and out["model_version"] != "popularity", out
+
+
 def test_feature_server_down_gives_503(server, world):
     from redrec.serving.feast_server import FeatureServer
 

@@ -52,6 +52,8 @@ class ServingSection(_Strict):
     # Milvus or Feast down: "error" answers 503 with the reason; "popularity" serves the
     # scenario's popular items (flagged fallback=true in the response and the log)
     on_dependency_error: Literal["error", "popularity"] = "error"
+    # a Feast read (history, popularity) not answered within this is an outage (fallback or 503)
+    feast_timeout_s: float = Field(2.0, gt=0, le=60)
     batch_max_size: int = Field(64, ge=1, le=4096)
     batch_max_wait_ms: float = Field(2.0, ge=0, le=1000)
     popularity_refresh_s: float = Field(60.0, ge=1)

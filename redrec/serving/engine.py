@@ -23,6 +23,8 @@ import logging
 import threading
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 
 import numpy as np
@@ -111,6 +113,11 @@ class Engine:
             torch.set_num_threads(cfg.serving.torch_threads)
         self.scenarios = list(cfg.scenarios)
         self.repo = open_repo(cfg)
+        # every Feast read runs here under a deadline (Feast's HTTP client has none): a hung feature
+        # server costs a request its deadline, not the arm's batch thread forever
+        self._feast_pool = ThreadPoolExecutor(4, thread_name_prefix="redrec-feast")
+        self._feast_timeout_s = cfg.serving.feast_timeout_s
+        self._feast_ok_at, self._feast_stuck_at = 0.0, 0.0
         self.models = registry.ModelSource(cfg.model_store.uri, cfg.model_store.cache_dir)
         self._gen: _Generation | None = None
         self._install(cfg, self._load_arms(cfg))
@@ -216,9 +223,20 @@ class Engine:
         return True
 
     # ---- popularity (cold start and fallback) ---------------------------------------------------
+    def _feast(self, fn, *args):
+        """``fn(*args)`` (a Feast read) within serving.feast_timeout_s, else TimeoutError (an outage)."""
+        fut = self._feast_pool.submit(fn, *args)
+        try:
+            out = fut.result(timeout=self._feast_timeout_s)
+        except FutureTimeout:
+            self._feast_stuck_at = time.monotonic()
+            raise TimeoutError(f"feast: no answer within {self._feast_timeout_s:g}s (serving.feast_timeout_s)") from None
+        self._feast_ok_at = time.monotonic()
+        return out
+
     def refresh_popularity(self, raise_errors: bool = True) -> None:
         try:
-            scen, pop = item_catalogue(self.repo, self.catalogue)
+            scen, pop = self._feast(item_catalogue, self.repo, self.catalogue)
         except Exception as e:
             if raise_errors:
                 raise
@@ -266,6 +284,8 @@ class Engine:
             self.refresh_popularity(raise_errors=False)
         if ok and self._popular is None:
             ok, why = False, "item popularity not loaded (feature store unreachable?)"
+        if ok and self._feast_stuck_at > self._feast_ok_at:
+            ok, why = False, f"feast timing out: its last read got no answer within {self._feast_timeout_s:g}s"
         if not ok and self.cfg.serving.on_dependency_error == "popularity" and self._popular is not None:
             # the models are loaded and the fallback answers every request: an outage of a dependency
             # must not take every replica out of the Service (that would defeat the fallback)
@@ -317,7 +337,7 @@ class Engine:
     def _user_vectors(self, rt: ArmRuntime, reqs: list[tuple[str, str]]) -> list:
         """(user_id, scenario) per request -> (history, [K, dim] vectors or None for cold users)."""
         users = list(dict.fromkeys(u for u, _ in reqs))
-        hist = self.repo.online_histories(users)
+        hist = self._feast(self.repo.online_histories, users)
         rows = [encode_row(rt.vocab, hist[u]) for u, _ in reqs]
         warm = [i for i, r in enumerate(rows) if len(r["items"])]
         out: list = [(hist[u], None) for u, _ in reqs]
@@ -478,12 +498,13 @@ class Engine:
                          "action": e["action"], "ts": ts, "request_id": e.get("request_id")})
         df = pd.DataFrame(rows)
         try:
-            rep = await asyncio.to_thread(self.repo.push_events, df[["user_id", "item_id", "scenario", "action", "ts"]])
+            rep = await asyncio.to_thread(self._feast, self.repo.push_events, df[["user_id", "item_id", "scenario", "action", "ts"]])
         except Exception as e:
             dep = _dependency(e)
             if dep is None:
                 raise
-            raise Unavailable(f"{dep} unavailable, events not recorded: {type(e).__name__}: {str(e)[:200]}") from e
+            late = " (a timed-out push may still land; a retry is deduplicated)" if isinstance(e, TimeoutError) else ""
+            raise Unavailable(f"{dep} unavailable, events not recorded{late}: {type(e).__name__}: {str(e)[:200]}") from e
         self.feedback.append_many(rows)
         return {"accepted": len(rows), "skipped_duplicates": rep.skipped_duplicates}
 
