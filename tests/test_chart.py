@@ -806,6 +806,10 @@ def test_config_contents_default(render):
     assert cfg["experiment"] == {"name": "default", "holdout_share": 0, "arms": [
         {"name": "control", "model_version": "bundled", "index_alias": "redrec_items", "share": 1}]}
     assert cfg["serving"]["max_k"] == 200 and cfg["serving"]["port"] == 3000
+    # a dependency outage is served by the fallback (pods stay ready), with a Feast deadline
+    assert cfg["serving"]["on_dependency_error"] == "popularity" and cfg["serving"]["feast_timeout_s"] == 2
+    assert cfg["serving"]["serving_log"] == {"dir": "/var/log/redrec/serving", "per_pod_file": True, "fsync": False,
+                                             "rotate_mb": 256, "rotate_minutes": 60, "retention_hours": 72}
     assert cfg["serving"]["feature_server_url"] == f"http://{RELEASE}-redrec-feast.{NAMESPACE}.svc:6566"
     assert cfg["serving"]["serving_log"]["dir"] == "/var/log/redrec/serving"
     assert cfg["milvus"] == {"uri": "http://milvus.milvus.svc.cluster.local:19530", "collection_alias": "redrec_items"}
