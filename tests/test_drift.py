@@ -530,5 +530,11 @@ def test_drift_pages_in_a_browser(world, tmp_path):
         # Evidently's dashboard is drawn from its embedded data: its plots are real SVG in the DOM
         assert page.count("svg") >= 3, page.count("svg")
         assert page.screenshot.stat().st_size > 20_000
+        # the history over runs: drift share per scenario as a line, the alarm level marked
+        run_check(_cfg(world, tmp_path, trigger=False).model_copy(update={"now": world["now"] + 3600}))
+        hist = b.open(tmp_path / "reports" / "index.html", "drift-history")
+        assert hist.console_errors == [] and hist.failed_requests == []
+        assert hist.count("#drift-share-chart polyline") == 3 and hist.count("#drift-share-chart circle") == 6
+        assert "alarm 0.3" in hist.text() and hist.count("#runs tr") == 3
     finally:
         b.close()

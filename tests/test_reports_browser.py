@@ -44,6 +44,9 @@ def test_ab_report_in_a_browser(browser, tmp_path):
     assert f"{lift.value * 100:+.1f}" in text, text[:2000]  # the lift, as the table prints it
     # the lift plots are drawn: an svg per metric with a mark per arm and scenario
     assert page.count("svg") >= 2 and page.count("svg rect, svg line, svg circle") >= 4
+    # sample ratio: a bar per group (control, treat, holdout) with its expected count marked
+    assert page.count("#srm-chart rect") == 3 and page.count("#srm-chart line") == 3
+    assert "no mismatch" in page.page.inner_text("#srm")
     assert page.screenshot.stat().st_size > 10_000
 
 

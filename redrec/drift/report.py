@@ -12,121 +12,77 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from datetime import datetime, timezone
 from html import escape
 from pathlib import Path
 
 from evidently.core.metric_types import render_widgets
 
 from redrec.drift.checks import ScenarioResult
+from redrec.reports import render
 
 SUMMARY_FORMAT = "redrec-drift-summary/1"
-_COLORS = {"drift": "#c62828", "ok": "#2e7d32", "insufficient_data": "#6d6d6d", "error": "#e65100", "skipped": "#6d6d6d", "alert": "#ad1457"}
-_LABEL = {"drift": "DRIFTED", "ok": "OK", "insufficient_data": "INSUFFICIENT DATA", "error": "ERROR", "skipped": "skipped", "alert": "ALERT"}
-_STYLE = """<style>
-.rr{font-family:system-ui,Arial,sans-serif;margin:16px 24px;color:#222}
-.rr table{border-collapse:collapse;margin:8px 0 16px}
-.rr td,.rr th{border:1px solid #ccc;padding:4px 8px;text-align:left;font-size:14px}
-.rr th{background:#f3f3f3}.rr .badge{color:#fff;padding:2px 8px;border-radius:4px;font-weight:bold}
-.rr .drifted{background:#fdecea}.rr h1{font-size:22px}.rr h2{font-size:18px;margin-top:18px}
-</style>"""
+_PALETTE = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf"]
 
 
-def _iso(ts: float | None) -> str:
-    return "-" if ts is None else datetime.fromtimestamp(ts, timezone.utc).strftime("%Y-%m-%d %H:%M:%SZ")
-
-
-def badge(status: str) -> str:
-    return f'<span class="badge" style="background:{_COLORS.get(status, "#555")}">{_LABEL.get(status, escape(status))}</span>'
-
-
-def _num(v) -> str:
-    return "-" if v is None else f"{v:.4g}" if isinstance(v, float) else escape(str(v))
-
-
-def _trigger_line(trigger: dict | None) -> str:
-    if not trigger:
-        return "no trigger evaluated"
-    what = "retraining STARTED" if trigger.get("fired") else "retraining not started"
-    extra = f" (run {escape(str(trigger['run_id']))}, state {escape(str(trigger.get('state')))})" if trigger.get("fired") and trigger.get("run_id") else ""
-    return f"<b>{what}</b>{extra}: {escape(trigger.get('reason') or '')}"
-
-
-def scenario_header(res: ScenarioResult, summary: dict) -> str:
-    drifted = res.drifted_features()
+def scenario_header(res: ScenarioResult, summary: dict, has_widgets: bool = True) -> str:
     b = res.check("behaviour")
-    share = "-" if res.drift_share is None else f"{res.drift_share:.2f} ({sum(f.drifted for f in b.features)} of {len(b.features)} behaviour features; alarm at {b.threshold:.2f})"
-    top = "".join(
-        f"<li><b>{escape(f.name)}</b>: {escape(f.method)} {_num(f.score)} vs threshold {_num(f.threshold)}</li>" for f in drifted
-    ) or "<li>none</li>"
-    checks = "".join(
-        f'<tr class="{"drifted" if c.status == "drift" else ""}"><td>{escape(c.name)}</td><td>{badge(c.status)}</td><td>{escape(c.method or "-")}</td>'
-        f"<td>{_num(c.score)}</td><td>{_num(c.threshold)}</td><td>{c.n_reference}</td><td>{c.n_current}</td><td>{escape(c.message or '')}</td></tr>"
-        for c in res.checks
-    )
-    feats = "".join(
-        f'<tr class="{"drifted" if f.drifted else ""}"><td>{escape(f.name)}</td><td>{"DRIFT" if f.drifted else "ok"}</td><td>{escape(f.method)}</td>'
-        f"<td>{_num(f.score)}</td><td>{_num(f.threshold)}</td><td>{f.n_reference}</td><td>{f.n_current}</td></tr>"
-        for f in (b.features if b else [])
-    )
-    problems = "".join(f"<li>{escape(p)}</li>" for p in res.problems)
-    notes = "".join(f"<li>{escape(n)}</li>" for n in res.notes)
-    win = summary.get("window", {})
-    return f"""<div class="rr" id="redrec-summary">
-<h1 id="verdict">Scenario <b>{escape(res.scenario)}</b> {badge(res.verdict)}</h1>
-<p>Run {escape(summary['run_id'])} &middot; current window {_iso(win.get('start'))} to {_iso(win.get('end'))} &middot;
-reference {_iso(summary['reference'].get('window', {}).get('start'))} to {_iso(summary['reference'].get('window', {}).get('end'))}</p>
-<p><b>Drift share</b>: {share}</p>
-<h2>Drifted (worst first)</h2><ul id="top-drifted">{top}</ul>
-{f'<h2>Notes</h2><ul id="notes">{notes}</ul>' if notes else ''}
-<h2>What happened next</h2><p id="next">{_trigger_line(summary.get('trigger'))}</p>
-<h2>Checks</h2><table><tr><th>check</th><th>status</th><th>method</th><th>score</th><th>threshold</th><th>n ref</th><th>n current</th><th>note</th></tr>{checks}</table>
-<h2>Behaviour features</h2><table><tr><th>feature</th><th>drift</th><th>method</th><th>score</th><th>threshold</th><th>n ref</th><th>n current</th></tr>{feats}</table>
-{f'<h2>Problems</h2><ul id="problems">{problems}</ul>' if problems else ''}
-<p><a href="index.html">all scenarios of this run</a> &middot; <a href="summary.json">summary.json</a></p>
-<h2>Evidently details</h2></div>"""
+    share = "-" if res.drift_share is None else (
+        f"{res.drift_share:.2f} ({sum(f.drifted for f in b.features)} of {len(b.features)} behaviour features; "
+        f"alarm at {b.threshold:.2f})")
+    return render("drift_header.html", res=res, summary=summary, share=share, drifted=res.drifted_features(),
+                  features=b.features if b else [], ref_window=summary["reference"].get("window") or {"start": None, "end": None},
+                  has_widgets=has_widgets)
 
 
 def scenario_html(res: ScenarioResult, summary: dict) -> str:
-    header = scenario_header(res, summary)
-    widgets = [w for snap in res.snapshots for w in snap._widgets]  # one dashboard, one embedded JS bundle
+    """Evidently's own page for the scenario (one dashboard, one embedded JS bundle), with the
+    plain summary an on-call engineer reads first at its top."""
+    widgets = [w for snap in res.snapshots for w in snap._widgets]
+    title = f"<title>{escape(res.scenario)} drift</title>"
+    header = scenario_header(res, summary, has_widgets=bool(widgets))
+    style = render("style.html")
     if not widgets:
-        return f'<!DOCTYPE html><html lang="en"><head><meta charset="UTF-8"><title>{escape(res.scenario)} drift</title>{_STYLE}</head><body>{header}<p class="rr">no Evidently report: nothing was compared (see the checks above)</p></body></html>'
+        return f'<!DOCTYPE html><html lang="en"><head><meta charset="UTF-8">{title}{style}</head><body>{header}</body></html>'
     page = render_widgets(widgets)
-    page = page.replace("<head>", f"<head><title>{escape(res.scenario)} drift</title>{_STYLE}", 1)
+    page = page.replace("<head>", f"<head>{title}{style}", 1)
     return page.replace("<body>", "<body>" + header, 1)
 
 
 def index_html(summary: dict) -> str:
-    rows = "".join(
-        f'<tr class="{"drifted" if s["verdict"] == "drift" else ""}"><td><a href="{escape(summary["reports"].get(s["scenario"], ""))}">{escape(s["scenario"])}</a></td>'
-        f'<td>{badge(s["verdict"])}</td><td>{_num(s["drift_share"])}</td><td>{escape(", ".join(s["top_drifted"][:5]) or "-")}</td>'
-        f'<td>{escape("; ".join(s["problems"] + s["notes"])[:400])}</td></tr>'
-        for s in summary["scenarios"]
-    )
-    problems = "".join(f"<li>{escape(p)}</li>" for p in summary.get("problems", []))
-    return f"""<!DOCTYPE html><html lang="en"><head><meta charset="UTF-8"><title>RED-Rec drift {escape(summary['run_id'])}</title>{_STYLE}</head>
-<body><div class="rr"><h1>RED-Rec drift check {escape(summary['run_id'])} {badge(summary['status'])}</h1>
-<p>current window {_iso(summary['window'].get('start'))} to {_iso(summary['window'].get('end'))} &middot; exit code {summary['exit_code']}</p>
-<p id="next">{_trigger_line(summary.get('trigger'))}</p>
-<table id="scenarios"><tr><th>scenario</th><th>verdict</th><th>drift share</th><th>top drifted features</th><th>problems / notes</th></tr>{rows}</table>
-{f'<h2>Problems</h2><ul id="problems">{problems}</ul>' if problems else ''}
-<p><a href="summary.json">summary.json</a> &middot; <a href="../index.html">all runs</a></p></div></body></html>"""
+    return render("drift_index.html", summary=summary)
+
+
+def _history_chart(runs: list[dict], w: int = 760, h: int = 240, left: int = 44) -> dict:
+    """Per scenario, its behaviour drift share in each run (oldest first), as SVG coordinates."""
+    ordered = list(reversed(runs))
+    scen = sorted({x["scenario"] for r in ordered for x in r["scenarios"] if x.get("drift_share") is not None})
+    alarm = next((c.get("threshold") for r in ordered for x in r["scenarios"] for c in x.get("checks", [])
+                  if c.get("name") == "behaviour" and c.get("threshold")), 0.3)
+    top, bottom = 12, h - 20
+    xs = lambda i: left + (i + 0.5) * (w - left - 90) / max(len(ordered), 1)  # noqa: E731
+    ys = lambda v: bottom - (bottom - top) * min(max(v, 0.0), 1.0)  # noqa: E731
+    series = []
+    for k, s in enumerate(scen):
+        pts = [(round(xs(i), 1), round(ys(x["drift_share"]), 1)) for i, r in enumerate(ordered)
+               for x in r["scenarios"] if x["scenario"] == s and x.get("drift_share") is not None]
+        series.append({"name": s, "color": _PALETTE[k % len(_PALETTE)], "marks": pts,
+                       "points": " ".join(f"{x},{y}" for x, y in pts), "label_y": top + 12 + 14 * k})
+    return {"w": w, "h": h, "left": left, "series": series, "alarm": alarm, "alarm_y": round(ys(alarm), 1),
+            "yticks": [(round(ys(v), 1), f"{v:.2f}") for v in (0.0, 0.25, 0.5, 0.75, 1.0)]}
 
 
 def history_html(report_dir: Path) -> str:
-    rows = []
+    runs = []
     for d in sorted((p for p in report_dir.iterdir() if p.is_dir() and not p.name.startswith(".")), reverse=True):
         try:
             s = json.loads((d / "summary.json").read_text())
         except (OSError, json.JSONDecodeError):
             continue
-        drifted = ", ".join(x["scenario"] for x in s.get("scenarios", []) if x["verdict"] == "drift") or "-"
         trig = s.get("trigger") or {}
-        rows.append(f'<tr><td><a href="{escape(d.name)}/index.html">{escape(d.name)}</a></td><td>{badge(s.get("status", "?"))}</td>'
-                    f'<td>{escape(drifted)}</td><td>{"started" if trig.get("fired") else "-"}</td><td>{escape(trig.get("reason") or "")}</td></tr>')
-    return f"""<!DOCTYPE html><html lang="en"><head><meta charset="UTF-8"><title>RED-Rec drift history</title>{_STYLE}</head>
-<body><div class="rr"><h1>RED-Rec drift checks</h1><table><tr><th>run</th><th>status</th><th>drifted scenarios</th><th>retraining</th><th>why</th></tr>{''.join(rows)}</table></div></body></html>"""
+        runs.append({"name": d.name, "status": s.get("status", "?"), "scenarios": s.get("scenarios", []),
+                     "drifted": ", ".join(x["scenario"] for x in s.get("scenarios", []) if x["verdict"] == "drift"),
+                     "fired": bool(trig.get("fired")), "reason": trig.get("reason") or ""})
+    return render("drift_history.html", runs=runs, chart=_history_chart(runs))
 
 
 def write_run(report_dir: Path, summary: dict, results: list[ScenarioResult]) -> Path:

@@ -226,41 +226,23 @@ def lift_svg(rep: Report, metric: str = "ctr") -> str:
     return "\n".join(out)
 
 
-def _table(title: str, st: dict[str, ArmStats]) -> str:
-    head = "<tr><th>arm</th><th>users</th><th>responses</th><th>clicked</th><th>CTR</th><th>hit rate</th></tr>"
-    body = "".join(
-        f"<tr><td>{html.escape(a)}</td><td>{s.users}</td><td>{s.responses}</td><td>{s.clicked_responses}</td>"
-        f"<td>{s.ctr:.4f} ± {1.96*s.ctr_se:.4f}</td><td>{s.hit_rate:.4f} ± {1.96*s.hit_rate_se:.4f}</td></tr>"
-        for a, s in st.items())
-    return f"<h3>{html.escape(title)}</h3><table>{head}{body}</table>"
-
-
-def _lift_table(lifts: list[Lift]) -> str:
-    if not lifts:
-        return ""
-    head = "<tr><th>metric</th><th>arm</th><th>lift</th><th>CI</th><th>p</th><th>significant</th></tr>"
-    body = "".join(
-        f"<tr><td>{l.metric}</td><td>{html.escape(l.arm)}</td><td>{l.value:+.2%}</td>"
-        f"<td>[{l.ci_low:+.2%}, {l.ci_high:+.2%}]</td><td>{l.p_value:.4g}</td><td>{'yes' if l.significant else 'no'}</td></tr>"
-        for l in lifts)
-    return f"<table>{head}{body}</table>"
+def _srm_chart(srm: dict, w: int = 520) -> dict | None:
+    groups, obs, exp = srm.get("groups") or [], srm.get("observed") or [], srm.get("expected") or []
+    if not groups or len(exp) != len(groups):
+        return None
+    left, right = 110, 150
+    top = max(max(obs), max(exp), 1)
+    scale = (w - left - right) / top
+    bars = [{"group": g, "observed": int(o), "expected": round(float(e)), "y": 26 + 22 * i, "w": round(o * scale, 1),
+             "expected_x": round(left + e * scale, 1), "label_x": w - right + 8} for i, (g, o, e) in enumerate(zip(groups, obs, exp))]
+    return {"w": w, "h": 34 + 22 * len(groups), "left": left, "bars": bars}
 
 
 def render_html(rep: Report) -> str:
-    srm = rep.srm
-    srm_line = (f"<p class='{'bad' if srm.get('mismatch') else 'ok'}'>Sample ratio: observed {srm.get('observed')} users for "
-                f"{srm.get('groups')}, expected {srm.get('expected')}; p = {srm.get('p_value')} "
-                f"{'— MISMATCH: do not trust the lifts' if srm.get('mismatch') else '(no mismatch)'}</p>")
-    parts = [f"<h1>A/B report: {html.escape(str(rep.experiment))}</h1>",
-             f"<p>{rep.n_responses} responses, {rep.n_feedback} feedback events ({rep.n_feedback_unjoined} not joined to a "
-             f"response), control <b>{html.escape(rep.control)}</b>, {rep.confidence:.0%} confidence.</p>", srm_line,
-             lift_svg(rep, "ctr"), lift_svg(rep, "hit_rate"),
-             _table("overall", rep.overall), _lift_table(rep.lifts["overall"])]
-    for s, st in rep.per_scenario.items():
-        parts += [_table(f"scenario {s}", st), _lift_table(rep.lifts.get(s, []))]
-    style = ("body{font-family:sans-serif;margin:2em}table{border-collapse:collapse;margin:.5em 0}"
-             "td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}.bad{color:#cf222e}.ok{color:#1a7f37}")
-    return f"<!doctype html><html><head><meta charset='utf-8'><title>A/B report</title><style>{style}</style></head><body>{''.join(parts)}</body></html>"
+    from redrec.reports import render
+
+    return render("ab_report.html", rep=rep, srm_chart=_srm_chart(rep.srm),
+                  lift_ctr=lift_svg(rep, "ctr"), lift_hit=lift_svg(rep, "hit_rate"))
 
 
 def write_report(rep: Report, out_dir: str | Path) -> dict[str, Path]:
