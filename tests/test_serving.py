@@ -367,6 +367,14 @@ def test_a_hung_feature_server_costs_a_deadline_not_the_arm(world, tmp_path):
             assert "feast timing out" in status["readiness"], status["readiness"]
         finally:
             os.killpg(fs.proc.pid, signal.SIGCONT)
+        # readiness recovers by itself, with no request to clear it (an unready pod gets none)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            readiness = httpx.get(srv.url + "/ops/release", timeout=30).json()["readiness"]
+            if "feast timing out" not in readiness:
+                break
+            time.sleep(1)
+        assert "feast timing out" not in readiness, readiness
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             out = rec(srv, user, "search")

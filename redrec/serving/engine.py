@@ -284,6 +284,9 @@ class Engine:
             self.refresh_popularity(raise_errors=False)
         if ok and self._popular is None:
             ok, why = False, "item popularity not loaded (feature store unreachable?)"
+        if self._feast_stuck_at > self._feast_ok_at:
+            # probe again: an unready pod gets no traffic, so no request would ever clear the state
+            self.refresh_popularity(raise_errors=False)
         if ok and self._feast_stuck_at > self._feast_ok_at:
             ok, why = False, f"feast timing out: its last read got no answer within {self._feast_timeout_s:g}s"
         if not ok and self.cfg.serving.on_dependency_error == "popularity" and self._popular is not None:
