@@ -135,7 +135,7 @@ def test_reader_skips_a_torn_last_line(tmp_path):
     assert rows["request_id"].tolist() == ["r1"] and rows.attrs["torn_lines"] == 1
 
 
-def simulate(d: Path, sp: ExperimentSpec, ctr: dict[str, float], n_users=6000, seed=0, reqs=3):
+def simulate(d: Path, sp: ExperimentSpec, ctr: dict[str, float], n_users=6000, seed=0, reqs=3, days=1):
     """Users assigned by the real hash; each response is clicked with the arm's probability."""
     rng = np.random.default_rng(seed)
     resp, fb = AppendLog(d / "serving-sim.jsonl"), AppendLog(d / "feedback-sim.jsonl")
@@ -147,7 +147,8 @@ def simulate(d: Path, sp: ExperimentSpec, ctr: dict[str, float], n_users=6000, s
             scen = ("homefeed", "search")[r % 2]
             rid = f"{user}-{r}"
             items = [f"i{rng.integers(100)}" for _ in range(5)]
-            rows.append({"request_id": rid, "ts": 1.0, "user_id": user, "scenario": scen, "arm": arm,
+            ts = 1.0 if days == 1 else 1.7e9 + (u % days) * 86400.0  # users arrive over ``days`` UTC days
+            rows.append({"request_id": rid, "ts": ts, "user_id": user, "scenario": scen, "arm": arm,
                          "model_version": arm, "items": items, "scores": [1.0] * 5, "cold_start": False})
             if rng.random() < ctr[arm]:
                 fbs.append({"request_id": rid, "user_id": user, "item_id": items[0], "scenario": scen, "action": "click", "ts": 2})

@@ -33,7 +33,7 @@ def test_ab_report_in_a_browser(browser, tmp_path):
 
     sp = ExperimentSpec(name="rollout", holdout_share=0.1, arms=[{"name": "control", "model_version": "v1", "share": 0.5},
                                                                   {"name": "treat", "model_version": "v2", "share": 0.5}])
-    simulate(tmp_path / "log", sp, {"control": 0.10, "treat": 0.13, HOLDOUT: 0.08})
+    simulate(tmp_path / "log", sp, {"control": 0.10, "treat": 0.13, HOLDOUT: 0.08}, days=5)
     rep = analyse(tmp_path / "log", sp)
     paths = write_report(rep, tmp_path / "out")
     page = browser.open(paths["html"], "ab-report")
@@ -47,6 +47,9 @@ def test_ab_report_in_a_browser(browser, tmp_path):
     # sample ratio: a bar per group (control, treat, holdout) with its expected count marked
     assert page.count("#srm-chart rect") == 3 and page.count("#srm-chart line") == 3
     assert "no mismatch" in page.page.inner_text("#srm")
+    # daily exposure: a stacked bar per day and group, the days as the log has them
+    assert len(rep.daily) == 5 and page.count("#daily-chart rect title") == 5 * 3
+    assert page.count("#daily-chart rect") == 5 * 3 + 3  # bars + legend
     assert page.screenshot.stat().st_size > 10_000
 
 

@@ -70,6 +70,7 @@ class Report:
     per_scenario: dict[str, dict[str, ArmStats]]
     lifts: dict[str, list[Lift]]  # "overall" / scenario -> lifts
     srm: dict = field(default_factory=dict)
+    daily: dict[str, dict[str, int]] = field(default_factory=dict)  # UTC day -> group -> users exposed
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -187,12 +188,16 @@ def analyse(
     for s, g in r.groupby("scenario"):
         per_scen[s], lifts[s] = block(g)
     users = r.groupby("arm")["user_id"].nunique().to_dict()
+    day = pd.to_datetime(r["ts"], unit="s", utc=True).dt.strftime("%Y-%m-%d")
+    daily = {d: {a: int(n) for a, n in g.groupby("arm")["user_id"].nunique().items() if a in groups}
+             for d, g in r.assign(day=day).groupby("day")}
     expected = spec.expected_shares() if spec else {a: 1 / len(arms) for a in arms}
     return Report(
         experiment=spec.name if spec else None, control=control, confidence=confidence, n_responses=len(r),
         n_feedback=len(feedback), n_feedback_unjoined=unjoined,
         torn_lines=int(responses.attrs.get("torn_lines", 0)) + int(feedback.attrs.get("torn_lines", 0)),
         overall=overall, per_scenario=per_scen, lifts=lifts, srm=srm_check({k: int(v) for k, v in users.items()}, expected),
+        daily=daily,
     )
 
 
@@ -238,10 +243,35 @@ def _srm_chart(srm: dict, w: int = 520) -> dict | None:
     return {"w": w, "h": 34 + 22 * len(groups), "left": left, "bars": bars}
 
 
+def _daily_chart(daily: dict[str, dict[str, int]], groups: list[str], w: int = 640, h: int = 200) -> dict | None:
+    """Users exposed per UTC day, stacked by group: a share that moves over days (a ramp, a
+    broken assignment) shows here before the SRM test says anything."""
+    if not daily:
+        return None
+    colors = ["#1f77b4", "#ff7f0e", "#7f7f7f", "#2ca02c", "#9467bd", "#8c564b"]
+    left, top, bottom = 48, 24, h - 34
+    days = sorted(daily)
+    peak = max(sum(v.values()) for v in daily.values()) or 1
+    bw = (w - left - 10) / len(days)
+    bars = []
+    for i, d in enumerate(days):
+        y = bottom
+        for j, g in enumerate(groups):
+            n = daily[d].get(g, 0)
+            hgt = (bottom - top) * n / peak
+            y -= hgt
+            bars.append({"x": round(left + i * bw + 1, 1), "y": round(y, 1), "w": round(max(bw - 2, 1), 1), "h": round(hgt, 1),
+                         "color": colors[j % len(colors)], "title": f"{d} {g}: {n} users"})
+    labels = [{"x": round(left + i * bw + bw / 2, 1), "text": d[5:]} for i, d in enumerate(days)][:: max(1, len(days) // 10)]
+    legend = [{"x": left + 90 * j, "color": colors[j % len(colors)], "group": g} for j, g in enumerate(groups)]
+    return {"w": w, "h": h, "bottom": bottom, "left": left, "peak": peak, "bars": bars, "labels": labels, "legend": legend}
+
+
 def render_html(rep: Report) -> str:
     from redrec.reports import render
 
-    return render("ab_report.html", rep=rep, srm_chart=_srm_chart(rep.srm),
+    groups = list(rep.srm.get("groups") or rep.overall)
+    return render("ab_report.html", rep=rep, srm_chart=_srm_chart(rep.srm), daily_chart=_daily_chart(rep.daily, groups),
                   lift_ctr=lift_svg(rep, "ctr"), lift_hit=lift_svg(rep, "hit_rate"))
 
 
