@@ -19,6 +19,11 @@ from redrec.pipeline.config import PipelineParams
 
 
 def _alive(pid: int) -> bool:
+    try:  # our own child that exited is a zombie until reaped: reap it, it is not alive
+        if os.waitpid(pid, os.WNOHANG)[0] == pid:
+            return False
+    except ChildProcessError:  # not our child: its parent reaps it
+        pass
     try:
         os.kill(pid, 0)
         return True
@@ -74,6 +79,8 @@ def stop_milvus(workspace: str | Path) -> None:
                 if not _alive(pid):
                     break
                 time.sleep(0.2)
+            else:  # a server that ignores SIGINT for 20 s is hung: do not leave it running
+                os.kill(pid, signal.SIGKILL)
 
 
 @dataclass
