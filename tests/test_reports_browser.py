@@ -65,3 +65,22 @@ def test_quality_report_in_a_browser(browser, tmp_path):
     assert f"{sasrec:.4f}" in text, text[:3000]
     assert page.count("svg") >= 2 and page.count("svg polyline, svg path") >= 2  # validation curves drawn
     assert page.screenshot.stat().st_size > 10_000
+
+
+def test_evaluation_page_in_a_browser(browser, tmp_path):
+    """The evaluation step's metrics as the page `redrec pipeline run` writes: a bar per model and
+    scenario for NDCG@10 and HR@10, the numbers in the table."""
+    from redrec.reports.evaluation import write_evaluation_html
+
+    scen = ["homefeed", "search", "ads"]
+    def res(base):
+        return {"overall": {"ndcg@10": base, "hr@10": 2 * base, "mrr": base / 2},
+                "per_scenario": {s: {"ndcg@10": base + 0.01 * i, "hr@10": 2 * base, "mrr": base / 2} for i, s in enumerate(scen)}}
+    metrics = {"candidate_version": "v9", "production_version": "v8",
+               "results": {"candidate": res(0.2), "popularity": res(0.06), "production": res(0.18)}}
+    page = browser.open(write_evaluation_html(metrics, tmp_path / "evaluation.html"), "evaluation")
+    assert page.console_errors == [] and page.failed_requests == []
+    assert page.count(".metric-chart") == 2
+    assert page.count("#chart-ndcg-10 rect title") == 3 * 4  # 3 models x (3 scenarios + overall)
+    text = page.text()
+    assert "Evaluation of model v9" in text and "0.2200" in text and "0.0600" in text

@@ -28,6 +28,14 @@ def cmd_run(args) -> int:
     for key in ("evaluation_table", "metrics", "model", "gate_report", "candidate_version", "gate_passed",
                 "index_alias", "milvus_uri", "deployed_version", "service"):
         print(f"  {key:<18} {s.get(key)}")
+    if s.get("metrics"):
+        from redrec.reports.evaluation import write_evaluation_html
+
+        page = Path(rc.params.workspace) / "reports" / f"evaluation-{s.get('candidate_version') or 'run'}.html"
+        try:
+            print(f"  {'evaluation_page':<18} {write_evaluation_html(json.loads(Path(s['metrics']).read_text()), page)}")
+        except (OSError, ValueError, KeyError) as e:  # the run itself succeeded: say so, do not fail it
+            print(f"  {'evaluation_page':<18} not written: {type(e).__name__}: {e}")
     if s.get("evaluation_table"):
         print("\n" + Path(s["evaluation_table"]).read_text())
     if args.output:
