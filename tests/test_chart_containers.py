@@ -23,16 +23,10 @@ from pathlib import Path
 import pytest
 from docker_util import docker, pod_run_args, record_timing
 from services_util import Postgres, Redis
-from test_chart import CI_VALUES, Helm, find_helm
+from test_chart import CI_VALUES, NAMESPACE, RELEASE, Helm, find_helm
+from test_containers import TINY
 
 ROOT = Path(__file__).resolve().parents[1]
-RELEASE, NAMESPACE = "rr", "recsys"
-TINY = {
-    "dataset": "synthetic",
-    "dataset_args": {"n_users": 300, "n_items": 160, "seed": 5},
-    "experiment": {"model": {"item_source": "cache-finetune", "user_tower": {"hidden_size": 32, "layers": 1, "heads": 2, "max_len": 20}},
-                   "train": {"epochs": 20, "batch_size": 16, "warmup_steps": 2, "patience": 5, "lr": 0.003}},
-}
 # the test server trusts every login; the chart still passes the passwords by Secret. The registry
 # one is part of a URL (the chart says: URL-encoded); the online store one may hold anything
 REGISTRY_PASSWORD = "unused"

@@ -260,7 +260,7 @@ def test_lift_p_value_and_interval_never_disagree():
 def test_ab_reader_skips_and_counts_bad_lines_instead_of_stopping(tmp_path):
     """The A/B analysis and the drift monitor read the log with the same reader: a line without
     a field, or with mismatched items/scores, is skipped and counted, the rest is analysed."""
-    from redrec.drift.servinglog import read_serving_log as drift_read
+    from redrec.experiments.log import read_log
 
     good = {"request_id": "r1", "ts": 1.0, "user_id": "u", "scenario": "s", "arm": "a", "model_version": "v",
             "items": ["i1"], "scores": [0.5], "cold_start": False}
@@ -269,6 +269,6 @@ def test_ab_reader_skips_and_counts_bad_lines_instead_of_stopping(tmp_path):
     (tmp_path / "serving-p-1.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
     rows = read_serving_log(tmp_path)
     assert rows["request_id"].tolist() == ["r1", "r4"] and rows.attrs["skipped_lines"] == 2
-    d = drift_read(tmp_path, 0, 10)
+    d = read_log(tmp_path, 0, 10)
     # the drift monitor does not need the arm: only the items/scores line is unusable to it
     assert d.requests["request_id"].tolist() == ["r1", "r2", "r4"] and d.n_skipped == 1

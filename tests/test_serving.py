@@ -298,6 +298,17 @@ def test_killed_milvus_gives_503_and_the_server_keeps_running(server, world):
     assert r.status_code == 200, r.text
 
 
+def fallback_config(world, tmp_path, **serving) -> Path:
+    """The world's serving config with the popularity fallback configured (plus ``serving``
+    overrides) and its own serving log, for a server of the test's own."""
+    cfg = json.loads(json.dumps(world["cfg"]))
+    cfg["serving"].update(on_dependency_error="popularity", **serving)
+    cfg["serving"]["serving_log"]["dir"] = str(tmp_path / "log")
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return path
+
+
 @pytest.mark.slow
 def test_with_the_fallback_configured_a_milvus_outage_keeps_the_pod_ready_and_serving(world, tmp_path):
     """serving.on_dependency_error: popularity — Milvus killed: /readyz stays 200 (degraded, says
@@ -307,11 +318,7 @@ def test_with_the_fallback_configured_a_milvus_outage_keeps_the_pod_ready_and_se
     from redrec.index.lite import LiteServer
     from redrec.serving.local import LocalServer
 
-    cfg = json.loads(json.dumps(world["cfg"]))
-    cfg["serving"]["on_dependency_error"] = "popularity"
-    cfg["serving"]["serving_log"]["dir"] = str(tmp_path / "log")
-    path = tmp_path / "config.yaml"
-    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    path = fallback_config(world, tmp_path)
     user = warm_users(world)[2]
     with LocalServer(path) as srv:
         assert not rec(srv, user, "ads")["fallback"]
@@ -344,11 +351,7 @@ def test_a_hung_feature_server_costs_a_deadline_not_the_arm(world, tmp_path):
 
     from redrec.serving.local import LocalServer
 
-    cfg = json.loads(json.dumps(world["cfg"]))
-    cfg["serving"].update(on_dependency_error="popularity", feast_timeout_s=1.0)
-    cfg["serving"]["serving_log"]["dir"] = str(tmp_path / "log")
-    path = tmp_path / "config.yaml"
-    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    path = fallback_config(world, tmp_path, feast_timeout_s=1.0)
     user = warm_users(world)[3]
     with LocalServer(path) as srv:
         assert not rec(srv, user, "search")["fallback"]
@@ -433,5 +436,6 @@ def test_openapi_is_the_contract_and_fuzzing_finds_no_server_error(server, world
          "--exclude-checks", "positive_data_acceptance", "--max-examples", "40",
          "--seed", "7", "--request-timeout", "30", "--include-path-regex", "^/(recommend|similar_items|record_events)$",
          "--report", "junit", "--report-dir", str(tmp_path / "st"), "--no-color"],
-        capture_output=True, text=True, timeout=900, env={**os.environ, "SCHEMATHESIS_TELEMETRY": "false"})
+        # cwd: schemathesis keeps its crash cache in the working directory, not in the checkout
+        capture_output=True, text=True, timeout=900, cwd=tmp_path, env={**os.environ, "SCHEMATHESIS_TELEMETRY": "false"})
     assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-2000:]

@@ -23,7 +23,7 @@ from redrec.drift.config import DriftConfig
 from redrec.drift.features import behaviour_features
 from redrec.drift.reference import Reference, ReferenceError, load_reference
 from redrec.drift.report import SUMMARY_FORMAT, write_run
-from redrec.drift.servinglog import read_serving_log
+from redrec.experiments.log import read_log
 from redrec.drift.trigger import maybe_trigger
 from redrec.schema import EVENT_COLUMNS, SchemaError, validate_events
 
@@ -111,7 +111,7 @@ def run_check(cfg: DriftConfig) -> tuple[dict, Path]:
         lookback = float(ref.info.get("seq_lookback_hours", 24.0))
         # read a lookback margin before the window so sequence lengths at its start are complete
         margin_start = start - lookback * 3600
-        logs = read_serving_log(cfg.serving_log_dir, margin_start, now)
+        logs = read_log(cfg.serving_log_dir, margin_start, now)
         summary["problems"] += logs.problems()
         events = current_events(cfg, logs.feedback, margin_start, now)
         feats = behaviour_features(events, ref.items, lookback)

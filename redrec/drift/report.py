@@ -19,9 +19,9 @@ from evidently.core.metric_types import render_widgets
 
 from redrec.drift.checks import ScenarioResult
 from redrec.reports import render
+from redrec.reports.render import PALETTE
 
 SUMMARY_FORMAT = "redrec-drift-summary/1"
-_PALETTE = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf"]
 
 
 def scenario_header(res: ScenarioResult, summary: dict, has_widgets: bool = True) -> str:
@@ -65,7 +65,7 @@ def _history_chart(runs: list[dict], w: int = 760, h: int = 240, left: int = 44)
     for k, s in enumerate(scen):
         pts = [(round(xs(i), 1), round(ys(x["drift_share"]), 1)) for i, r in enumerate(ordered)
                for x in r["scenarios"] if x["scenario"] == s and x.get("drift_share") is not None]
-        series.append({"name": s, "color": _PALETTE[k % len(_PALETTE)], "marks": pts,
+        series.append({"name": s, "color": PALETTE[k % len(PALETTE)], "marks": pts,
                        "points": " ".join(f"{x},{y}" for x, y in pts), "label_y": top + 12 + 14 * k})
     return {"w": w, "h": h, "left": left, "series": series, "alarm": alarm, "alarm_y": round(ys(alarm), 1),
             "yticks": [(round(ys(v), 1), f"{v:.2f}") for v in (0.0, 0.25, 0.5, 0.75, 1.0)]}

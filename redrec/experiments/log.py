@@ -14,7 +14,6 @@ line (machine crash mid-write) is skipped by the reader and counted.
 from __future__ import annotations
 
 import json
-import logging
 import os
 import socket
 import threading
@@ -25,7 +24,6 @@ from pathlib import Path
 
 import pandas as pd
 
-log = logging.getLogger(__name__)
 
 RESPONSE_FIELDS = ("request_id", "ts", "user_id", "scenario", "arm", "model_version", "items", "scores", "cold_start")
 FEEDBACK_FIELDS = ("request_id", "user_id", "item_id", "scenario", "action", "ts")

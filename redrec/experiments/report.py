@@ -27,6 +27,7 @@ from scipy import stats
 
 from redrec.experiments.assignment import HOLDOUT, ExperimentSpec
 from redrec.experiments.log import read_feedback, read_serving_log
+from redrec.reports.render import PALETTE
 
 POSITIVE_ACTIONS = ("click", "like", "share", "purchase", "conversion", "save", "comment", "follow")
 SRM_ALPHA = 1e-3
@@ -248,7 +249,6 @@ def _daily_chart(daily: dict[str, dict[str, int]], groups: list[str], w: int = 6
     broken assignment) shows here before the SRM test says anything."""
     if not daily:
         return None
-    colors = ["#1f77b4", "#ff7f0e", "#7f7f7f", "#2ca02c", "#9467bd", "#8c564b"]
     left, top, bottom = 48, 24, h - 34
     days = sorted(daily)
     peak = max(sum(v.values()) for v in daily.values()) or 1
@@ -261,9 +261,9 @@ def _daily_chart(daily: dict[str, dict[str, int]], groups: list[str], w: int = 6
             hgt = (bottom - top) * n / peak
             y -= hgt
             bars.append({"x": round(left + i * bw + 1, 1), "y": round(y, 1), "w": round(max(bw - 2, 1), 1), "h": round(hgt, 1),
-                         "color": colors[j % len(colors)], "title": f"{d} {g}: {n} users"})
+                         "color": PALETTE[j % len(PALETTE)], "title": f"{d} {g}: {n} users"})
     labels = [{"x": round(left + i * bw + bw / 2, 1), "text": d[5:]} for i, d in enumerate(days)][:: max(1, len(days) // 10)]
-    legend = [{"x": left + 90 * j, "color": colors[j % len(colors)], "group": g} for j, g in enumerate(groups)]
+    legend = [{"x": left + 90 * j, "color": PALETTE[j % len(PALETTE)], "group": g} for j, g in enumerate(groups)]
     return {"w": w, "h": h, "bottom": bottom, "left": left, "peak": peak, "bars": bars, "labels": labels, "legend": legend}
 
 

@@ -5,9 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from redrec.reports.render import render
+from redrec.reports.render import PALETTE, render
 
-COLORS = ["#ff7f0e", "#1f77b4", "#7f7f7f", "#2ca02c", "#9467bd"]
 METRICS = ("ndcg@10", "hr@10", "mrr")
 
 
@@ -25,8 +24,8 @@ def _chart(results: dict, scenarios: list[str], metric: str, w: int = 720, h: in
             v = float(results[m]["per_scenario"].get(s, {}).get(metric, 0.0))
             hgt = (bottom - top) * v / peak
             bars.append({"x": round(x0 + j * bw, 1), "y": round(bottom - hgt, 1), "w": round(bw - 2, 1), "h": round(hgt, 1),
-                         "color": COLORS[j % len(COLORS)], "value": v, "title": f"{m} {s} {metric} {v:.4f}"})
-    legend = [{"name": m, "color": COLORS[j % len(COLORS)], "x": left + 110 * j} for j, m in enumerate(models)]
+                         "color": PALETTE[j % len(PALETTE)], "value": v, "title": f"{m} {s} {metric} {v:.4f}"})
+    legend = [{"name": m, "color": PALETTE[j % len(PALETTE)], "x": left + 110 * j} for j, m in enumerate(models)]
     return {"metric": metric, "w": w, "h": h, "bars": bars, "groups": groups, "legend": legend}
 
 

@@ -7,6 +7,8 @@ from datetime import datetime, timezone
 
 import jinja2
 
+# series colours of every report's plots, in order
+PALETTE = ["#1f77b4", "#ff7f0e", "#7f7f7f", "#2ca02c", "#9467bd", "#8c564b", "#d62728", "#e377c2", "#17becf"]
 STATUS_COLORS = {"drift": "#c62828", "ok": "#2e7d32", "insufficient_data": "#6d6d6d", "error": "#e65100",
                  "skipped": "#6d6d6d", "alert": "#ad1457"}
 STATUS_LABELS = {"drift": "DRIFTED", "ok": "OK", "insufficient_data": "INSUFFICIENT DATA", "error": "ERROR",

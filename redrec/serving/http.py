@@ -84,18 +84,19 @@ class ErrorContract:
                 return await _send_json(send, 415, {
                     "error": f"content-type {ctype!r} is not accepted: send the body as application/json",
                     "field": "content-type"})
-            return await self._rewriting(scope, receive, send, self._rewrite_400)
+            return await self._rewriting(scope, receive, send, 400, _contract_400)
         if method == "GET" and path == self.spec_path:
-            return await self._rewriting(scope, receive, send, self._rewrite_spec)
+            return await self._rewriting(scope, receive, send, 200, lambda body: patch_openapi(json.loads(body), self.routes))
         return await self.app(scope, receive, send)
 
-    async def _rewriting(self, scope, receive, send, rewrite):
-        """Run the app, hold back a response ``rewrite`` wants to change (small JSON bodies only)."""
+    async def _rewriting(self, scope, receive, send, status: int, rewrite):
+        """Run the app; a response with ``status`` (a small JSON body) is held back and replaced
+        by ``rewrite(body)`` unless that returns None. Other responses stream through."""
         held: dict = {}
 
         async def capture(message):
             if message["type"] == "http.response.start":
-                if rewrite(message["status"], None) is None:
+                if message["status"] != status:
                     held["pass"] = True
                     return await send(message)
                 held["start"], held["body"] = message, b""
@@ -105,34 +106,23 @@ class ErrorContract:
             held["body"] += message.get("body", b"")
             if message.get("more_body"):
                 return None
-            out = rewrite(held["start"]["status"], held["body"])
-            if out is None:
+            payload = rewrite(held["body"])
+            if payload is None:
                 await send(held["start"])
                 return await send({"type": "http.response.body", "body": held["body"]})
-            status, payload = out
             return await _send_json(send, status, payload, held["start"].get("headers"))
 
         await self.app(scope, receive, capture)
 
-    @staticmethod
-    def _rewrite_400(status: int, body: bytes | None):
-        if status != 400:
-            return None
-        if body is None:
-            return True  # hold it
-        try:
-            data = json.loads(body)
-        except ValueError:
-            return 400, {"error": "the body is not valid JSON", "field": "body"}
-        if isinstance(data, dict) and "field" in data:
-            return None  # the service's own error
-        detail = data.get("detail") if isinstance(data, dict) else None
-        msg = data.get("error", "bad request") if isinstance(data, dict) else "bad request"
-        return 400, {"error": _message(detail, str(msg)), "field": _field(detail)}
 
-    def _rewrite_spec(self, status: int, body: bytes | None):
-        if status != 200:
-            return None
-        if body is None:
-            return True
-        return 200, patch_openapi(json.loads(body), self.routes)
+def _contract_400(body: bytes) -> dict | None:
+    """BentoML's validation-error body as ``{error, field}``; the service's own 400s pass."""
+    try:
+        data = json.loads(body)
+    except ValueError:
+        return {"error": "the body is not valid JSON", "field": "body"}
+    if isinstance(data, dict) and "field" in data:
+        return None
+    detail = data.get("detail") if isinstance(data, dict) else None
+    msg = data.get("error", "bad request") if isinstance(data, dict) else "bad request"
+    return {"error": _message(detail, str(msg)), "field": _field(detail)}
