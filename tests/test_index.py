@@ -116,6 +116,36 @@ def test_search_is_max_over_queries_filtered_and_excluding(cfg):
         search(cfg, q[:, :8], "ads", 5)
 
 
+def test_a_batch_of_requests_is_one_search_per_scenario_and_equals_numpy(cfg, monkeypatch):
+    """search_paired_many (a serving micro-batch): requests of different scenarios, k, K and
+    exclusions get exactly the numpy answer each, from one Milvus search call per scenario; a
+    request with more exclusions than over-fetching allows is searched alone with a filter."""
+    from redrec.index.search import Query, search_paired_many
+
+    ids, x, scen = world(800, 2)  # exact FLAT index
+    publish(cfg, "1", ids, x, scen, set(ids))
+    xn = x / np.linalg.norm(x, axis=1, keepdims=True)
+    rng = np.random.default_rng(7)
+    queries = []
+    for n in range(12):
+        q = rng.standard_normal((1 + n % 3, DIM)).astype(np.float32)
+        exclude = {ids[int(i)] for i in rng.choice(len(ids), n % 5 * 3, replace=False)}
+        queries.append(Query(q, SCEN[n % 3], 3 + n, exclude))
+    queries.append(Query(rng.standard_normal((2, DIM)), "ads", 5, set(ids[:40])))  # > overfetch_max_exclusions
+    calls = []
+    raw = milvus_mod._search_raw
+    search_mod = importlib.import_module("redrec.index.search")  # the package exports a function of that name
+    monkeypatch.setattr(search_mod, "_search_raw", lambda *a, **kw: calls.append(len(a[2])) or raw(*a, **kw))
+    got = search_paired_many(cfg, "1", queries)
+    assert sorted(calls) == sorted([sum(len(q.vectors) for q in queries[:12] if q.scenario == s) for s in SCEN] + [2])
+    for q, res in zip(queries, got):
+        qn = q.vectors / np.linalg.norm(q.vectors, axis=1, keepdims=True)
+        score = (qn @ xn.T).max(axis=0)
+        want = [ids[i] for i in np.argsort(-score) if q.scenario in scen[i] and ids[i] not in q.exclude][: q.k]
+        assert [i for i, _ in res.hits] == want
+        assert res.index_version == "1" and res.collection == current_collection(cfg)
+
+
 def test_bad_publications_are_refused_and_change_nothing(cfg):
     ids, x, scen = world(1200, 2)
     publish(cfg, "1", ids, x, scen, set(ids))

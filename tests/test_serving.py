@@ -254,6 +254,33 @@ def test_arms_are_the_hash_assignment_and_every_response_is_logged(server, world
         assert row["arm"] == out["arm"] and list(row["items"]) == out["items"] and row["user_id"] == out["user_id"]
 
 
+def test_concurrent_requests_share_a_batch_and_get_their_own_answers(server, world):
+    """Requests arriving together are served by one micro-batch (one Feast read, one forward): the
+    log says so (batch_size, stage timings), and each request's answer is the one it gets alone."""
+    import asyncio
+
+    from redrec.experiments.log import read_log
+
+    pairs = [(u, s) for u in warm_users(world, 8) for s in ("homefeed", "search", "ads")]
+    alone = {(u, s): rec(server, u, s, k=7)["items"] for u, s in pairs}
+
+    async def together():
+        async with httpx.AsyncClient(base_url=server.url, timeout=60) as c:
+            rs = await asyncio.gather(*(c.post("/recommend", json={"user_id": u, "scenario": s, "k": 7}) for u, s in pairs))
+        return [r.json() for r in rs]
+
+    t0 = time.time()
+    outs = asyncio.run(together())
+    for (u, s), out in zip(pairs, outs):
+        assert (out["user_id"], out["scenario"]) == (u, s)
+        assert out["items"] == alone[(u, s)], (u, s)
+    logged = read_log(world["work"] / "serving-log", start=t0).requests.set_index("request_id")
+    rows = logged.loc[[o["request_id"] for o in outs]]
+    assert rows["batch_size"].max() > 1, rows["batch_size"].tolist()
+    for c in ("queue_ms", "feast_ms", "tower_ms", "search_ms", "latency_ms"):
+        assert (rows[c] >= 0).all(), c
+
+
 def test_bento_builds_offline(world):
     import bentoml
 
@@ -385,6 +412,49 @@ def test_a_hung_feature_server_costs_a_deadline_not_the_arm(world, tmp_path):
                 break
             time.sleep(0.5)
         assert not out["fallback"] and out["model_version"] != "popularity", out
+
+
+@pytest.mark.slow
+def test_a_hung_milvus_costs_a_deadline_and_shows_in_readyz(world, tmp_path):
+    """Milvus frozen (SIGSTOP): pymilvus alone would retry a search for about a minute. Each
+    request gets the popularity fallback within milvus.timeout_s, /readyz says Milvus is timing
+    out (degraded), and once Milvus answers again the model serves and readiness clears."""
+    import signal
+
+    from redrec.serving.local import LocalServer
+
+    cfg = json.loads(json.dumps(world["cfg"]))
+    cfg["milvus"]["timeout_s"] = 1.0
+    cfg["serving"].update(on_dependency_error="popularity")
+    cfg["serving"]["serving_log"]["dir"] = str(tmp_path / "log")
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    user = warm_users(world)[4]
+    with LocalServer(path) as srv:
+        assert not rec(srv, user, "ads")["fallback"]
+        lite = world["lite"]
+        os.killpg(lite.proc.pid, signal.SIGSTOP)
+        try:
+            for _ in range(3):
+                t0 = time.monotonic()
+                out = rec(srv, user, "ads")
+                assert out["fallback"] and out["model_version"] == "popularity", out
+                assert time.monotonic() - t0 < 10
+            time.sleep(2.1)  # readiness is cached for 2 s
+            r = httpx.get(srv.url + "/readyz", timeout=30)
+            assert r.status_code == 200, r.text
+            readiness = httpx.get(srv.url + "/ops/release", timeout=60).json()["readiness"]
+            assert "milvus timing out" in readiness, readiness
+        finally:
+            os.killpg(lite.proc.pid, signal.SIGCONT)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            out = rec(srv, user, "ads")
+            readiness = httpx.get(srv.url + "/ops/release", timeout=30).json()["readiness"]
+            if not out["fallback"] and "timing out" not in readiness:
+                break
+            time.sleep(1)
+        assert not out["fallback"] and readiness == "ready", (out, readiness)
 
 
 def test_feature_server_down_gives_503(server, world):

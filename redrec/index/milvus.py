@@ -459,7 +459,7 @@ def _search_raw(cfg: IndexConfig, name: str, queries: np.ndarray, limit: int, pa
     for s in range(0, len(queries), 512):
         res = c.search(name, data=queries[s : s + 512].astype(np.float32), limit=limit, filter=flt,
                        output_fields=[PK], search_params={"metric_type": cfg.metric, "params": params},
-                       anns_field=VEC)
+                       anns_field=VEC, timeout=cfg.timeout_s)
         out.extend([(str(h.id), _sim_from_distance(cfg, float(h.distance))) for h in hits] for hits in res)
     return out
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -16,6 +17,8 @@ log = logging.getLogger(__name__)
 _RETRIES = 2
 _info_cache: dict[tuple[str, str], CollectionInfo] = {}
 _info_lock = threading.Lock()
+# the search calls of one batch run side by side: Milvus serves them in parallel, a round trip each
+_calls = ThreadPoolExecutor(8, thread_name_prefix="redrec-search")
 
 
 class NotPublished(LookupError):
@@ -54,10 +57,22 @@ def search(
     go into the filter expression instead, as do more than ``cfg.overfetch_max_exclusions`` of them
     (each over-fetched hit costs the server a row; a filter on the primary key is cheaper).
     """
-    if k <= 0:
-        return []
-    return _resolve_and_search(cfg, lambda alias_target: alias_target, _queries(query_vectors), scenario, k,
-                               set(map(str, exclude_ids or ())))[0]
+    q = Query(query_vectors, scenario, k, exclude_ids or ())
+    return _resolve_and_search(cfg, lambda alias_target: alias_target, lambda t: _search_version(cfg, t, [q]))[0][0]
+
+
+@dataclass(frozen=True)
+class Query:
+    """One request's search: its [K, dim] query vectors, the scenario, k and the ids to leave out."""
+
+    vectors: np.ndarray
+    scenario: str
+    k: int
+    exclude: frozenset[str] = frozenset()
+
+    def __post_init__(self):
+        object.__setattr__(self, "vectors", _queries(self.vectors))
+        object.__setattr__(self, "exclude", frozenset(map(str, self.exclude)))
 
 
 def _queries(query_vectors) -> np.ndarray:
@@ -112,14 +127,22 @@ def search_paired(cfg: IndexConfig, model_version: str, query_vectors: np.ndarra
                   exclude_ids: list[str] | None = None) -> PairedHits:
     """``search`` for a model: only ever a collection built from ``model_version`` is searched
     (``paired_collection``), and the answer says which one."""
+    return search_paired_many(cfg, model_version, [Query(query_vectors, scenario, k, exclude_ids or ())])[0]
+
+
+def search_paired_many(cfg: IndexConfig, model_version: str, queries: list[Query]) -> list[PairedHits]:
+    """``search_paired`` for many requests at once (a serving micro-batch): one alias resolution
+    and, per scenario, ONE Milvus search holding every request's query vectors (nq = their sum),
+    split back per request. All requests see the same collection."""
     hits, target, alias_target = _resolve_and_search(
-        cfg, lambda t: paired_collection(cfg, t, model_version), _queries(query_vectors), scenario, k,
-        set(map(str, exclude_ids or ())), allow_unpublished=True)
+        cfg, lambda t: paired_collection(cfg, t, model_version), lambda t: _search_version(cfg, t, queries),
+        allow_unpublished=True)
     # read back from the collection itself, not echoed from the request: the caller checks the pair
-    return PairedHits(hits, target, str(_info(cfg, target).version), alias_target)
+    version = str(_info(cfg, target).version)
+    return [PairedHits(h, target, version, alias_target) for h in hits]
 
 
-def _resolve_and_search(cfg, pick, q, scenario, k, exclude, allow_unpublished: bool = False):
+def _resolve_and_search(cfg, pick, run, allow_unpublished: bool = False):
     # A swap may move the alias, and retention drop the old version, between resolving the alias
     # and searching the version it named: then the search fails on a collection that is gone.
     # Re-resolve and retry; an error with the alias unchanged is a real one.
@@ -135,7 +158,7 @@ def _resolve_and_search(cfg, pick, q, scenario, k, exclude, allow_unpublished: b
             raise last_error
         target = chosen
         try:
-            return _search_version(cfg, target, q, scenario, k, exclude), target, resolved
+            return run(target), target, resolved
         except (ValueError, NotPublished):
             raise
         except Exception as e:  # noqa: BLE001 - retried only when the alias moved meanwhile
@@ -146,30 +169,60 @@ def _resolve_and_search(cfg, pick, q, scenario, k, exclude, allow_unpublished: b
     raise last_error
 
 
-def _search_version(cfg: IndexConfig, target: str, q: np.ndarray, scenario: str, k: int, exclude: set[str]) -> list[tuple[str, float]]:
+def _search_version(cfg: IndexConfig, target: str, queries: list[Query]) -> list[list[tuple[str, float]]]:
+    """Hits per query. Requests of one scenario share one search call: each over-fetches
+    ``k + len(exclude)`` per query vector (the call fetches the largest of those for all; more
+    hits never change a request's top-k). A request whose exclusions exceed
+    ``cfg.overfetch_max_exclusions`` or the server's top-k limit is searched alone with its
+    exclusions in the filter instead (a filter on the primary key is cheaper than that many hits)."""
     info = _info(cfg, target)
-    if info.dim is not None and q.shape[1] != info.dim:
-        raise ValueError(f"query vectors have dim {q.shape[1]}, the served index {target} has dim {info.dim}")
-    field = info.scenarios.get(scenario)
-    if field is None:
-        raise ValueError(f"scenario {scenario!r} has no eligible items in {target}; it knows {sorted(info.scenarios)}")
     metric = info.metric or cfg.metric
-    if metric == "COSINE":
-        q = q / np.linalg.norm(q, axis=1, keepdims=True).clip(1e-12)
-    flt = f"{field} == true"
-    limit = k + len(exclude)
-    if exclude and (len(exclude) > cfg.overfetch_max_exclusions or limit > cfg.max_topk):
-        # a JSON list of strings is a Milvus list literal; non-ASCII ids stay as they are
-        # (Milvus' expression parser has no \u escapes)
-        flt += f" and {PK} not in {json.dumps(sorted(exclude), ensure_ascii=False)}"
-        limit = k
-    params = info.search_params or {}
     scfg = cfg if metric == cfg.metric else cfg.model_copy(update={"metric": metric})
+    params = info.search_params or {}
+    out: list[list[tuple[str, float]] | None] = [None] * len(queries)
+    shared: dict[str, list[int]] = {}
+    alone: dict[int, str] = {}
+    for n, q in enumerate(queries):
+        if info.dim is not None and q.vectors.shape[1] != info.dim:
+            raise ValueError(f"query vectors have dim {q.vectors.shape[1]}, the served index {target} has dim {info.dim}")
+        field = info.scenarios.get(q.scenario)
+        if field is None:
+            raise ValueError(f"scenario {q.scenario!r} has no eligible items in {target}; it knows {sorted(info.scenarios)}")
+        if q.k <= 0:
+            out[n] = []
+        elif q.exclude and (len(q.exclude) > cfg.overfetch_max_exclusions or q.k + len(q.exclude) > cfg.max_topk):
+            # a JSON list of strings is a Milvus list literal; non-ASCII ids stay as they are
+            # (Milvus' expression parser has no \u escapes)
+            alone[n] = f"{field} == true and {PK} not in {json.dumps(sorted(q.exclude), ensure_ascii=False)}"
+        else:
+            shared.setdefault(q.scenario, []).append(n)
+    calls = {n: _calls.submit(_search_raw, scfg, target, _normalised(queries[n].vectors, metric), queries[n].k, params, flt)
+             for n, flt in alone.items()}
+    for scenario, members in shared.items():
+        stacked = _normalised(np.concatenate([queries[n].vectors for n in members]), metric)
+        limit = min(max(queries[n].k + len(queries[n].exclude) for n in members), cfg.max_topk)
+        calls[scenario] = _calls.submit(_search_raw, scfg, target, stacked, limit, params, f"{info.scenarios[scenario]} == true")
+    for n in alone:
+        out[n] = _best(calls[n].result(), queries[n])
+    for scenario, members in shared.items():
+        rows = calls[scenario].result()
+        at = 0
+        for n in members:
+            kq = len(queries[n].vectors)
+            out[n] = _best(rows[at : at + kq], queries[n])
+            at += kq
+    return out
+
+
+def _normalised(q: np.ndarray, metric: str) -> np.ndarray:
+    return q / np.linalg.norm(q, axis=1, keepdims=True).clip(1e-12) if metric == "COSINE" else q
+
+
+def _best(rows: list[list[tuple[str, float]]], q: Query) -> list[tuple[str, float]]:
+    """The MAX over the query's K vectors per item, exclusions dropped, best ``q.k`` first."""
     best: dict[str, float] = {}
-    for hits in _search_raw(scfg, target, q, min(limit, cfg.max_topk), params, flt):
+    for hits in rows:
         for iid, score in hits:
-            if iid in exclude:
-                continue
-            if score > best.get(iid, -np.inf):
+            if iid not in q.exclude and score > best.get(iid, -np.inf):
                 best[iid] = score
-    return sorted(best.items(), key=lambda kv: (-kv[1], kv[0]))[:k]
+    return sorted(best.items(), key=lambda kv: (-kv[1], kv[0]))[: q.k]

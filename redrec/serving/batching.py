@@ -3,7 +3,8 @@
 While one batch runs (in a worker thread, so the event loop keeps accepting requests), new
 requests queue up; the next batch takes everything queued (up to ``max_size``), waiting at most
 ``max_wait_ms`` for company once the worker is free. Under load batches grow by themselves;
-alone, a request waits ``max_wait_ms`` at most.
+alone, a request waits ``max_wait_ms`` at most. Up to ``max_concurrent`` batches run at once, so one
+batch's wait on a remote call (Feast, Milvus) overlaps the next batch's work.
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ from typing import Any, Callable
 
 
 class MicroBatcher:
-    def __init__(self, fn: Callable[[list[Any]], list[Any]], max_size: int = 64, max_wait_ms: float = 2.0, name: str = "batch"):
+    def __init__(self, fn: Callable[[list[Any]], list[Any]], max_size: int = 64, max_wait_ms: float = 2.0, name: str = "batch",
+                 max_concurrent: int = 2):
         """``fn(items) -> results`` (same length); a result that is an Exception is raised to its caller."""
         self.fn = fn
         self.max_size = max_size
@@ -23,7 +25,8 @@ class MicroBatcher:
         self._queue: asyncio.Queue | None = None
         self._task: asyncio.Task | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._executor = ThreadPoolExecutor(1, thread_name_prefix=f"redrec-{name}")
+        self.max_concurrent = max_concurrent
+        self._executor = ThreadPoolExecutor(max_concurrent, thread_name_prefix=f"redrec-{name}")
         self.batches = 0
         self.items = 0
         self.largest = 0
@@ -40,7 +43,10 @@ class MicroBatcher:
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
         q = self._queue
+        slots = asyncio.Semaphore(self.max_concurrent)
+        running: set[asyncio.Task] = set()
         while True:
+            await slots.acquire()
             batch = [await q.get()]
             deadline = loop.time() + self.max_wait
             while len(batch) < self.max_size:
@@ -56,10 +62,18 @@ class MicroBatcher:
                     break
             batch = [(i, f) for i, f in batch if not f.cancelled()]  # a client that went away
             if not batch:
+                slots.release()
                 continue
             self.batches += 1
             self.items += len(batch)
             self.largest = max(self.largest, len(batch))
+            task = loop.create_task(self._one(batch, slots))
+            running.add(task)
+            task.add_done_callback(running.discard)
+
+    async def _one(self, batch: list, slots: asyncio.Semaphore) -> None:
+        loop = asyncio.get_running_loop()
+        try:
             try:
                 results = await loop.run_in_executor(self._executor, self.fn, [i for i, _ in batch])
                 if len(results) != len(batch):
@@ -73,6 +87,8 @@ class MicroBatcher:
                     fut.set_exception(r)
                 else:
                     fut.set_result(r)
+        finally:
+            slots.release()
 
     def stats(self) -> dict:
         return {"batches": self.batches, "items": self.items, "largest": self.largest,

@@ -56,6 +56,13 @@ class ServingSection(_Strict):
     feast_timeout_s: float = Field(2.0, gt=0, le=60)
     batch_max_size: int = Field(64, ge=1, le=4096)
     batch_max_wait_ms: float = Field(2.0, ge=0, le=1000)
+    # batches of one arm in flight at once: one waits on Feast or Milvus while the next one computes
+    batch_max_concurrent: int = Field(2, ge=1, le=16)
+    # true: one Milvus search per scenario for a whole micro-batch (nq = its query vectors); false:
+    # each request searches on its own, concurrently. Measured on 2 cores with Milvus Lite (ML-1M,
+    # bench/results/serving.json): the batched search is slower there (Lite's cost is per hit, and
+    # one big call serialises what concurrent calls overlap); a Milvus cluster may differ
+    batch_search: bool = False
     popularity_refresh_s: float = Field(60.0, ge=1)
     log_user_embedding: bool = True
     # intra-op threads of the user tower. 1 by default: the forward of a micro-batch is small, and

@@ -1,9 +1,13 @@
 """The recommendation engine behind the BentoML service (no HTTP here; ``bentos/service.py`` is a
 thin shell that maps these calls and errors to routes and status codes).
 
-recommend: experiment arm of the user -> the user's recent behaviour across ALL scenarios from
-Feast -> user tower with the requested scenario's queries (micro-batched per arm) -> Milvus search
-restricted to items eligible in the scenario, seen items excluded. No usable history -> the
+recommend: experiment arm of the user -> one micro-batch per arm holds the concurrent requests:
+ONE Feast read of all their users' recent behaviour across ALL scenarios -> ONE user-tower forward
+with each request's scenario queries -> the Milvus search, restricted to the scenario's eligible
+items, seen items excluded: per request and concurrent, or with ``serving.batch_search`` ONE search
+per scenario with all the batch's query vectors, split per request.
+Feast and Milvus calls run under a deadline each (``serving.feast_timeout_s``,
+``milvus.timeout_s``); a dependency timing out shows in ``/readyz``. No usable history -> the
 scenario's popular items, flagged ``cold_start``. Every response is appended to the serving log
 before it is returned.
 
@@ -35,7 +39,7 @@ from redrec.experiments.assignment import HOLDOUT, assign
 from redrec.experiments.log import AppendLog
 from redrec.features.store import HistoryEvent
 from redrec.index.config import IndexConfig
-from redrec.index.search import NotPublished, PairedHits, paired_collection, search_paired
+from redrec.index.search import NotPublished, PairedHits, Query, paired_collection, search_paired_many
 from redrec.serving import registry
 from redrec.serving.batching import MicroBatcher
 from redrec.serving.config import ConfigError, ServingConfig
@@ -81,6 +85,54 @@ class ArmRuntime:
     batcher: MicroBatcher | None = None
 
 
+@dataclass
+class _Ask:
+    """One /recommend request, as queued for its arm's micro-batch."""
+
+    user_id: str
+    scenario: str
+    k: int
+    exclude_seen: bool
+    search: bool  # False for holdout users: they get popularity, the tower and index are not asked
+    queued_at: float  # perf_counter at submit
+
+
+@dataclass
+class _Answer:
+    history: list
+    warm: bool  # the user has usable history (else: cold start)
+    vec: np.ndarray | None = None  # [K, dim], for requests that search
+    hits: PairedHits | None = None
+    search_error: Exception | None = None  # the batch's Milvus search failed: this request degrades
+    timings: dict | None = None  # where the batch's time went, logged with each response
+
+
+class _Deadline:
+    """Calls to one dependency in a bounded pool, each under a deadline; remembers whether the
+    last call timed out (for /readyz). The dependencies' own clients may retry for a minute
+    (pymilvus reconnects, Feast's HTTP client has no timeout): a hung server must cost a request
+    its deadline, never the arm's batch thread."""
+
+    def __init__(self, name: str, timeout_s: float, setting: str, workers: int = 4):
+        self.name, self.timeout_s, self.setting = name, timeout_s, setting
+        self.pool = ThreadPoolExecutor(workers, thread_name_prefix=f"redrec-{name}")
+        self.ok_at, self.stuck_at = 0.0, 0.0
+
+    def __call__(self, fn, *args):
+        fut = self.pool.submit(fn, *args)
+        try:
+            out = fut.result(timeout=self.timeout_s)
+        except FutureTimeout:
+            self.stuck_at = time.monotonic()
+            raise TimeoutError(f"{self.name}: no answer within {self.timeout_s:g}s ({self.setting})") from None
+        self.ok_at = time.monotonic()
+        return out
+
+    @property
+    def stuck(self) -> bool:
+        return self.stuck_at > self.ok_at
+
+
 def _dependency(e: BaseException) -> str | None:
     """The dependency an exception comes from, if it is an outage rather than a bug."""
     mod = type(e).__module__ or ""
@@ -113,11 +165,8 @@ class Engine:
             torch.set_num_threads(cfg.serving.torch_threads)
         self.scenarios = list(cfg.scenarios)
         self.repo = open_repo(cfg)
-        # every Feast read runs here under a deadline (Feast's HTTP client has none): a hung feature
-        # server costs a request its deadline, not the arm's batch thread forever
-        self._feast_pool = ThreadPoolExecutor(4, thread_name_prefix="redrec-feast")
-        self._feast_timeout_s = cfg.serving.feast_timeout_s
-        self._feast_ok_at, self._feast_stuck_at = 0.0, 0.0
+        self._feast = _Deadline("feast", cfg.serving.feast_timeout_s, "serving.feast_timeout_s")
+        self._milvus = _Deadline("milvus", cfg.milvus.timeout_s, "milvus.timeout_s")
         self.models = registry.ModelSource(cfg.model_store.uri, cfg.model_store.cache_dir)
         self._gen: _Generation | None = None
         self._install(cfg, self._load_arms(cfg))
@@ -159,8 +208,9 @@ class Engine:
                               timeout_s=cfg.milvus.timeout_s, alias_ttl_s=cfg.milvus.alias_ttl_s)
             rt = ArmRuntime(arm.name, info["model_version"], alias, model, Vocab.from_info(info), list(info["item_ids"]),
                             emb, idx)
-            rt.batcher = MicroBatcher(lambda reqs, rt=rt: self._user_vectors(rt, reqs), cfg.serving.batch_max_size,
-                                      cfg.serving.batch_max_wait_ms, name=f"arm-{arm.name}")
+            rt.batcher = MicroBatcher(lambda asks, rt=rt: self._serve_batch(rt, asks), cfg.serving.batch_max_size,
+                                      cfg.serving.batch_max_wait_ms, name=f"arm-{arm.name}",
+                                      max_concurrent=cfg.serving.batch_max_concurrent)
             arms[arm.name] = rt
         return arms
 
@@ -223,17 +273,6 @@ class Engine:
         return True
 
     # ---- popularity (cold start and fallback) ---------------------------------------------------
-    def _feast(self, fn, *args):
-        """``fn(*args)`` (a Feast read) within serving.feast_timeout_s, else TimeoutError (an outage)."""
-        fut = self._feast_pool.submit(fn, *args)
-        try:
-            out = fut.result(timeout=self._feast_timeout_s)
-        except FutureTimeout:
-            self._feast_stuck_at = time.monotonic()
-            raise TimeoutError(f"feast: no answer within {self._feast_timeout_s:g}s (serving.feast_timeout_s)") from None
-        self._feast_ok_at = time.monotonic()
-        return out
-
     def refresh_popularity(self, raise_errors: bool = True) -> None:
         try:
             scen, pop = self._feast(item_catalogue, self.repo, self.catalogue)
@@ -271,24 +310,24 @@ class Engine:
             return ok, why
         ok, why = True, "ready"
         try:
-            from redrec.index.milvus import _alias_target
-
-            for rt in list(self.arms.values()):
-                target = _alias_target(rt.index)
-                paired_collection(rt.index, target, rt.version)  # raises PairMismatch when nothing pairs
+            self._milvus(self._probe_milvus)
         except NotPublished as e:
             ok, why = False, str(e)
+        except TimeoutError:
+            ok, why = False, f"milvus timing out: no answer within {self._milvus.timeout_s:g}s (milvus.timeout_s)"
         except Exception as e:
             ok, why = False, f"milvus unreachable: {type(e).__name__}"
+        if ok and self._milvus.stuck:
+            ok, why = False, f"milvus timing out: a search got no answer within {self._milvus.timeout_s:g}s"
         if self._popular is None:
             self.refresh_popularity(raise_errors=False)
         if ok and self._popular is None:
             ok, why = False, "item popularity not loaded (feature store unreachable?)"
-        if self._feast_stuck_at > self._feast_ok_at:
+        if self._feast.stuck:
             # probe again: an unready pod gets no traffic, so no request would ever clear the state
             self.refresh_popularity(raise_errors=False)
-        if ok and self._feast_stuck_at > self._feast_ok_at:
-            ok, why = False, f"feast timing out: its last read got no answer within {self._feast_timeout_s:g}s"
+        if ok and self._feast.stuck:
+            ok, why = False, f"feast timing out: its last read got no answer within {self._feast.timeout_s:g}s"
         if not ok and self.cfg.serving.on_dependency_error == "popularity" and self._popular is not None:
             # the models are loaded and the fallback answers every request: an outage of a dependency
             # must not take every replica out of the Service (that would defeat the fallback)
@@ -296,27 +335,37 @@ class Engine:
         self._ready_cache = (time.monotonic(), ok, why)
         return ok, why
 
+    def _probe_milvus(self) -> None:
+        from redrec.index.milvus import _alias_target
+
+        for rt in list(self.arms.values()):
+            paired_collection(rt.index, _alias_target(rt.index), rt.version)  # raises PairMismatch when nothing pairs
+
     def release_status(self) -> dict:
         """Per arm: the model it serves, what its alias names, the collection it searched last
         and whether that was the alias' (``paired_with_alias``); plus the config reload state."""
         from redrec.index.milvus import _alias_target, describe
 
+        def row_of(rt: ArmRuntime) -> dict:
+            row = {"model_version": rt.version, "alias": rt.alias}
+            target = _alias_target(rt.index)
+            row["alias_target"] = target
+            row["alias_model_version"] = describe(rt.index, target).version if target else None
+            row["collection"] = paired_collection(rt.index, target, rt.version)
+            row["paired_with_alias"] = row["collection"] == target
+            if not row["paired_with_alias"]:
+                row["note"] = (f"alias '{rt.alias}' serves model {row['alias_model_version']}'s index; this arm "
+                               f"keeps the pair ({rt.version}, {row['collection']}) until its config names "
+                               f"{row['alias_model_version']}")
+            return row
+
         arms = {}
         for name, rt in list(self.arms.items()):
-            row = {"model_version": rt.version, "alias": rt.alias}
             try:
-                target = _alias_target(rt.index)
-                row["alias_target"] = target
-                row["alias_model_version"] = describe(rt.index, target).version if target else None
-                row["collection"] = paired_collection(rt.index, target, rt.version)
-                row["paired_with_alias"] = row["collection"] == target
-                if not row["paired_with_alias"]:
-                    row["note"] = (f"alias '{rt.alias}' serves model {row['alias_model_version']}'s index; this arm "
-                                   f"keeps the pair ({rt.version}, {row['collection']}) until its config names "
-                                   f"{row['alias_model_version']}")
+                arms[name] = self._milvus(row_of, rt)  # a hung Milvus must not hang the status page
             except Exception as e:  # noqa: BLE001 - reported, not raised: this is a status page
-                row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
-            arms[name] = row
+                arms[name] = {"model_version": rt.version, "alias": rt.alias,
+                              "error": f"{type(e).__name__}: {str(e)[:300]}"}
         return {"arms": arms, "config": dict(self.reload), "model_source": self.models.name,
                 "readiness": self.ready()[1]}
 
@@ -336,25 +385,44 @@ class Engine:
             raise BadRequest(f"{field}: longer than {self.cfg.serving.max_user_id_len} characters "
                              f"(serving.max_user_id_len)", field)
 
-    # ---- user tower (batched) -------------------------------------------------------------------
-    def _user_vectors(self, rt: ArmRuntime, reqs: list[tuple[str, str]]) -> list:
-        """(user_id, scenario) per request -> (history, [K, dim] vectors or None for cold users)."""
-        users = list(dict.fromkeys(u for u, _ in reqs))
+    # ---- the request path, batched ---------------------------------------------------------------
+    def _serve_batch(self, rt: ArmRuntime, asks: list[_Ask]) -> list[_Answer]:
+        """A micro-batch of one arm: one Feast read for all its users, one user-tower forward, one
+        Milvus search per scenario; then split per request. A failed Feast read fails the batch
+        (every request degrades); a failed search is handed to each request that needed it."""
+        t0 = time.perf_counter()
+        users = list(dict.fromkeys(a.user_id for a in asks))
         hist = self._feast(self.repo.online_histories, users)
-        rows = [encode_row(rt.vocab, hist[u]) for u, _ in reqs]
-        warm = [i for i, r in enumerate(rows) if len(r["items"])]
-        out: list = [(hist[u], None) for u, _ in reqs]
+        t1 = time.perf_counter()
+        rows = [encode_row(rt.vocab, hist[a.user_id]) for a in asks]
+        out = [_Answer(hist[a.user_id], len(r["items"]) > 0) for a, r in zip(asks, rows)]
+        warm = [i for i, a in enumerate(asks) if a.search and out[i].warm]
         if warm:
-            batch = collate([rows[i] for i in warm], [rt.vocab.scenario_index[reqs[i][1]] for i in warm])
+            batch = collate([rows[i] for i in warm], [rt.vocab.scenario_index[asks[i].scenario] for i in warm])
             with torch.inference_mode():
                 vec = rt.model.user_vectors(batch)[:, 0].float().numpy()  # [B, K, dim]
             for j, i in enumerate(warm):
-                out[i] = (hist[reqs[i][0]], vec[j])
+                out[i].vec = vec[j]
+        t2 = time.perf_counter()
+        if warm and self.cfg.serving.batch_search:
+            queries = [Query(out[i].vec, asks[i].scenario, asks[i].k,
+                             {h.item_id for h in out[i].history} if asks[i].exclude_seen else ()) for i in warm]
+            try:
+                for i, res in zip(warm, self._milvus(self._search_many, rt, queries)):
+                    out[i].hits = res
+            except Exception as e:  # noqa: BLE001 - each request decides (fallback or 503)
+                for i in warm:
+                    out[i].search_error = e
+        t3 = time.perf_counter()
+        ms = lambda a, b: round((b - a) * 1000, 3)  # noqa: E731
+        for a, ans in zip(asks, out):
+            ans.timings = {"queue_ms": ms(a.queued_at, t0), "feast_ms": ms(t0, t1), "tower_ms": ms(t1, t2),
+                           "search_ms": ms(t2, t3), "batch_size": len(asks)}
         return out
 
-    def _search(self, rt: ArmRuntime, vec: np.ndarray, scenario: str, k: int, exclude: list[str]) -> PairedHits:
+    def _search_many(self, rt: ArmRuntime, queries: list[Query]) -> list[PairedHits]:
         try:
-            res = search_paired(rt.index, rt.version, vec, scenario, k, exclude)
+            res = search_paired_many(rt.index, rt.version, queries)
         except Exception as e:
             # a restarted Milvus (Lite always, a standalone after some failures) comes back with
             # the collection released: load it once and retry instead of failing until a redeploy
@@ -365,13 +433,14 @@ class Engine:
             target = paired_collection(rt.index, _alias_target(rt.index), rt.version)
             log.warning("collection %s is not loaded in Milvus; loading it", target)
             client(rt.index).load_collection(target, timeout=rt.index.timeout_s)
-            res = search_paired(rt.index, rt.version, vec, scenario, k, exclude)
-        if self._alias_seen.get(rt.name) != res.alias_target:
-            self._alias_seen[rt.name] = res.alias_target
-            if res.collection != res.alias_target:
+            res = search_paired_many(rt.index, rt.version, queries)
+        alias_target = res[0].alias_target if res else self._alias_seen.get(rt.name)
+        if res and self._alias_seen.get(rt.name) != alias_target:
+            self._alias_seen[rt.name] = alias_target
+            if res[0].collection != alias_target:
                 log.warning("arm %s: alias '%s' serves %s, not an index of model %s; searching %s (the model's "
-                            "own) until the config names the alias' model", rt.name, rt.alias, res.alias_target,
-                            rt.version, res.collection)
+                            "own) until the config names the alias' model", rt.name, rt.alias, alias_target,
+                            rt.version, res[0].collection)
         return res
 
     # ---- API ------------------------------------------------------------------------------------
@@ -400,27 +469,34 @@ class Engine:
         self._check_context(context)
         t0 = time.perf_counter()
         arm, rt = self._arm_runtime(user_id)
-        fallback, cold, history, vec, reason, index = False, False, [], None, None, None
-        t_user = None
+        fallback, warm, history, vec, reason, index, ans = False, False, [], None, None, None, None
         try:
-            history, vec = await rt.batcher.submit((user_id, scenario))
-            t_user = time.perf_counter()
+            ans = await rt.batcher.submit(_Ask(user_id, scenario, k, exclude_seen, arm != HOLDOUT, t0))
+            history, warm, vec = ans.history, ans.warm, ans.vec
+            if ans.search_error is not None:
+                reason, fallback = self._degraded(ans.search_error), True
         except Exception as e:
             reason, fallback = self._degraded(e), True
-        seen = {h.item_id for h in history} if exclude_seen else set()
-        if arm == HOLDOUT or vec is None or fallback:
+        cold = not warm and not fallback
+        if arm == HOLDOUT or cold or fallback:
             # holdout users get the non-personalised baseline, the reference for the arms' total lift
-            cold = vec is None and not fallback
+            seen = {h.item_id for h in history} if exclude_seen else set()
             hits = await asyncio.to_thread(self.popular, scenario, k, seen)
             version = "popularity" if arm == HOLDOUT or fallback else rt.version
         else:
-            try:
-                res = await asyncio.to_thread(self._search, rt, vec, scenario, k, sorted(seen))
-                hits, index = res.hits, res
-            except Exception as e:
-                reason, fallback = self._degraded(e), True
-                hits = await asyncio.to_thread(self.popular, scenario, k, seen)
-            version = "popularity" if fallback else rt.version
+            version = rt.version
+            if ans.hits is None:  # serving.batch_search off: this request searches on its own
+                t_search = time.perf_counter()
+                q = Query(vec, scenario, k, {h.item_id for h in history} if exclude_seen else ())
+                try:
+                    ans.hits = (await asyncio.to_thread(self._milvus, self._search_many, rt, [q]))[0]
+                except Exception as e:
+                    reason, fallback, version = self._degraded(e), True, "popularity"
+                ans.timings["search_ms"] = round((time.perf_counter() - t_search) * 1000, 3)
+            if fallback:
+                hits = await asyncio.to_thread(self.popular, scenario, k, {h.item_id for h in history} if exclude_seen else set())
+            else:
+                hits, index = ans.hits.hits, ans.hits
         resp = {
             "request_id": uuid.uuid4().hex,
             "experiment": self.cfg.experiment.name,
@@ -436,9 +512,8 @@ class Engine:
         }
         t_end = time.perf_counter()
         record = {**resp, "ts": time.time(), "latency_ms": round((t_end - t0) * 1000, 3)}
-        if t_user is not None:  # where the time went: queue + Feast read + user tower, then search
-            record["user_ms"] = round((t_user - t0) * 1000, 3)
-            record["search_ms"] = round((t_end - t_user) * 1000, 3)
+        if ans is not None and ans.timings:  # where the time went: queue, Feast read, tower, search (per batch)
+            record.update(ans.timings)
         if index is not None:
             record["index_collection"] = index.collection
         if reason:
@@ -470,7 +545,8 @@ class Engine:
         if idx is None:
             raise NotFound(f"item_id: unknown item {item_id!r} (not in the catalogue of model {rt.version})", "item_id")
         try:
-            res = await asyncio.to_thread(self._search, rt, rt.item_emb[idx - 1], scenario, k, [item_id])
+            q = Query(rt.item_emb[idx - 1], scenario, k, {item_id})
+            res = (await asyncio.to_thread(self._milvus, self._search_many, rt, [q]))[0]
         except Exception as e:
             dep = _dependency(e)
             if dep is None:
