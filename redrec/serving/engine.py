@@ -317,8 +317,6 @@ class Engine:
             ok, why = False, f"milvus timing out: no answer within {self._milvus.timeout_s:g}s (milvus.timeout_s)"
         except Exception as e:
             ok, why = False, f"milvus unreachable: {type(e).__name__}"
-        if ok and self._milvus.stuck:
-            ok, why = False, f"milvus timing out: a search got no answer within {self._milvus.timeout_s:g}s"
         if self._popular is None:
             self.refresh_popularity(raise_errors=False)
         if ok and self._popular is None:
