@@ -325,10 +325,11 @@ def test_killed_milvus_gives_503_and_the_server_keeps_running(server, world):
     assert r.status_code == 200, r.text
 
 
-def fallback_config(world, tmp_path, **serving) -> Path:
-    """The world's serving config with the popularity fallback configured (plus ``serving``
-    overrides) and its own serving log, for a server of the test's own."""
+def fallback_config(world, tmp_path, milvus: dict | None = None, **serving) -> Path:
+    """The world's serving config with the popularity fallback configured (plus ``serving`` and
+    ``milvus`` overrides) and its own serving log, for a server of the test's own."""
     cfg = json.loads(json.dumps(world["cfg"]))
+    cfg["milvus"].update(milvus or {})
     cfg["serving"].update(on_dependency_error="popularity", **serving)
     cfg["serving"]["serving_log"]["dir"] = str(tmp_path / "log")
     path = tmp_path / "config.yaml"
@@ -423,12 +424,7 @@ def test_a_hung_milvus_costs_a_deadline_and_shows_in_readyz(world, tmp_path):
 
     from redrec.serving.local import LocalServer
 
-    cfg = json.loads(json.dumps(world["cfg"]))
-    cfg["milvus"]["timeout_s"] = 1.0
-    cfg["serving"].update(on_dependency_error="popularity")
-    cfg["serving"]["serving_log"]["dir"] = str(tmp_path / "log")
-    path = tmp_path / "config.yaml"
-    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    path = fallback_config(world, tmp_path, milvus={"timeout_s": 1.0})
     user = warm_users(world)[4]
     with LocalServer(path) as srv:
         assert not rec(srv, user, "ads")["fallback"]

@@ -476,23 +476,23 @@ class Engine:
         except Exception as e:
             reason, fallback = self._degraded(e), True
         cold = not warm and not fallback
+        seen = {h.item_id for h in history} if exclude_seen else set()
         if arm == HOLDOUT or cold or fallback:
             # holdout users get the non-personalised baseline, the reference for the arms' total lift
-            seen = {h.item_id for h in history} if exclude_seen else set()
             hits = await asyncio.to_thread(self.popular, scenario, k, seen)
             version = "popularity" if arm == HOLDOUT or fallback else rt.version
         else:
             version = rt.version
             if ans.hits is None:  # serving.batch_search off: this request searches on its own
                 t_search = time.perf_counter()
-                q = Query(vec, scenario, k, {h.item_id for h in history} if exclude_seen else ())
+                q = Query(vec, scenario, k, seen)
                 try:
                     ans.hits = (await asyncio.to_thread(self._milvus, self._search_many, rt, [q]))[0]
                 except Exception as e:
                     reason, fallback, version = self._degraded(e), True, "popularity"
                 ans.timings["search_ms"] = round((time.perf_counter() - t_search) * 1000, 3)
             if fallback:
-                hits = await asyncio.to_thread(self.popular, scenario, k, {h.item_id for h in history} if exclude_seen else set())
+                hits = await asyncio.to_thread(self.popular, scenario, k, seen)
             else:
                 hits, index = ans.hits.hits, ans.hits
         resp = {
