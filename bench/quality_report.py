@@ -9,11 +9,12 @@ Only inline CSS and SVG: the page is read from CI artefacts and laptops with no 
 
 from __future__ import annotations
 
-import math
 import os
 from pathlib import Path
 
 import jinja2
+
+from redrec.reports.charts import finite, line_chart
 
 ORDER = ["popularity", "sasrec", "single-scenario", "redrec", "redrec-no-mixing", "redrec-no-side-info",
          "redrec-k1", "redrec-id-items", "redrec-frozen-items"]
@@ -37,22 +38,7 @@ svg text{font:11px system-ui,sans-serif} ul.cal{margin:.3em 0}
 </style></head><body>
 <h1>RED-Rec offline quality</h1>
 <p class="muted">{{ machine }}</p>
-{% macro chart(c) -%}
-<svg width="{{ c.w }}" height="{{ c.h }}" viewBox="0 0 {{ c.w }} {{ c.h }}" role="img">
-<text x="{{ c.w / 2 }}" y="14" text-anchor="middle" font-weight="bold">{{ c.title }}</text>
-{% for px, label in c.xticks %}<line x1="{{ px }}" y1="{{ c.top }}" x2="{{ px }}" y2="{{ c.bottom }}" stroke="#eee"/>
-<text x="{{ px }}" y="{{ c.bottom + 14 }}" text-anchor="middle">{{ label }}</text>{% endfor %}
-{% for py, label in c.yticks %}<line x1="{{ c.left }}" y1="{{ py }}" x2="{{ c.right }}" y2="{{ py }}" stroke="#eee"/>
-<text x="{{ c.left - 4 }}" y="{{ py + 4 }}" text-anchor="end">{{ label }}</text>{% endfor %}
-<rect x="{{ c.left }}" y="{{ c.top }}" width="{{ c.right - c.left }}" height="{{ c.bottom - c.top }}" fill="none" stroke="#888"/>
-<text x="{{ (c.left + c.right) / 2 }}" y="{{ c.h - 4 }}" text-anchor="middle">training minutes</text>
-{% for s in c.series %}<polyline fill="none" stroke="{{ s.color }}" stroke-width="1.8" points="{{ s.points }}"><title>{{ s.name }}</title></polyline>
-{% if s.single %}<circle cx="{{ s.single[0] }}" cy="{{ s.single[1] }}" r="3" fill="{{ s.color }}"/>{% endif %}
-<line x1="{{ c.right + 10 }}" y1="{{ c.top + 8 + loop.index0 * 16 }}" x2="{{ c.right + 28 }}" y2="{{ c.top + 8 + loop.index0 * 16 }}" stroke="{{ s.color }}" stroke-width="3"/>
-<text x="{{ c.right + 32 }}" y="{{ c.top + 12 + loop.index0 * 16 }}">{{ s.name }}</text>{% endfor %}
-{% if not c.series %}<text x="{{ (c.left + c.right) / 2 }}" y="{{ (c.top + c.bottom) / 2 }}" text-anchor="middle" fill="#999">no curve points</text>{% endif %}
-</svg>
-{%- endmacro %}
+{% from "macros.html" import line_chart as chart %}
 {% for s in sections %}
 <h2>{{ s.dataset }} &mdash; {{ s.protocol }}</h2>
 <p class="muted">{{ s.description }}</p>
@@ -68,15 +54,12 @@ svg text{font:11px system-ui,sans-serif} ul.cal{margin:.3em 0}
 {% else %}<p>No results yet.</p>{% endfor %}
 </body></html>
 """
-_PAGE = jinja2.Environment(autoescape=True, trim_blocks=True, lstrip_blocks=True).from_string(TEMPLATE)
+# the reports' environment: its macros draw the charts
+_PAGE = jinja2.Environment(loader=jinja2.PackageLoader("redrec.reports", "templates"), autoescape=True,
+                           trim_blocks=True, lstrip_blocks=True).from_string(TEMPLATE)
 
 
-def _num(x) -> float | None:
-    try:
-        x = float(x)
-    except (TypeError, ValueError):
-        return None
-    return x if math.isfinite(x) else None  # json NaN from a failed validation must not poison charts
+_num = finite
 
 
 def _fmt(x, digits: int = 4) -> str:
@@ -86,33 +69,6 @@ def _fmt(x, digits: int = 4) -> str:
 
 def _ordered(names) -> list[str]:
     return sorted(names, key=lambda n: (ORDER.index(n) if n in ORDER else len(ORDER), n))
-
-
-def _ticks(lo: float, hi: float, n: int = 5) -> list[float]:
-    raw = (hi - lo) / n or 1.0
-    step = min((m * 10 ** math.floor(math.log10(raw)) for m in (1, 2, 5, 10)), key=lambda s: abs(s - raw))
-    return [k * step for k in range(math.ceil(lo / step - 1e-9), math.floor(hi / step + 1e-9) + 1)]
-
-
-def _chart(title: str, series: dict[str, list[tuple[float, float]]], colors: dict[str, str]) -> dict:
-    w, h, left, right, top, bottom = 560, 300, 52, 410, 24, 262
-    series = {k: v for k, v in series.items() if v}
-    xs = [x for pts in series.values() for x, _ in pts] or [0.0, 1.0]
-    ys = [y for pts in series.values() for _, y in pts] or [0.0, 1.0]
-    x0, x1 = 0.0, max(max(xs), 1e-3)
-    pad = (max(ys) - min(ys)) * 0.05 or abs(max(ys)) * 0.05 or 0.05
-    y0, y1 = min(ys) - pad, max(ys) + pad
-    sx = lambda x: round(left + (x - x0) / (x1 - x0) * (right - left), 1)  # noqa: E731
-    sy = lambda y: round(bottom - (y - y0) / (y1 - y0) * (bottom - top), 1)  # noqa: E731
-    out = []
-    for name, pts in series.items():
-        px = [(sx(x), sy(y)) for x, y in sorted(pts)]
-        out.append({"name": name, "color": colors[name], "points": " ".join(f"{a},{b}" for a, b in px),
-                    "single": px[0] if len(px) == 1 else None})
-    yd = max(0, 2 - math.floor(math.log10(max(y1 - y0, 1e-9))))
-    return {"title": title, "w": w, "h": h, "left": left, "right": right, "top": top, "bottom": bottom, "series": out,
-            "xticks": [(sx(t), f"{t:g}") for t in _ticks(x0, x1)],
-            "yticks": [(sy(t), f"{t:.{yd}f}") for t in _ticks(y0, y1) if y0 <= t <= y1]}
 
 
 def _verdict(value, target: float) -> tuple[str, str]:
@@ -191,7 +147,8 @@ def _section(dataset: str, protocol: str, entry: dict) -> dict:
     desc = ", ".join(f"{k} {ds[k]:,}" for k in ("users", "items", "events") if isinstance(ds.get(k), int))
     return {"dataset": dataset, "protocol": protocol, "groups": cols, "rows": rows,
             "description": "; ".join(x for x in (entry.get("protocol", ""), desc) if x),
-            "valid_chart": _chart("validation NDCG@10", valid, colors), "loss_chart": _chart("training loss", loss, colors),
+            "valid_chart": line_chart("validation NDCG@10", valid, colors, "training minutes"),
+            "loss_chart": line_chart("training loss", loss, colors, "training minutes"),
             "calibration": _calibration(dataset, protocol, entry, nd)}
 
 

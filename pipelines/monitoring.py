@@ -20,7 +20,8 @@ def make_monitoring_pipeline(cluster: ClusterConfig | None = None, defaults: Pip
         nodes: int = 1, gpus_per_node: int = 0, gate_metrics: list = ["ndcg@10"], gate_margin: float = 0.0,  # noqa: B006
         workspace: str = "build/pipeline/ml1m", milvus_uri: str = "", index_alias: str = "redrec_items",
         feature_store_yaml: str = "", model_store: str = "", deploy_target: str = "local", serving_port: int = 3000, launcher: str = "auto",
-        trainer_runtime: str = "deepspeed-distributed", trainer_image: str = "", inject_fault: str = "",
+        trainer_runtime: str = "deepspeed-distributed", trainer_image: str = "", drift_reference_at: str = "window-end",
+        inject_fault: str = "",
     ):
         """RED-Rec monitoring: drift per scenario -> [drifted] retrain through the gated training steps.
 

@@ -43,8 +43,8 @@ def training_steps(c, a: dict, cluster: ClusterConfig | None) -> dict:
                        index_alias=a["index_alias"], model_store=a["model_store"], deploy_target=a["deploy_target"],
                        serving_port=a["serving_port"], inject_fault=a["inject_fault"])
         ref = c.record_reference(data=prep.outputs["data"], model=tr.outputs["model"], metrics=ev.outputs["metrics"],
-                                 dataset=a["dataset"],
-                                 experiment=a["experiment"], workspace=a["workspace"]).after(dep)
+                                 dataset=a["dataset"], experiment=a["experiment"], workspace=a["workspace"],
+                                 requests_at=a["drift_reference_at"]).after(dep)
     tasks = {"prepare-data": prep, "build-features": feats, "train": tr, "evaluate": ev, "gate": g, "publish": pub,
              "deploy": dep, "record-reference": ref}
     for t in tasks.values():

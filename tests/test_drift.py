@@ -14,6 +14,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 import uuid
 from datetime import datetime, timezone
 from html.parser import HTMLParser
@@ -89,13 +90,28 @@ def _replay_hit_rate(ck, events, items, n=300, k=10, seed=0) -> dict:
     return out
 
 
+def _plant_search_shift(events: pd.DataFrame, ref_ev: pd.DataFrame, items: pd.DataFrame, seed: int = 1) -> pd.DataFrame:
+    """The planted shift, search only: traffic jumps to the popular head and is mostly skipped."""
+    pop = ref_ev["item_id"].value_counts()
+    search_items = items.loc[items["scenarios"].map(lambda s: "search" in s), "item_id"]
+    head = [i for i in search_items if pop.get(i, 0) >= pop.quantile(0.9)]
+    rng = np.random.default_rng(seed)
+    shifted = events.copy()
+    m = (shifted["scenario"] == "search").to_numpy()
+    shifted.loc[m, "item_id"] = rng.choice(head, size=int(m.sum()))
+    shifted.loc[m, "action"] = np.where(rng.random(int(m.sum())) < 0.8, "skip", "click")
+    return shifted
+
+
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     from redrec.experiment import ExperimentConfig, train_variant
     from redrec.model.checkpoint import export_checkpoint
 
     root = tmp_path_factory.mktemp("drift")
-    data = generate(SyntheticConfig(n_users=600, n_items=200, seed=3))
+    # 1000 users per half: with 300, the halves' event times (users start at random days) differ by
+    # sampling alone by 0.04-0.09 normed Wasserstein in item_age_rank, near the shipped 0.1
+    data = generate(SyntheticConfig(n_users=2000, n_items=200, seed=3))
     ev = data.events
     users = sorted(ev["user_id"].unique())
     ref_ev = ev[ev["user_id"].isin(set(users[::2]))].reset_index(drop=True)
@@ -110,32 +126,19 @@ def world(tmp_path_factory):
     trainer, _ = train_variant(cfg, "redrec", ref_data, enc, chronological_split(enc), root / "train", resume=False)
     ck = export_checkpoint(trainer.module, root / "model", enc.item_ids, {"variant": "redrec"})
     offline = _replay_hit_rate(ck, ref_ev, data.items)
+    # the live half are users arriving during the window: the reference replays past events
     ref_dir = record_reference(ref_ev, data.items, root / "reference", model_dir=ck,
-                               meta={"offline_metrics": offline}, max_requests=600)
+                               meta={"offline_metrics": offline}, max_requests=600, requests_at="events")
 
-    # planted shift, search only: traffic jumps to the popular head and is mostly skipped
-    pop = ref_ev["item_id"].value_counts()
-    search_items = data.items.loc[data.items["scenarios"].map(lambda s: "search" in s), "item_id"]
-    head = [i for i in search_items if pop.get(i, 0) >= pop.quantile(0.9)]
-    rng = np.random.default_rng(1)
-    shifted = cur_ev.copy()
-    m = (shifted["scenario"] == "search").to_numpy()
-    shifted.loc[m, "item_id"] = rng.choice(head, size=int(m.sum()))
-    shifted.loc[m, "action"] = np.where(rng.random(int(m.sum())) < 0.8, "skip", "click")
-
+    shifted = _plant_search_shift(cur_ev, ref_ev, data.items)
     _serving_log(ck, cur_ev, data.items, root / "log-noshift")
     _serving_log(ck, shifted, data.items, root / "log-shift")
     module_dir = root / "pipelines"
     module_dir.mkdir()
     mod = f"tiny_retrain_{uuid.uuid4().hex[:6]}"
     (module_dir / f"{mod}.py").write_text(TINY_PIPELINE)
-    # the synthetic catalogue has no item inflow and the two halves overlap in time, so
-    # first-seen ages of rare items differ by sampling alone (~0.11 normed Wasserstein between
-    # the unshifted halves); on real traffic the current window follows the reference
-    thresholds = root / "thresholds.yaml"
-    th = yaml.safe_load(DEFAULT_THRESHOLDS.read_text())
-    th["defaults"]["behaviour"]["features"]["item_age_days"]["threshold"] = 0.3
-    thresholds.write_text(yaml.safe_dump(th))
+    # the shipped thresholds, as shipped: no-shift data must pass them untouched
+    thresholds = DEFAULT_THRESHOLDS
     return {
         "root": root, "data": data, "ref_dir": ref_dir, "ref_ev": ref_ev, "cur_ev": cur_ev, "ck": ck, "offline": offline,
         "now": float(ev["ts"].max() + 60), "module_dir": module_dir, "module": mod, "thresholds": thresholds,
@@ -257,6 +260,8 @@ def test_no_shift_gives_no_alarm(world, tmp_path, local_kfp):
         checks = {c["name"]: c for c in s["checks"]}
         # every check was really judged on this data, not skipped
         assert {checks[n]["status"] for n in ("behaviour", "user_embedding", "served_score", "online_hit_rate", "serving_mix")} == {"ok"}, s
+        # and no single feature crossed its shipped threshold: nothing for a reader to chase
+        assert not [f["name"] for f in checks["behaviour"]["features"] if f["drifted"]], s
 
 
 def test_cold_starts_and_fallbacks_do_not_look_like_score_drift(world, tmp_path, local_kfp):
@@ -300,6 +305,46 @@ def test_behaviour_drift_share_agrees_with_evidently_and_score_drift(world, tmp_
     assert v["ads"]["verdict"] == "drift" and v["ads"]["top_drifted"] == ["served_score"]
     assert v["homefeed"]["verdict"] == v["search"]["verdict"] == "ok"
     assert summary["trigger"]["reason"] == "trigger disabled (--no-trigger)"
+
+
+def test_sequence_lengths_right_after_a_deploy_count_the_history_the_log_has_not_seen(world, tmp_path):
+    """A user's first events after the reference window: their trailing counts come from the
+    reference's tail plus the log, exactly as if the log had held the whole history."""
+    from redrec.drift.features import behaviour_features, item_stats
+    from redrec.drift.monitor import current_events
+    from redrec.drift.reference import load_reference
+
+    ev = world["ref_ev"].sort_values(["user_id", "ts"], kind="stable").reset_index(drop=True)
+    later = ev.groupby("user_id").cumcount(ascending=False) < 10  # each user's last 10 events
+    ref = load_reference(record_reference(ev[~later], world["data"].items, tmp_path / "ref"))
+    assert ref.tail is not None and 0 < len(ref.tail) <= (~later).sum()  # synthetic sessions fit in a day
+    feedback = ev[later].assign(request_id=None, received_ts=float(ev["ts"].max() + 10))
+    cfg = _cfg(world, tmp_path)
+    now = float(ev["ts"].max() + 20)
+    cur = current_events(cfg, feedback, now - 3600, now, now - 3600 - 86400, ref.tail)
+    got = behaviour_features(cur, ref.items, 24)[cur["in_window"].to_numpy()]
+    want = behaviour_features(ev, ref.items, 24)[later.to_numpy()]
+    assert len(got) == later.sum() and (want["seq_len"] > 10).mean() > 0.5  # most users had history before
+    assert sorted(got["seq_len"]) == sorted(want["seq_len"])
+    # without the tail the log alone undercounts: what every check right after a deploy saw
+    bare = current_events(cfg, feedback, now - 3600, now, now - 3600 - 86400)
+    assert behaviour_features(bare, ref.items, 24)["seq_len"].max() <= 9
+
+
+def test_item_age_rank_is_the_share_of_known_items_first_seen_at_or_after_the_item():
+    from redrec.drift.features import behaviour_features, item_stats
+
+    items = pd.DataFrame({"item_id": ["a", "b", "c"], "tags": [["x"], ["x"], ["y"]]})
+    day = 86400
+    ref = pd.DataFrame({"user_id": "u", "item_id": ["a", "b", "c"], "scenario": "homefeed", "action": "click",
+                        "ts": [0, 10 * day, 20 * day]})
+    stats = item_stats(ref, items, 10)
+    cur = pd.DataFrame({"user_id": "v", "item_id": ["a", "c", "b", "d"], "scenario": "homefeed", "action": "click",
+                        "ts": [30 * day, 30 * day, 5 * 365 * day, 31 * day]})
+    f = behaviour_features(cur, stats, 24)
+    # a is the oldest of 3 known items, c the newest; d is new here (first seen at 31 days);
+    # years later the rank of b has not moved, where its age in days would have
+    assert f["item_age_rank"].round(4).tolist() == [1.0, round(1 / 3, 4), 0.75, 0.25]
 
 
 def test_too_little_current_data_is_insufficient_not_an_alarm(world, tmp_path, local_kfp):
@@ -538,3 +583,130 @@ def test_drift_pages_in_a_browser(world, tmp_path):
         assert "alarm 0.3" in hist.text() and hist.count("#runs tr") == 3
     finally:
         b.close()
+
+
+# ---- held-out events replayed through the real service, right after a deploy ----------------
+
+REPLAY_USERS = 300  # per replay window: 2,400-6,500 events per scenario
+REPLAY_EVERY = 8  # a request before every 8th event of a user: 300-900 model-ranked requests per scenario
+
+
+@pytest.fixture(scope="module")
+def deployed(world, tmp_path_factory):
+    """The local pipeline (kfp.local, Feast, Milvus Lite, BentoML server) trained on the world's
+    reference half and deployed; the other half has never reached the service."""
+    from redrec.index.lite import free_port
+    from redrec.pipeline.config import PipelineParams
+    from redrec.pipeline.deploy import stop_local
+    from redrec.pipeline.localrun import ensure_milvus, release_milvus_connections, run_local, stop_milvus
+
+    base = tmp_path_factory.mktemp("deployed")
+    world["ref_ev"].to_parquet(base / "events.parquet", index=False)
+    world["data"].items.to_parquet(base / "items.parquet", index=False)
+    ws = base / "ws"
+    params = PipelineParams(
+        dataset="parquet", dataset_args={"events": str(base / "events.parquet"), "items": str(base / "items.parquet")},
+        experiment={"model": {"item_source": "cache-finetune", "user_tower": {"hidden_size": 32, "layers": 1, "heads": 2, "max_len": 20}},
+                    "train": {"epochs": 4, "batch_size": 64, "warmup_steps": 2, "patience": 2, "lr": 0.003}},
+        drift_reference_at="events",  # the live half are users arriving, not returning
+        workspace=str(ws), milvus_uri=ensure_milvus(ws), serving_port=free_port())
+    try:
+        res = run_local(params)
+        assert res.ok, res.error
+        yield {"params": params, "url": res.summary["service"], "ws": ws}
+    finally:
+        stop_local(ws)
+        release_milvus_connections()
+        stop_milvus(ws)
+
+
+def _replay(url: str, events: pd.DataFrame, every: int = REPLAY_EVERY) -> tuple[float, float]:
+    """The users' events in order, as an app and its event collector send them: a /recommend
+    before every ``every``-th event of a user, then the events up to that user's next request,
+    the first of them answering the request. Round r asks every user with an r-th chunk at once,
+    then records all those chunks in /record_events calls of up to 1000 events (the collector
+    batches across users). Returns the wall-clock span the service saw them in."""
+    import httpx
+    from concurrent.futures import ThreadPoolExecutor
+
+    cols = ["user_id", "item_id", "scenario", "action", "ts"]
+    chunks = {u: [g.iloc[i : i + every] for i in range(0, len(g), every)]
+              for u, g in events.sort_values(["user_id", "ts"], kind="stable")[cols].groupby("user_id")}
+    t0 = time.time()
+    with httpx.Client(timeout=60) as client, ThreadPoolExecutor(16) as pool:
+        def ask(chunk: pd.DataFrame) -> list[dict]:
+            rows = [{**r, "ts": int(r["ts"])} for r in chunk.to_dict("records")]
+            r = client.post(url + "/recommend", json={"user_id": rows[0]["user_id"], "scenario": rows[0]["scenario"], "k": 10})
+            assert r.status_code == 200, r.text
+            rows[0]["request_id"] = r.json()["request_id"]
+            return rows
+
+        for r in range(max(len(c) for c in chunks.values())):
+            rows = [e for answered in pool.map(ask, [c[r] for c in chunks.values() if len(c) > r]) for e in answered]
+            for i in range(0, len(rows), 1000):
+                resp = client.post(url + "/record_events", json={"events": rows[i : i + 1000]})
+                assert resp.status_code == 200 and resp.json()["accepted"] == len(rows[i : i + 1000]), resp.text
+    t1 = time.time()
+    time.sleep(0.05)  # the next replay's lines are stamped after this window's end
+    return t0, t1
+
+
+@pytest.mark.slow
+def test_replayed_heldout_events_are_ok_and_a_planted_shift_is_caught(world, deployed, tmp_path):
+    users = sorted(world["cur_ev"]["user_id"].unique())
+    cur = world["cur_ev"]
+    calm = cur[cur["user_id"].isin(set(users[:REPLAY_USERS]))]
+    moved = _plant_search_shift(cur[cur["user_id"].isin(set(users[REPLAY_USERS : 2 * REPLAY_USERS]))], world["ref_ev"], world["data"].items)
+    ws = deployed["ws"]
+
+    def check(span, name):
+        return run_check(load_drift_config(None, {
+            "scenarios": SCEN, "reference_dir": ws / "drift" / "reference", "report_dir": tmp_path / name,
+            "serving_log_dir": ws / "serving-log", "now": span[1], "window_hours": (span[1] - span[0]) / 3600,
+            "thresholds_path": DEFAULT_THRESHOLDS, "trigger": False}))[0]
+
+    calm_span = _replay(deployed["url"], calm)
+    moved_span = _replay(deployed["url"], moved)
+
+    summary = check(calm_span, "calm")
+    by = {s["scenario"]: s for s in summary["scenarios"]}
+    assert {s: by[s]["verdict"] for s in SCEN} == {s: "ok" for s in SCEN}, summary["scenarios"]
+    assert summary["inputs"]["requests"] == sum(-(-n // REPLAY_EVERY) for n in calm.groupby("user_id").size())
+    assert summary["inputs"]["feedback"] == len(calm) and not summary["inputs"]["skipped_log_lines"]
+    for s in SCEN:
+        checks = {c["name"]: c for c in by[s]["checks"]}
+        # every check judged this window on the shipped thresholds, and no feature crossed its own
+        assert {checks[n]["status"] for n in ("behaviour", "user_embedding", "served_score", "online_hit_rate", "serving_mix")} == {"ok"}, by[s]
+        assert not [f["name"] for f in checks["behaviour"]["features"] if f["drifted"]], by[s]
+
+    summary = check(moved_span, "moved")
+    verdicts = {s["scenario"]: s["verdict"] for s in summary["scenarios"]}
+    assert verdicts == {"homefeed": "ok", "search": "drift", "ads": "ok"}, summary["scenarios"]
+    search = next(s for s in summary["scenarios"] if s["scenario"] == "search")
+    assert {"action", "pop_bucket"} <= set(search["top_drifted"])
+
+
+def test_model_outputs_are_compared_at_like_history_lengths():
+    """Short and long histories give different embeddings with no drift at all: a window of long
+    histories only is judged against the reference's long histories (and drifts without lengths)."""
+    from redrec.drift import checks as C
+
+    th = Thresholds.from_yaml(DEFAULT_THRESHOLDS).for_scenario("homefeed")
+    rng = np.random.default_rng(0)
+    dim = 8
+
+    def unit(centre, n):
+        v = rng.normal(centre, 1.0, size=(n, dim))
+        return v / np.linalg.norm(v, axis=1, keepdims=True)
+
+    short, long = np.r_[2.0, np.zeros(dim - 1)], np.r_[np.zeros(dim - 1), 2.0]
+    ref = pd.DataFrame(np.vstack([unit(short, 1000), unit(long, 1000)]), columns=[f"e{d}" for d in range(dim)])
+    ref.insert(0, "history_len", [3] * 1000 + [150] * 1000)
+    cur = pd.DataFrame({"user_embedding": list(unit(long, 600)), "history_len": 150, "cold_start": False})
+    matched, _, _ = C.embedding_check(ref, cur, dim, th, 0)
+    assert matched.status == "ok" and matched.score < 0.6 and "1000 of 2000 rows" in matched.message, matched
+    unmatched, _, _ = C.embedding_check(ref, cur.drop(columns="history_len"), dim, th, 0)
+    assert unmatched.status == "drift" and unmatched.score > 0.7, unmatched
+    # a real move at like lengths still drifts
+    moved = cur.assign(user_embedding=list(unit(-long, 600)))
+    assert C.embedding_check(ref, moved, dim, th, 0)[0].status == "drift"

@@ -76,7 +76,9 @@ def test_evaluation_page_in_a_browser(browser, tmp_path):
     def res(base):
         return {"overall": {"ndcg@10": base, "hr@10": 2 * base, "mrr": base / 2},
                 "per_scenario": {s: {"ndcg@10": base + 0.01 * i, "hr@10": 2 * base, "mrr": base / 2} for i, s in enumerate(scen)}}
-    metrics = {"candidate_version": "v9", "production_version": "v8",
+    curve = [{"epoch": e, "step": 40 * e, "loss": 5.0 - e / 2, "valid": {"ndcg@10": 0.1 + 0.01 * e, "hr@10": 0.2 + 0.02 * e}}
+             for e in range(1, 6)]
+    metrics = {"candidate_version": "v9", "production_version": "v8", "candidate_curve": curve,
                "results": {"candidate": res(0.2), "popularity": res(0.06), "production": res(0.18)}}
     page = browser.open(write_evaluation_html(metrics, tmp_path / "evaluation.html"), "evaluation")
     assert page.console_errors == [] and page.failed_requests == []
@@ -84,3 +86,6 @@ def test_evaluation_page_in_a_browser(browser, tmp_path):
     assert page.count("#chart-ndcg-10 rect title") == 3 * 4  # 3 models x (3 scenarios + overall)
     text = page.text()
     assert "Evaluation of model v9" in text and "0.2200" in text and "0.0600" in text
+    # the validation curve: NDCG@10 and HR@10 lines, and the loss, over 5 evaluations
+    assert page.count("#curves svg.line-chart") == 2 and page.count("#curves polyline") == 3
+    assert "5 evaluations" in text and "optimizer steps" in text

@@ -58,7 +58,8 @@ def _record(args) -> int:
     if args.offline_metrics:
         meta["offline_metrics"] = json.loads(Path(args.offline_metrics).read_text())
     try:
-        out = record_reference(events, items, args.out, model_dir=args.model, meta=meta, top_k=args.top_k, max_requests=args.max_requests)
+        out = record_reference(events, items, args.out, model_dir=args.model, meta=meta, top_k=args.top_k, max_requests=args.max_requests,
+                               requests_at=args.requests_at)
     except ValueError as e:
         print(f"redrec drift record-reference: {e}", file=sys.stderr)
         return 2
@@ -97,5 +98,8 @@ def register(subparsers) -> None:
     r.add_argument("--offline-metrics", help="JSON {scenario: {'hr@10': ...}} from the offline evaluation")
     r.add_argument("--top-k", type=int, default=10)
     r.add_argument("--max-requests", type=int, default=2000, help="replayed requests per scenario for the model-side reference")
+    r.add_argument("--requests-at", choices=["window-end", "events"], default="window-end",
+                   help="model-side reference: sampled users as they stand at the window's end (returning users) "
+                        "or at their past events (users arriving during the window)")
     r.add_argument("--out", required=True)
     r.set_defaults(func=_record)

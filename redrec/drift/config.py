@@ -21,8 +21,8 @@ ColumnMethod = Literal["wasserstein", "jensenshannon", "psi", "hellinger", "kl_d
 PVALUE_METHODS = {"ks", "chisquare", "z"}
 EmbeddingMethod = Literal["model", "distance", "mmd", "ratio"]
 
-BEHAVIOUR_FEATURES = ("pop_bucket", "item_age_days", "seq_len", "hour", "action", "category")
-NUMERIC_FEATURES = {"item_age_days", "seq_len"}
+BEHAVIOUR_FEATURES = ("pop_bucket", "item_age_rank", "seq_len", "hour", "action", "category")
+NUMERIC_FEATURES = {"item_age_rank", "seq_len"}
 DEFAULT_THRESHOLDS = Path(__file__).resolve().parents[2] / "monitoring" / "thresholds.yaml"
 
 
@@ -77,9 +77,9 @@ class EmbeddingThresholds(_Strict):
 class PredictionThresholds(_Strict):
     enabled: bool = True
     method: ColumnMethod = "wasserstein"
-    threshold: float = Field(0.1, gt=0)
+    threshold: float = Field(0.2, gt=0)  # noise floor: monitoring/thresholds.yaml
     top_k: int = Field(10, ge=1)
-    min_rows: int = Field(200, ge=1)
+    min_rows: int = Field(2000, ge=1)
     max_rows: int = Field(200_000, ge=100)
 
 

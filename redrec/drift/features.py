@@ -3,9 +3,11 @@
 - ``pop_bucket``: the item's popularity rank in the reference window (top1% / top10% / mid /
   tail), ``new`` for items the reference never saw: a shift towards ``new`` or ``tail`` means
   the traffic moved away from what the model was trained on.
-- ``item_age_days``: days since the item's first event (first seen in the reference, else in
-  the current window). Catalogues without a steady inflow of items age on their own; raise the
-  threshold or disable it there (monitoring/README.md).
+- ``item_age_rank``: the item's age among the items known at the event: the share of them first
+  seen at or after it (1/N for the newest item, 1 for the oldest; first seen in the reference,
+  else in the current window). Days since first seen grow with the calendar wherever items do not
+  flow in steadily (a live window always looks older than its reference: MovieLens, the synthetic
+  world); the rank moves only when traffic moves between newer and older items.
 - ``seq_len``: the user's events (all scenarios: the model reads mixed histories) in the trailing
   ``seq_lookback_hours`` before the event, so a 24 h current window and a 30 day reference
   measure the same thing.
@@ -58,19 +60,25 @@ def _trailing_counts(user: pd.Series, ts: np.ndarray, lookback_s: int) -> np.nda
 def behaviour_features(events: pd.DataFrame, stats: pd.DataFrame, lookback_hours: float) -> pd.DataFrame:
     """One row per event: scenario, ts and the behaviour features."""
     if events.empty:
-        return pd.DataFrame(columns=["scenario", "ts", "pop_bucket", "item_age_days", "seq_len", "hour", "action", "category"])
+        return pd.DataFrame(columns=["scenario", "ts", "pop_bucket", "item_age_rank", "seq_len", "hour", "action", "category"])
     ts = events["ts"].to_numpy(dtype=np.int64)
     s = stats.set_index("item_id")
     item = events["item_id"].astype(str)
     first = item.map(s["first_seen"]).to_numpy(dtype="float64")
     # items unknown to the reference age from their first appearance here
     first_here = events.groupby(item)["ts"].transform("min").to_numpy(dtype="float64")
-    first = np.where(np.isnan(first), first_here, first)
+    new = np.isnan(first)
+    first = np.where(new, first_here, first)
+    # every item's first-seen time, sorted: how many were known at ts, how many of those since first
+    known = np.sort(np.concatenate([s["first_seen"].dropna().to_numpy(dtype="float64"),
+                                    pd.unique(pd.Series(first_here[new], index=item[new]).groupby(level=0).min().to_numpy())]))
+    n_known = np.searchsorted(known, ts, side="right")
+    newer = n_known - np.searchsorted(known, np.minimum(first, ts), side="left")
     return pd.DataFrame({
         "scenario": events["scenario"].astype(str).to_numpy(),
         "ts": ts,
         "pop_bucket": item.map(s["pop_bucket"]).fillna("new").to_numpy(),
-        "item_age_days": np.maximum(ts - first, 0) / 86400.0,
+        "item_age_rank": newer / np.maximum(n_known, 1),
         "seq_len": _trailing_counts(events["user_id"], ts, int(lookback_hours * 3600)),
         "hour": ((ts // 3600) % 24).astype(str),
         "action": events["action"].astype(str).to_numpy(),

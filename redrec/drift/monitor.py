@@ -23,7 +23,7 @@ from redrec.drift.config import DriftConfig
 from redrec.drift.features import behaviour_features
 from redrec.drift.reference import Reference, ReferenceError, load_reference
 from redrec.drift.report import SUMMARY_FORMAT, write_run
-from redrec.experiments.log import read_log
+from redrec.experiments.log import RECEIVED, read_log
 from redrec.drift.trigger import maybe_trigger
 from redrec.schema import EVENT_COLUMNS, SchemaError, validate_events
 
@@ -50,21 +50,34 @@ def _read_events(path: Path) -> pd.DataFrame:
         raise InputError(str(e)) from None
 
 
-def current_events(cfg: DriftConfig, feedback: pd.DataFrame, start: float, end: float) -> pd.DataFrame:
+def current_events(cfg: DriftConfig, feedback: pd.DataFrame, start: float, end: float, margin_start: float,
+                   context: pd.DataFrame | None = None) -> pd.DataFrame:
+    """The window's behaviour events (``in_window``) with the events before them that sequence
+    lengths count: feedback that arrived in the margin, extra events files' margin rows and the
+    reference's tail (a young serving log does not hold the history a user brings)."""
     parts = []
     if len(feedback):
         fb = feedback[list(EVENT_COLUMNS)].copy()
         fb["ts"] = fb["ts"].astype("int64")
+        fb["in_window"] = (feedback[RECEIVED] >= start).to_numpy()
         parts.append(fb)
     for p in cfg.events:
         ev = _read_events(Path(p))
-        parts.append(ev[(ev["ts"] >= start) & (ev["ts"] < end)])
+        ev = ev[(ev["ts"] >= margin_start) & (ev["ts"] < end)].copy()
+        ev["in_window"] = ev["ts"] >= start
+        parts.append(ev)
+    if context is not None and len(context):
+        parts.append(context[list(EVENT_COLUMNS)].assign(in_window=False))
     if not parts:
-        return pd.DataFrame({c: pd.Series(dtype="int64" if c == "ts" else object) for c in EVENT_COLUMNS})
+        cols = {c: pd.Series(dtype="int64" if c == "ts" else object) for c in EVENT_COLUMNS}
+        return pd.DataFrame({**cols, "in_window": pd.Series(dtype=bool)})
     ev = pd.concat(parts, ignore_index=True)
     for c in ("user_id", "item_id", "scenario", "action"):
         ev[c] = ev[c].astype(str)
-    return ev.drop_duplicates().sort_values(["user_id", "ts"], kind="stable").reset_index(drop=True)
+    ev["ts"] = ev["ts"].astype("int64")
+    # an event both in the window and in the context counts once, in the window
+    ev = ev.sort_values("in_window", ascending=False, kind="stable").drop_duplicates(list(EVENT_COLUMNS))
+    return ev.sort_values(["user_id", "ts"], kind="stable").reset_index(drop=True)
 
 
 def judge_scenario(s: str, ref: Reference, cur_feats: pd.DataFrame, requests: pd.DataFrame, feedback: pd.DataFrame, cfg: DriftConfig) -> C.ScenarioResult:
@@ -86,7 +99,7 @@ def judge_scenario(s: str, ref: Reference, cur_feats: pd.DataFrame, requests: pd
         problems += probs
         if snap is not None:
             snaps.append(snap)
-    results.append(C.hit_rate_check(req, fb, (ref.info.get("offline_metrics") or {}).get(s, {}), th))
+    results.append(C.hit_rate_check(req, fb, ref, s, th))
     results.append(C.serving_mix_check(req, th))
     return C.ScenarioResult(s, C.verdict(results)[0], results, problems, snaps)
 
@@ -113,11 +126,11 @@ def run_check(cfg: DriftConfig) -> tuple[dict, Path]:
         margin_start = start - lookback * 3600
         logs = read_log(cfg.serving_log_dir, margin_start, now)
         summary["problems"] += logs.problems()
-        events = current_events(cfg, logs.feedback, margin_start, now)
+        events = current_events(cfg, logs.feedback, start, now, margin_start, ref.tail)
         feats = behaviour_features(events, ref.items, lookback)
-        feats = feats[feats["ts"] >= start].reset_index(drop=True)
+        feats = feats[events["in_window"].to_numpy()].reset_index(drop=True)
         requests = logs.requests[logs.requests["ts"] >= start] if len(logs.requests) else logs.requests
-        feedback = logs.feedback[logs.feedback["ts"] >= start] if len(logs.feedback) else logs.feedback
+        feedback = logs.feedback[logs.feedback[RECEIVED] >= start] if len(logs.feedback) else logs.feedback
         summary["inputs"] = {
             "serving_log_dir": str(cfg.serving_log_dir) if cfg.serving_log_dir else None, "serving_log_files": logs.files,
             "requests": int(len(requests)), "feedback": int(len(feedback)), "events_files": [str(p) for p in cfg.events],

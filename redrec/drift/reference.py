@@ -4,8 +4,12 @@ Layout of ``out_dir`` (written to a sibling temp dir and renamed, so a reader ne
   reference.json            window, counts per scenario, feature rules, model info, offline metrics
   items.parquet             item_id, category, first_seen, count, pop_bucket (the bucket rule)
   features.parquet          one row per training-window event: scenario, ts and behaviour features
-  user_embeddings.parquet   (with a model) scenario, e0..e{d-1}: user embeddings at sampled events
-  scores.parquet            (with a model) scenario, rank, score: what the model would have served there
+  tail_events.parquet       each user's events in the last ``seq_lookback_hours`` before their last
+                            reference event: the history a live window starts from (``seq_len``
+                            right after a deploy counts the events the serving log has not seen)
+  user_embeddings.parquet   (with a model) scenario, history_len, e0..e{d-1}: user embeddings of
+                            sampled users (``requests_at``: at the window's end, or at their events)
+  scores.parquet            (with a model) scenario, history_len, rank, score: what the model served them
 
 ``meta["offline_metrics"]`` = ``{scenario: {"hr@10": ..., ...}}`` (the pipeline's evaluation) is
 what the online hit rate is compared with.
@@ -22,7 +26,7 @@ from pathlib import Path
 import pandas as pd
 
 from redrec.drift.features import behaviour_features, item_stats
-from redrec.schema import validate_events, validate_items
+from redrec.schema import EVENT_COLUMNS, validate_events, validate_items
 
 FORMAT = "redrec-drift-reference/1"
 RECORD_HINT = "re-record it with `redrec drift record-reference` (the training pipeline's last step)"
@@ -44,6 +48,7 @@ def record_reference(
     top_k: int = 10,
     max_requests: int = 2000,
     seed: int = 0,
+    requests_at: str = "window-end",
 ) -> Path:
     events, _ = validate_events(events, "reference events")
     items, _ = validate_items(items, "reference items")
@@ -56,6 +61,9 @@ def record_reference(
     stats = item_stats(events, items, top_categories)
     feats = behaviour_features(events, stats, seq_lookback_hours)
     stats.to_parquet(tmp / "items.parquet", index=False)
+    last = events.groupby("user_id")["ts"].transform("max")
+    tail = events[events["ts"] > last - int(seq_lookback_hours * 3600)]
+    tail[list(EVENT_COLUMNS)].reset_index(drop=True).to_parquet(tmp / "tail_events.parquet", index=False)
     feats.to_parquet(tmp / "features.parquet", index=False)
     meta = dict(meta or {})
     scenarios = sorted(events["scenario"].unique().tolist())
@@ -63,7 +71,8 @@ def record_reference(
     if model_dir is not None:
         from redrec.drift.model_side import reference_model_outputs
 
-        emb, scores, model_info = reference_model_outputs(events, items, model_dir, scenarios, top_k=top_k, max_requests=max_requests, seed=seed)
+        emb, scores, model_info = reference_model_outputs(events, items, model_dir, scenarios, top_k=top_k, max_requests=max_requests, seed=seed,
+                                                           at=requests_at)
         emb.to_parquet(tmp / "user_embeddings.parquet", index=False)
         scores.to_parquet(tmp / "scores.parquet", index=False)
         model_info["dir"] = str(model_dir)
@@ -95,6 +104,7 @@ class Reference:
     features: pd.DataFrame
     embeddings: pd.DataFrame | None
     scores: pd.DataFrame | None
+    tail: pd.DataFrame | None = None
 
     @property
     def dim(self) -> int | None:
@@ -120,9 +130,11 @@ def load_reference(path: str | Path) -> Reference:
     if info.get("format") != FORMAT:
         raise ReferenceError(f"{meta}: field 'format' is {info.get('format')!r}, expected {FORMAT!r}; {RECORD_HINT}")
     items = _read(path / "items.parquet", ["item_id", "category", "first_seen", "pop_bucket"])
-    feats = _read(path / "features.parquet", ["scenario", "ts", "pop_bucket", "item_age_days", "seq_len", "hour", "action", "category"])
+    feats = _read(path / "features.parquet", ["scenario", "ts", "pop_bucket", "item_age_rank", "seq_len", "hour", "action", "category"])
     emb = scores = None
     if info.get("model"):
         emb = _read(path / "user_embeddings.parquet", ["scenario", "e0"])
         scores = _read(path / "scores.parquet", ["scenario", "rank", "score"])
-    return Reference(path, info, items, feats, emb, scores)
+    # references recorded before the tail existed: sequence lengths start from the log alone
+    tail = _read(path / "tail_events.parquet", list(EVENT_COLUMNS)) if (path / "tail_events.parquet").exists() else None
+    return Reference(path, info, items, feats, emb, scores, tail)

@@ -27,6 +27,12 @@ import pandas as pd
 
 RESPONSE_FIELDS = ("request_id", "ts", "user_id", "scenario", "arm", "model_version", "items", "scores", "cold_start")
 FEEDBACK_FIELDS = ("request_id", "user_id", "item_id", "scenario", "action", "ts")
+# ``request_id`` only on events that react to a response: most behaviour arrives unprompted
+FEEDBACK_REQUIRED = ("user_id", "item_id", "scenario", "action", "ts")
+# feedback lines also carry ``received_ts`` (when the server took the event): ``ts`` is the event's
+# own time, which a client may send late (an app flushing offline events) or replay from history.
+# Windows over feedback select by arrival, so an event is judged once, in the window it arrived in.
+RECEIVED = "received_ts"
 
 
 def _process_tag() -> str:
@@ -161,7 +167,8 @@ def _check(rec, fields: tuple[str, ...]) -> str | None:
 
 def read_log(log_dir: str | Path | None, start: float = float("-inf"), end: float = float("inf"),
              request_fields: tuple[str, ...] = REQUEST_FIELDS) -> LogRead:
-    """Response and feedback lines with ``start <= ts < end`` from every ``*.jsonl`` under
+    """Response lines with ``start <= ts < end`` and feedback lines that arrived in that span
+    (``received_ts``, else ``ts`` for lines written before it existed) from every ``*.jsonl`` under
     ``log_dir`` (rotated files and per-pod sub-directories included); a missing directory reads
     as empty (the caller reports it)."""
     req, fb = [], []
@@ -169,7 +176,7 @@ def read_log(log_dir: str | Path | None, start: float = float("-inf"), end: floa
     paths = sorted(Path(log_dir).rglob("*.jsonl")) if log_dir is not None and Path(log_dir).is_dir() else []
     for path in paths:
         is_fb = path.name.startswith("feedback-")
-        fields = FEEDBACK_FIELDS if is_fb else request_fields
+        fields = FEEDBACK_REQUIRED if is_fb else request_fields
         out.files += 1
         with path.open(encoding="utf-8", errors="replace") as fh:
             for n, line in enumerate(fh, 1):
@@ -187,14 +194,26 @@ def read_log(log_dir: str | Path | None, start: float = float("-inf"), end: floa
                     out.skipped[why] += 1
                     out.examples.append(f"{path.name}:{n} {why}")
                     continue
-                if start <= float(rec["ts"]) < end:
+                when = rec.get(RECEIVED, rec["ts"]) if is_fb else rec["ts"]
+                try:
+                    when = float(when)
+                except (TypeError, ValueError):
+                    out.skipped[f"field '{RECEIVED}' is not a number"] += 1
+                    out.examples.append(f"{path.name}:{n} field '{RECEIVED}' is not a number")
+                    continue
+                if start <= when < end:
+                    if is_fb:
+                        rec[RECEIVED] = when
                     (fb if is_fb else req).append(rec)
     out.requests = pd.DataFrame(req) if req else pd.DataFrame(columns=list(request_fields))
-    out.feedback = pd.DataFrame(fb) if fb else pd.DataFrame(columns=list(FEEDBACK_FIELDS))
+    out.feedback = pd.DataFrame(fb) if fb else pd.DataFrame(columns=[*FEEDBACK_FIELDS, RECEIVED])
+    out.feedback[RECEIVED] = pd.to_numeric(out.feedback[RECEIVED]).astype("float64")
+    if "request_id" not in out.feedback:
+        out.feedback["request_id"] = None
     for df in (out.requests, out.feedback):
         df["ts"] = pd.to_numeric(df["ts"]).astype("float64")
         for c in ("user_id", "scenario", "request_id"):
-            df[c] = df[c].astype(str)
+            df[c] = df[c].where(df[c].isna(), df[c].astype(str)) if c == "request_id" else df[c].astype(str)
     return out
 
 

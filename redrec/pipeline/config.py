@@ -51,6 +51,10 @@ class PipelineParams(BaseModel):
         "auto", description="auto: a TrainJob when nodes * max(gpus_per_node, 1) > 1, else in-process")
     trainer_runtime: str = Field("deepspeed-distributed", description="Kubeflow Trainer runtime of the TrainJob")
     trainer_image: str = Field("", description="image of the TrainJob nodes; empty = the runtime's")
+    drift_reference_at: Literal["window-end", "events"] = Field(
+        "window-end", description="where the drift reference replays the model for sampled users: as they stand at "
+                                  "the window's end (returning users) or at their past events (users arriving "
+                                  "during the window); redrec.drift.model_side")
     inject_fault: Literal["", "train", "evaluate", "publish", "deploy"] = Field(
         "", description="fault simulation for tests: the named step fails part way")
 

@@ -286,7 +286,9 @@ def evaluate(params: PipelineParams, data_dir: str | Path, model_dir: str | Path
             results["production"] = prod
         fault_point("evaluate", params.inject_fault, "after scoring, before writing the metrics")
         out = {"candidate_version": info.get("version"), "production_version": prod_v, "production_source": prod_how,
-               "results": {k: v.as_dict() for k, v in results.items()}}
+               "results": {k: v.as_dict() for k, v in results.items()},
+               # the candidate's validation curve, for the evaluation page (absent from TrainJob exports)
+               "candidate_curve": info.get("history") or []}
         if isinstance(prod, dict):
             out["results"]["production"] = prod
         if prod_error:
@@ -404,15 +406,15 @@ def _restore_alias(params: PipelineParams, previous_collection: str | None) -> N
 
 def record_reference(params: PipelineParams, data_dir: str | Path, model_dir: str | Path,
                      metrics_path: str | Path | None = None) -> dict:
-    """The training window becomes the drift monitor's reference (``redrec.drift.reference``)."""
+    """Every event the deployed model was built from becomes the drift monitor's reference
+    (``redrec.drift.reference``): the held-out tail included, so the reference holds whole
+    histories and out-of-sample model outputs, as live traffic does. A reference cut at each
+    user's training end lacks every user's latest events, and a live window (which continues
+    them) would always look like longer sequences."""
     from redrec.drift.reference import record_reference as record
 
     with progress("drift-reference"):
         data = load_prepared(data_dir)
-        enc, split = _split(params, data)
-        keep = np.zeros(len(enc.item), dtype=bool)
-        for u in range(enc.n_users):
-            keep[enc.offsets[u] : split.train_end[u]] = True
         info = json.loads((Path(model_dir) / "config.json").read_text())
         meta = {"model_version": info.get("version"), "dataset": params.dataset}
         if metrics_path is not None:
@@ -420,6 +422,6 @@ def record_reference(params: PipelineParams, data_dir: str | Path, model_dir: st
             cand = json.loads(Path(metrics_path).read_text())["results"]["candidate"]
             meta["offline_metrics"] = cand["per_scenario"]
         out = Path(params.workspace) / "drift" / "reference"
-        path = record(data.events[keep].reset_index(drop=True), data.items, out, model_dir=Path(model_dir), meta=meta)
+        path = record(data.events, data.items, out, model_dir=Path(model_dir), meta=meta, requests_at=params.drift_reference_at)
         print(f"[redrec-pipeline] drift reference: {path}", flush=True)
-    return {"path": str(path), "events": int(keep.sum())}
+    return {"path": str(path), "events": int(len(data.events))}

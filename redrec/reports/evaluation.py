@@ -1,10 +1,12 @@
 """The evaluation step's metrics (``evaluate/metrics`` JSON) as a page: per-scenario bars per
-model for NDCG@10 and HR@10, and the full table."""
+model for NDCG@10 and HR@10, the candidate's validation curve and training loss against steps,
+and the full table."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+from redrec.reports.charts import finite, line_chart
 from redrec.reports.render import PALETTE, render
 
 METRICS = ("ndcg@10", "hr@10", "mrr")
@@ -29,6 +31,25 @@ def _chart(results: dict, scenarios: list[str], metric: str, w: int = 720, h: in
     return {"metric": metric, "w": w, "h": h, "bars": bars, "groups": groups, "legend": legend}
 
 
+def _curves(curve: list[dict]) -> list[dict]:
+    """Validation metrics and training loss per optimizer step, one chart each."""
+    valid: dict[str, list] = {}
+    loss: list = []
+    for p in curve:
+        step = finite(p.get("step"))
+        if step is None:
+            continue
+        for k in ("ndcg@10", "hr@10"):
+            v = finite((p.get("valid") or {}).get(k))
+            if v is not None:
+                valid.setdefault(f"valid {k}", []).append((step, v))
+        if finite(p.get("loss")) is not None:
+            loss.append((step, finite(p.get("loss"))))
+    colors = {n: PALETTE[i] for i, n in enumerate([*valid, "loss"])}
+    return [line_chart("candidate: validation metrics", valid, colors, "optimizer steps"),
+            line_chart("candidate: training loss", {"loss": loss}, colors, "optimizer steps")]
+
+
 def evaluation_html(metrics: dict) -> str:
     results = metrics["results"]
     first = next(iter(results.values()))
@@ -37,7 +58,8 @@ def evaluation_html(metrics: dict) -> str:
     rows = [{"model": m, "scenario": s, "values": [float(full[m]["per_scenario"].get(s, {}).get(k, float("nan"))) for k in METRICS]}
             for m in results for s in scenarios]
     return render("evaluation.html", version=metrics.get("candidate_version"), production=metrics.get("production_version"),
-                  charts=[_chart(full, scenarios, k) for k in ("ndcg@10", "hr@10")], rows=rows, metrics=METRICS)
+                  charts=[_chart(full, scenarios, k) for k in ("ndcg@10", "hr@10")], rows=rows, metrics=METRICS,
+                  curves=_curves(metrics.get("candidate_curve") or []), n_points=len(metrics.get("candidate_curve") or []))
 
 
 def write_evaluation_html(metrics: dict, path: str | Path) -> Path:

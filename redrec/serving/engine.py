@@ -36,7 +36,7 @@ import pandas as pd
 import torch
 
 from redrec.experiments.assignment import HOLDOUT, assign
-from redrec.experiments.log import AppendLog
+from redrec.experiments.log import RECEIVED, AppendLog
 from redrec.features.store import HistoryEvent
 from redrec.index.config import IndexConfig
 from redrec.index.search import NotPublished, PairedHits, Query, paired_collection, search_paired_many
@@ -101,6 +101,7 @@ class _Ask:
 class _Answer:
     history: list
     warm: bool  # the user has usable history (else: cold start)
+    history_len: int = 0  # events the tower read: drift compares model outputs at like lengths
     vec: np.ndarray | None = None  # [K, dim], for requests that search
     hits: PairedHits | None = None
     search_error: Exception | None = None  # the batch's Milvus search failed: this request degrades
@@ -393,7 +394,7 @@ class Engine:
         hist = self._feast(self.repo.online_histories, users)
         t1 = time.perf_counter()
         rows = [encode_row(rt.vocab, hist[a.user_id]) for a in asks]
-        out = [_Answer(hist[a.user_id], len(r["items"]) > 0) for a, r in zip(asks, rows)]
+        out = [_Answer(hist[a.user_id], len(r["items"]) > 0, len(r["items"])) for a, r in zip(asks, rows)]
         warm = [i for i, a in enumerate(asks) if a.search and out[i].warm]
         if warm:
             batch = collate([rows[i] for i in warm], [rt.vocab.scenario_index[asks[i].scenario] for i in warm])
@@ -518,6 +519,8 @@ class Engine:
             record["fallback_reason"] = reason
         if context:
             record["context"] = context
+        if vec is not None:
+            record["history_len"] = ans.history_len
         if vec is not None and self.cfg.serving.log_user_embedding:
             m = vec.mean(0)
             record["user_embedding"] = [round(float(x), 5) for x in m / max(np.linalg.norm(m), 1e-12)]
@@ -558,7 +561,8 @@ class Engine:
             raise BadRequest("events: empty list; send at least one event", "events")
         if len(events) > self.cfg.serving.max_events_per_call:
             raise BadRequest(f"events: {len(events)} events, at most {self.cfg.serving.max_events_per_call} per call", "events")
-        now = int(time.time())
+        received = time.time()
+        now = int(received)
         rows = []
         for n, e in enumerate(events):
             self._check_user(e["user_id"], f"events[{n}].user_id")
@@ -572,7 +576,7 @@ class Engine:
                                  f"events[{n}].action")
             ts = int(e["ts"]) if e.get("ts") is not None else now
             rows.append({"user_id": e["user_id"], "item_id": e["item_id"], "scenario": e["scenario"],
-                         "action": e["action"], "ts": ts, "request_id": e.get("request_id")})
+                         "action": e["action"], "ts": ts, "request_id": e.get("request_id"), RECEIVED: received})
         df = pd.DataFrame(rows)
         try:
             rep = await asyncio.to_thread(self._feast, self.repo.push_events, df[["user_id", "item_id", "scenario", "action", "ts"]])
