@@ -43,8 +43,8 @@ def reference_model_outputs(
     requests are replayed, i.e. which traffic the reference stands for:
     - ``window-end``: each sampled user as they stand when the model is deployed (history = all
       their events): returning users, most of an app's traffic right after a deploy. Measured on
-      ML-1M with the same model and users: user-embedding AUC 0.50-0.51 against live requests,
-      where a reference ``at`` events gave 0.68-0.75 (a false page in every scenario).
+      ML-1M, 4,000 requests of existing users to the just-deployed model: user-embedding AUC
+      0.52-0.55, where a reference ``at`` events gave 0.68-0.75 (a false page in every scenario).
     - ``events``: at the sampled events themselves (history = the events before), mid-history
       states: traffic of users who arrive and build their history during the window.
     The hit-rate reference is always replayed at the events (it needs the event that followed).
