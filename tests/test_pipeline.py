@@ -444,3 +444,16 @@ def test_failed_deploy_moves_the_alias_back(world, first_run):
         steps.deploy(world.model_copy(update={"inject_fault": "deploy", "deploy_target": "none"}), model, before[0])
     assert _served(world)[0] == before[0]
     assert deployed_version(world.workspace) == deployed
+
+
+def test_the_run_summary_names_paths_short_enough_for_a_100_column_terminal(tmp_path, monkeypatch):
+    from redrec.pipeline.cli import _short
+
+    monkeypatch.chdir(tmp_path)
+    run = tmp_path / "build/pipeline/ml1m/runs/redrec-training-2026-12-02-16-46-10-200580"
+    assert _short(str(run / "evaluate" / "metrics"), run) == "<run>/evaluate/metrics"
+    assert _short(run) == "build/pipeline/ml1m/runs/redrec-training-2026-12-02-16-46-10-200580"
+    lines = [f"  {'evaluation_table':<18} {_short(str(run / 'evaluate' / 'table'), run)}", f"  {'run':<18} {_short(run)}"]
+    assert max(map(len, lines)) <= 100
+    # not paths, or paths elsewhere: as they are
+    assert (_short("http://127.0.0.1:3000", run), _short(True, run), _short("/etc/hosts", run)) == ("http://127.0.0.1:3000", True, "/etc/hosts")

@@ -24,16 +24,17 @@ def cmd_run(args) -> int:
     res = run_local(rc.params, pipeline=args.pipeline, extra=extra, image=args.image)
     print("\nstep times (wall, this machine):\n" + res.table())
     s = res.summary
-    print("\nwhere things are:")
+    print("\nwhere things are (<run> = the run's directory):")
+    print(f"  {'run':<18} {_short(res.run_dir)}")
     for key in ("evaluation_table", "metrics", "model", "gate_report", "candidate_version", "gate_passed",
                 "index_alias", "milvus_uri", "deployed_version", "service"):
-        print(f"  {key:<18} {s.get(key)}")
+        print(f"  {key:<18} {_short(s.get(key), res.run_dir)}")
     if s.get("metrics"):
         from redrec.reports.evaluation import write_evaluation_html
 
         page = Path(rc.params.workspace) / "reports" / f"evaluation-{s.get('candidate_version') or 'run'}.html"
         try:
-            print(f"  {'evaluation_page':<18} {write_evaluation_html(json.loads(Path(s['metrics']).read_text()), page)}")
+            print(f"  {'evaluation_page':<18} {_short(write_evaluation_html(json.loads(Path(s['metrics']).read_text()), page))}")
         except (OSError, ValueError, KeyError) as e:  # the run itself succeeded: say so, do not fail it
             print(f"  {'evaluation_page':<18} not written: {type(e).__name__}: {e}")
     if s.get("evaluation_table"):
@@ -46,12 +47,28 @@ def cmd_run(args) -> int:
         print(f"\npipeline FAILED: {res.error}")
         return 1
     if s.get("service"):
-        print(f"\nthe service keeps running at {s['service']}; stop it with `redrec pipeline stop --config {args.config}`")
+        print(f"\nthe service keeps running at {s['service']};\n  stop it with `redrec pipeline stop --config {args.config}`")
         example = _example_request(res.run_dir, rc.params)
         if example:
             print("ask it (a real user of this data; an unknown id gets the popular items, cold_start true):\n"
                   f"  curl -s {s['service']}/recommend -H 'content-type: application/json' \\\n    -d '{example}'")
     return 0
+
+
+def _short(value, run_dir=None):
+    """A path as ``<run>/...`` under the run's directory, else relative to the working directory:
+    the summary fits a 100-column terminal."""
+    if not isinstance(value, (str, Path)) or not Path(value).is_absolute():
+        return value
+    for base, label in ((run_dir, "<run>"), (Path.cwd(), None)):
+        if base is None:
+            continue
+        try:
+            rel = Path(value).relative_to(Path(base).resolve())
+        except ValueError:
+            continue
+        return f"{label}/{rel}" if label else str(rel)
+    return str(value)
 
 
 def _example_request(run_dir, params) -> str | None:
