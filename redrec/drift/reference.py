@@ -11,8 +11,9 @@ Layout of ``out_dir`` (written to a sibling temp dir and renamed, so a reader ne
                             sampled users (``requests_at``: at the window's end, or at their events)
   scores.parquet            (with a model) scenario, history_len, rank, score: what the model served them
 
-``meta["offline_metrics"]`` = ``{scenario: {"hr@10": ..., ...}}`` (the pipeline's evaluation) is
-what the online hit rate is compared with.
+The online hit rate is compared with ``model.replay_hits`` (the same measure on the replayed
+requests); ``meta["offline_metrics"]`` = ``{scenario: {"hr@10": ..., ...}}`` (the pipeline's
+evaluation) is the fallback for references recorded without a model.
 """
 
 from __future__ import annotations
