@@ -385,14 +385,18 @@ def test_failed_publish_changes_nothing_and_a_rerun_succeeds(world, first_run):
 
     v1 = task_output(first_run.run_dir, "train")
     before = _served(world)
-    res = run_local(world.model_copy(update={"inject_fault": "publish"}))
+    # a retrain of the same config on the same data ties production up to run-to-run noise
+    # (measured: NDCG@10 0.2168 vs 0.2229); this test is about publish, so the gate must let it by
+    retrain = world.model_copy(update={"gate_margin": -0.1})
+    res = run_local(retrain.model_copy(update={"inject_fault": "publish"}))
     assert not res.ok and "publish" in res.error
     assert _served(world) == before  # the half-built collection was dropped, the alias did not move
     assert deployed_version(world.workspace) == v1
     assert _recommend(first_run.summary["service"])["model_version"] == v1
 
-    again = run_local(world)
+    again = run_local(retrain)
     assert again.ok, again.error
+    assert "PASSED" in Path(again.summary["gate_report"]).read_text()
     v2 = task_output(again.run_dir, "train")
     assert v2 != v1 and _served(world)[0] == f"redrec_items_v{v2}"
     assert deployed_version(world.workspace) == v2
