@@ -70,8 +70,8 @@ def behaviour_features(events: pd.DataFrame, stats: pd.DataFrame, lookback_hours
     new = np.isnan(first)
     first = np.where(new, first_here, first)
     # every item's first-seen time, sorted: how many were known at ts, how many of those since first
-    known = np.sort(np.concatenate([s["first_seen"].dropna().to_numpy(dtype="float64"),
-                                    pd.unique(pd.Series(first_here[new], index=item[new]).groupby(level=0).min().to_numpy())]))
+    first_new = pd.Series(first_here[new], index=item[new].to_numpy()).groupby(level=0).first()  # one per new item
+    known = np.sort(np.concatenate([s["first_seen"].dropna().to_numpy(dtype="float64"), first_new.to_numpy()]))
     n_known = np.searchsorted(known, ts, side="right")
     newer = n_known - np.searchsorted(known, np.minimum(first, ts), side="left")
     return pd.DataFrame({

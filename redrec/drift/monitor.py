@@ -66,7 +66,10 @@ def current_events(cfg: DriftConfig, feedback: pd.DataFrame, start: float, end: 
         ev = ev[(ev["ts"] >= margin_start) & (ev["ts"] < end)].copy()
         ev["in_window"] = ev["ts"] >= start
         parts.append(ev)
-    if context is not None and len(context):
+    if context is not None and len(context) and parts:
+        # only the window's users: the tail holds every user's last day (ML-1M: most of the log)
+        users = set(pd.concat([p.loc[p["in_window"], "user_id"] for p in parts]).astype(str))
+        context = context[context["user_id"].astype(str).isin(users)]
         parts.append(context[list(EVENT_COLUMNS)].assign(in_window=False))
     if not parts:
         cols = {c: pd.Series(dtype="int64" if c == "ts" else object) for c in EVENT_COLUMNS}

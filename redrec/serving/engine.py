@@ -100,12 +100,16 @@ class _Ask:
 @dataclass
 class _Answer:
     history: list
-    warm: bool  # the user has usable history (else: cold start)
-    history_len: int = 0  # events the tower read: drift compares model outputs at like lengths
+    history_len: int = 0  # events the tower reads: drift compares model outputs at like lengths
     vec: np.ndarray | None = None  # [K, dim], for requests that search
     hits: PairedHits | None = None
     search_error: Exception | None = None  # the batch's Milvus search failed: this request degrades
     timings: dict | None = None  # where the batch's time went, logged with each response
+
+    @property
+    def warm(self) -> bool:
+        """The user has usable history (else: cold start)."""
+        return self.history_len > 0
 
 
 class _Deadline:
@@ -394,7 +398,7 @@ class Engine:
         hist = self._feast(self.repo.online_histories, users)
         t1 = time.perf_counter()
         rows = [encode_row(rt.vocab, hist[a.user_id]) for a in asks]
-        out = [_Answer(hist[a.user_id], len(r["items"]) > 0, len(r["items"])) for a, r in zip(asks, rows)]
+        out = [_Answer(hist[a.user_id], len(r["items"])) for a, r in zip(asks, rows)]
         warm = [i for i, a in enumerate(asks) if a.search and out[i].warm]
         if warm:
             batch = collate([rows[i] for i in warm], [rt.vocab.scenario_index[asks[i].scenario] for i in warm])
