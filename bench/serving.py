@@ -3,9 +3,10 @@
     python bench/serving.py --checkpoint build/pipeline/ml1m/runs/<run>/train/model --dataset movielens-1m
     python bench/serving.py            # no checkpoint: trains a small synthetic model first
 
-Stack (all on 127.0.0.1): `bentoml serve` (1 worker; each micro-batch does one Feast read, one
-user-tower forward and one Milvus search per scenario for all its requests) -> `feast serve`
-(remote online store, SQLite behind it) -> `milvus-lite server`.
+Stack (all on 127.0.0.1): `bentoml serve` (1 worker; each micro-batch does one Feast read and one
+user-tower forward for all its requests, then searches the index: in process over the copy it holds
+of a collection of at most milvus.exact_search_max_items items, else in Milvus) -> `feast serve`
+(remote online store, SQLite behind it) -> `milvus-lite server` (the alias, and the copied rows).
 
 Load: locust headless (``bench/locustfile.py``, FastHttpUser) as a subprocess, so its CPU is
 measured apart from ours: C closed-loop users (back to back) per ``--clients`` entry, then an
@@ -144,6 +145,8 @@ def main() -> int:
     ap.add_argument("--seq-len", type=int, default=50)
     ap.add_argument("--torch-threads", type=int, default=1, help="serving.torch_threads, also used by the floor")
     ap.add_argument("--serving", default="{}", help="JSON overrides of the serving section (e.g. batch sizes)")
+    ap.add_argument("--milvus", default="{}", help='JSON overrides of the milvus section (e.g. '
+                    '\'{"exact_search_max_items": 0}\': every search through Milvus)')
     ap.add_argument("--label", default="", help="a name for this configuration, kept in the JSON")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "serving.json"))
     args = ap.parse_args()
@@ -191,6 +194,7 @@ def main() -> int:
         with FeatureServer(work / "feast") as fs_url:
             c = yaml.safe_load(cfg_path.read_text())
             c["serving"]["feature_server_url"] = fs_url
+            c["milvus"].update(json.loads(args.milvus))
             cfg_path.write_text(yaml.safe_dump(c))
             log_dir = Path(c["serving"]["serving_log"]["dir"])
             setup_s = time.perf_counter() - t
@@ -207,6 +211,7 @@ def main() -> int:
                     r["load_average_1m_after"] = round(os.getloadavg()[0], 2)
                     runs.append(r)
                 batching = httpx.post(srv.url + "/batching_stats", json={}).json()
+                searched = httpx.get(srv.url + "/ops/release", timeout=30).json()["arms"]["control"].get("searched")
             for r in runs:
                 r["server_stages"] = stages_between(log_dir, *r.pop("window"))
     import torch
@@ -221,6 +226,7 @@ def main() -> int:
         "cpu_count": os.cpu_count(), "machine": f"{platform.machine()} {_cpu_model()}", "python": platform.python_version(),
         "note": "the load generator (locust, its CPU reported per run) shares the machine's cores with the server",
         "load_generator": "locust " + _locust_version(), "torch_threads": args.torch_threads, "serving_overrides": serving,
+        "milvus_overrides": json.loads(args.milvus), "searched": searched,
         "load_average_at_start": [round(x, 2) for x in load0], "setup_seconds": round(setup_s, 1),
         "server": runs, "floor_in_process": fl, "batching": batching,
         "targets": {"p50_vs_floor_at_1_client": 2.0, "throughput_rps_at_100_clients": 400, "p99_ms_at_100_clients": 250,
@@ -237,6 +243,7 @@ def main() -> int:
         print(f"{name:>10} {r['throughput_rps']:>7} {r['p50_ms']:>7g} {r['p90_ms']:>7g} {r['p99_ms']:>7g} {r['failures']:>5} "
               f"{r['p50_vs_floor']:>6} {r['load_generator_cpu_ms_per_request']:>7}  {stage}")
     print(f"{'floor':>10} {fl['throughput_rps']:>7} {fl['p50_ms']:>7} {'':>7} {fl['p99_ms']:>7}  (in-process forward + exact search)")
+    print(f"index searched {searched}")
     print(f"micro-batches: {batching}; cpu_count={os.cpu_count()} (shared); results: {args.out}")
     return 0
 

@@ -7,6 +7,7 @@ import json
 import subprocess
 import sys
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -144,6 +145,60 @@ def test_a_batch_of_requests_is_one_search_per_scenario_and_equals_numpy(cfg, mo
         want = [ids[i] for i in np.argsort(-score) if q.scenario in scen[i] and ids[i] not in q.exclude][: q.k]
         assert [i for i, _ in res.hits] == want
         assert res.index_version == "1" and res.collection == current_collection(cfg)
+
+
+@pytest.mark.parametrize("metric", ["COSINE", "IP", "L2"])
+def test_a_small_collection_is_searched_in_process_exactly_as_milvus_searches_it(tmp_path, metric, monkeypatch):
+    """exact_max_items: a ready collection that small is read from Milvus once (in the background
+    on first use) and then searched in process: the same hits and scores as Milvus' exact FLAT
+    search for every request of a batch (scenarios, k, K, exclusions), with no Milvus search call.
+    A larger collection is not copied; a new version gets a copy of its own."""
+    from redrec.index import exact
+    from redrec.index.search import Query, collection_info, search_paired_many
+
+    cfg = IndexConfig(uri=str(tmp_path / "milvus.db"), dim=DIM, flat_below=1000, verify_sample=50, metric=metric)
+    try:
+        ids, x, scen = world(800, 3)  # exact FLAT index in Milvus
+        publish(cfg, "1", ids, x, scen, set(ids))
+        rng = np.random.default_rng(11)
+        queries = [Query(rng.standard_normal((1 + n % 3, DIM)), SCEN[n % 3], 3 + n,
+                         {ids[int(i)] for i in rng.choice(len(ids), n % 4 * 10, replace=False)}) for n in range(9)]
+        by_milvus = search_paired_many(cfg, "1", queries)
+
+        small = cfg.model_copy(update={"exact_max_items": 800})
+        info = collection_info(small, current_collection(cfg))
+        assert exact.copy_of(small, info) is None  # the first use starts the copy; Milvus answers meanwhile
+        deadline = time.monotonic() + 60
+        while not exact.loaded(small, "1") and time.monotonic() < deadline:
+            time.sleep(0.05)
+        copy = exact.copy_of(small, info)
+        assert copy is not None and sorted(copy.ids) == ids
+        assert {f: int(m.sum()) for f, m in copy.eligible.items()} == {
+            info.scenarios[s]: sum(s in sc for sc in scen) for s in SCEN}
+
+        search_mod = importlib.import_module("redrec.index.search")
+        monkeypatch.setattr(search_mod, "_search_raw", lambda *a, **kw: pytest.fail("searched Milvus"))
+        in_process = search_paired_many(small, "1", queries)
+        for q, m, e in zip(queries, by_milvus, in_process):
+            assert [i for i, _ in e.hits] == [i for i, _ in m.hits], q.scenario
+            np.testing.assert_allclose([s for _, s in e.hits], [s for _, s in m.hits], rtol=1e-4, atol=1e-4)
+            assert len(e.hits) == q.k and not q.exclude & {i for i, _ in e.hits}
+            assert e.collection == m.collection and e.index_version == "1"
+
+        # a new version is a new copy; the old one stays for the arms still paired with it
+        publish(cfg, "2", ids, x[::-1].copy(), scen, set(ids))
+        assert exact.load(small, collection_info(small, current_collection(cfg))).version == "2"
+        assert exact.loaded(small, "1") and exact.loaded(small, "2")
+        # one item more than the limit: not copied, searched in Milvus
+        exact.forget(cfg.uri)
+        assert exact.load(cfg.model_copy(update={"exact_max_items": 799}), info) is None
+        assert not exact.loaded(small, "1")
+        monkeypatch.undo()
+        assert [h.hits for h in search_paired_many(small.model_copy(update={"exact_max_items": 799}), "1", queries)] == [
+            h.hits for h in by_milvus]
+    finally:
+        exact.forget(cfg.uri)
+        close_clients(cfg.uri)
 
 
 def test_bad_publications_are_refused_and_change_nothing(cfg):

@@ -278,6 +278,9 @@ def test_concurrent_requests_share_a_batch_and_get_their_own_answers(server, wor
     logged = read_log(world["work"] / "serving-log", start=t0).requests.set_index("request_id")
     rows = logged.loc[[o["request_id"] for o in outs]]
     assert rows["batch_size"].max() > 1, rows["batch_size"].tolist()
+    # the world's collection is small: the server holds a copy and searches it in process
+    arm = httpx.get(server.url + "/ops/release", timeout=30).json()["arms"]["control"]
+    assert arm["searched"].startswith("in process, exactly"), arm
     for c in ("queue_ms", "feast_ms", "tower_ms", "search_ms", "latency_ms"):
         assert (rows[c] >= 0).all(), c
 
@@ -304,6 +307,9 @@ def test_killed_milvus_gives_503_and_the_server_keeps_running(server, world):
     os.killpg(lite.proc.pid, signal.SIGKILL)
     lite.proc.wait()
     lite.proc = None
+    # the index is searched in process (a copy of the collection), but the alias is resolved in
+    # Milvus at least every milvus.alias_ttl_s: past that, a dead Milvus is an outage
+    time.sleep(world["cfg"]["milvus"].get("alias_ttl_s", 1.0) + 0.1)
     try:
         r = post(server, "/recommend", user_id=user, scenario="search", k=5)
         assert r.status_code == 503, r.text
@@ -425,7 +431,8 @@ def test_a_hung_milvus_costs_a_deadline_and_shows_in_readyz(world, tmp_path):
 
     from redrec.serving.local import LocalServer
 
-    path = fallback_config(world, tmp_path, milvus={"timeout_s": 1.0})
+    # every search goes to Milvus here (no in-process copy): its search deadline is what is tested
+    path = fallback_config(world, tmp_path, milvus={"timeout_s": 1.0, "exact_search_max_items": 0})
     user = warm_users(world)[4]
     with LocalServer(path) as srv:
         assert not rec(srv, user, "ads")["fallback"]

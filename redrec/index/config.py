@@ -70,6 +70,10 @@ class IndexConfig(BaseModel):
     # swap made elsewhere is seen within this time, one made by this process at once; a search
     # always uses one version whole
     alias_ttl_s: float = Field(0.0, ge=0)
+    # ready collections of at most this many items are copied into this process once and searched
+    # there exactly (redrec.index.exact); 0: every search goes to Milvus. Serving sets it
+    # (milvus.exact_search_max_items)
+    exact_max_items: int = Field(0, ge=0)
     timeout_s: float = Field(600.0, gt=0)
 
     @field_validator("name")

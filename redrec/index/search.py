@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from redrec.index import exact
 from redrec.index.config import IndexConfig
 from redrec.index.milvus import PK, CollectionInfo, _alias_target, _search_raw, client, describe, recent_alias_target
 
@@ -25,8 +26,9 @@ class NotPublished(LookupError):
     pass
 
 
-def _info(cfg: IndexConfig, collection: str) -> CollectionInfo:
-    # a published version is immutable, so its description is cached by (uri, collection)
+def collection_info(cfg: IndexConfig, collection: str) -> CollectionInfo:
+    """The collection's description; a published version is immutable, so a ready one's is cached
+    by (uri, collection)."""
     key = (cfg.uri, collection)
     with _info_lock:
         hit = _info_cache.get(key)
@@ -103,12 +105,12 @@ def paired_collection(cfg: IndexConfig, alias_target: str | None, model_version:
     collection records the same model version, else the model's own collection (the pair it was
     published with) while it is kept. Never a collection built from another model: its vectors
     live in another embedding space (same dimension, no error, wrong recommendations)."""
-    if alias_target is not None and _info(cfg, alias_target).version == str(model_version):
+    if alias_target is not None and collection_info(cfg, alias_target).version == str(model_version):
         return alias_target
     own = cfg.collection(str(model_version))
     with _info_lock:
         known = (cfg.uri, own) in _info_cache
-    info = _info(cfg, own) if known or client(cfg).has_collection(own) else None
+    info = collection_info(cfg, own) if known or client(cfg).has_collection(own) else None
     if info is None or info.status != "ready" or info.version != str(model_version):
         raise PairMismatch(f"alias '{cfg.name}' serves {alias_target} (model {_version_of(cfg, alias_target)}) and no "
                            f"ready collection built from model {model_version} is kept: publish model {model_version}'s "
@@ -118,7 +120,7 @@ def paired_collection(cfg: IndexConfig, alias_target: str | None, model_version:
 
 def _version_of(cfg: IndexConfig, collection: str | None) -> str | None:
     try:
-        return None if collection is None else _info(cfg, collection).version
+        return None if collection is None else collection_info(cfg, collection).version
     except Exception:  # noqa: BLE001 - only used in a message
         return None
 
@@ -138,7 +140,7 @@ def search_paired_many(cfg: IndexConfig, model_version: str, queries: list[Query
         cfg, lambda t: paired_collection(cfg, t, model_version), lambda t: _search_version(cfg, t, queries),
         allow_unpublished=True)
     # read back from the collection itself, not echoed from the request: the caller checks the pair
-    version = str(_info(cfg, target).version)
+    version = str(collection_info(cfg, target).version)
     return [PairedHits(h, target, version, alias_target) for h in hits]
 
 
@@ -170,24 +172,34 @@ def _resolve_and_search(cfg, pick, run, allow_unpublished: bool = False):
 
 
 def _search_version(cfg: IndexConfig, target: str, queries: list[Query]) -> list[list[tuple[str, float]]]:
-    """Hits per query. Requests of one scenario share one search call: each over-fetches
+    """Hits per query. A collection copied into this process (``exact.copy_of``) is searched here,
+    exactly, one matrix product per scenario. Otherwise requests of one scenario share one search call: each over-fetches
     ``k + len(exclude)`` per query vector (the call fetches the largest of those for all; more
     hits never change a request's top-k). A request whose exclusions exceed
     ``cfg.overfetch_max_exclusions`` or the server's top-k limit is searched alone with its
     exclusions in the filter instead (a filter on the primary key is cheaper than that many hits)."""
-    info = _info(cfg, target)
+    info = collection_info(cfg, target)
     metric = info.metric or cfg.metric
     scfg = cfg if metric == cfg.metric else cfg.model_copy(update={"metric": metric})
     params = info.search_params or {}
     out: list[list[tuple[str, float]] | None] = [None] * len(queries)
+    for q in queries:
+        if info.dim is not None and q.vectors.shape[1] != info.dim:
+            raise ValueError(f"query vectors have dim {q.vectors.shape[1]}, the served index {target} has dim {info.dim}")
+        if q.scenario not in info.scenarios:
+            raise ValueError(f"scenario {q.scenario!r} has no eligible items in {target}; it knows {sorted(info.scenarios)}")
+    copy = exact.copy_of(cfg, info)
+    if copy is not None:
+        for scenario, members in _by_scenario(queries).items():
+            got = copy.search([_normalised(queries[n].vectors, metric) for n in members], info.scenarios[scenario],
+                              [queries[n].k for n in members], [queries[n].exclude for n in members])
+            for n, hits in zip(members, got):
+                out[n] = hits
+        return out
     shared: dict[str, list[int]] = {}
     alone: dict[int, str] = {}
     for n, q in enumerate(queries):
-        if info.dim is not None and q.vectors.shape[1] != info.dim:
-            raise ValueError(f"query vectors have dim {q.vectors.shape[1]}, the served index {target} has dim {info.dim}")
-        field = info.scenarios.get(q.scenario)
-        if field is None:
-            raise ValueError(f"scenario {q.scenario!r} has no eligible items in {target}; it knows {sorted(info.scenarios)}")
+        field = info.scenarios[q.scenario]
         if q.k <= 0:
             out[n] = []
         elif q.exclude and (len(q.exclude) > cfg.overfetch_max_exclusions or q.k + len(q.exclude) > cfg.max_topk):
@@ -212,6 +224,13 @@ def _search_version(cfg: IndexConfig, target: str, queries: list[Query]) -> list
             out[n] = _best(rows[at : at + kq], queries[n])
             at += kq
     return out
+
+
+def _by_scenario(queries: list[Query]) -> dict[str, list[int]]:
+    groups: dict[str, list[int]] = {}
+    for n, q in enumerate(queries):
+        groups.setdefault(q.scenario, []).append(n)
+    return groups
 
 
 def _normalised(q: np.ndarray, metric: str) -> np.ndarray:

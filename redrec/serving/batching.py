@@ -2,8 +2,8 @@
 
 While one batch runs (in a worker thread, so the event loop keeps accepting requests), new
 requests queue up; the next batch takes everything queued (up to ``max_size``), waiting at most
-``max_wait_ms`` for company once the worker is free. Under load batches grow by themselves;
-alone, a request waits ``max_wait_ms`` at most. Up to ``max_concurrent`` batches run at once, so one
+``max_wait_ms`` for company while another batch is still in flight. Under load batches grow by
+themselves; a request reaching an idle batcher does not wait at all. Up to ``max_concurrent`` batches run at once, so one
 batch's wait on a remote call (Feast, Milvus) overlaps the next batch's work.
 """
 
@@ -48,7 +48,9 @@ class MicroBatcher:
         while True:
             await slots.acquire()
             batch = [await q.get()]
-            deadline = loop.time() + self.max_wait
+            # company is worth waiting for only while another batch is in flight (it will free its
+            # slot no sooner); a request arriving at an idle batcher goes at once, with whatever queued
+            deadline = loop.time() + (self.max_wait if running else 0.0)
             while len(batch) < self.max_size:
                 if not q.empty():
                     batch.append(q.get_nowait())

@@ -38,8 +38,9 @@ import torch
 from redrec.experiments.assignment import HOLDOUT, assign
 from redrec.experiments.log import RECEIVED, AppendLog
 from redrec.features.store import HistoryEvent
+from redrec.index import exact
 from redrec.index.config import IndexConfig
-from redrec.index.search import NotPublished, PairedHits, Query, paired_collection, search_paired_many
+from redrec.index.search import NotPublished, PairedHits, Query, collection_info, paired_collection, search_paired_many
 from redrec.serving import registry
 from redrec.serving.batching import MicroBatcher
 from redrec.serving.config import ConfigError, ServingConfig
@@ -210,7 +211,8 @@ class Engine:
             emb = np.load(self.models.path(arm.model_version) / "item_embeddings.npy")
             alias = cfg.alias_for(arm.name)
             idx = IndexConfig(uri=cfg.milvus.uri, token=cfg.milvus.token, name=alias, dim=int(emb.shape[1]),
-                              timeout_s=cfg.milvus.timeout_s, alias_ttl_s=cfg.milvus.alias_ttl_s)
+                              timeout_s=cfg.milvus.timeout_s, alias_ttl_s=cfg.milvus.alias_ttl_s,
+                              exact_max_items=cfg.milvus.exact_search_max_items)
             rt = ArmRuntime(arm.name, info["model_version"], alias, model, Vocab.from_info(info), list(info["item_ids"]),
                             emb, idx)
             rt.batcher = MicroBatcher(lambda asks, rt=rt: self._serve_batch(rt, asks), cfg.serving.batch_max_size,
@@ -342,7 +344,8 @@ class Engine:
         from redrec.index.milvus import _alias_target
 
         for rt in list(self.arms.values()):
-            paired_collection(rt.index, _alias_target(rt.index), rt.version)  # raises PairMismatch when nothing pairs
+            # raises PairMismatch when nothing pairs; starts reading a small collection into this process
+            exact.copy_of(rt.index, collection_info(rt.index, paired_collection(rt.index, _alias_target(rt.index), rt.version)))
 
     def release_status(self) -> dict:
         """Per arm: the model it serves, what its alias names, the collection it searched last
@@ -356,6 +359,9 @@ class Engine:
             row["alias_model_version"] = describe(rt.index, target).version if target else None
             row["collection"] = paired_collection(rt.index, target, rt.version)
             row["paired_with_alias"] = row["collection"] == target
+            copy = exact.copy_of(rt.index, collection_info(rt.index, row["collection"]))
+            row["searched"] = (f"in process, exactly ({len(copy.ids)} items copied from Milvus)" if copy is not None
+                               else "by Milvus")
             if not row["paired_with_alias"]:
                 row["note"] = (f"alias '{rt.alias}' serves model {row['alias_model_version']}'s index; this arm "
                                f"keeps the pair ({rt.version}, {row['collection']}) until its config names "
@@ -407,7 +413,9 @@ class Engine:
             for j, i in enumerate(warm):
                 out[i].vec = vec[j]
         t2 = time.perf_counter()
-        if warm and self.cfg.serving.batch_search:
+        # a collection held in process is searched for the whole batch at once: one matrix product
+        # per scenario; through Milvus, serving.batch_search decides
+        if warm and (self.cfg.serving.batch_search or exact.loaded(rt.index, rt.version)):
             queries = [Query(out[i].vec, asks[i].scenario, asks[i].k,
                              {h.item_id for h in out[i].history} if asks[i].exclude_seen else ()) for i in warm]
             try:
