@@ -201,6 +201,35 @@ def test_a_small_collection_is_searched_in_process_exactly_as_milvus_searches_it
         close_clients(cfg.uri)
 
 
+def test_a_copy_that_fails_to_read_is_searched_in_milvus_and_not_reread_per_search(cfg, monkeypatch):
+    from redrec.index import exact
+    from redrec.index.search import collection_info, search_paired
+
+    ids, x, scen = world(300, 4)
+    publish(cfg, "1", ids, x, scen, set(ids))
+    small = cfg.model_copy(update={"exact_max_items": 1000})
+    reads = []
+
+    def broken(*a):
+        reads.append(1)
+        raise ConnectionError("planted: Milvus busy")
+
+    monkeypatch.setattr(exact, "_read", broken)
+    try:
+        q = np.random.default_rng(0).standard_normal((2, DIM))
+        want = search_paired(cfg, "1", q, "ads", 5).hits
+        for _ in range(5):
+            assert search_paired(small, "1", q, "ads", 5).hits == want
+            exact._loader.submit(lambda: None).result()  # the background read has run
+        assert len(reads) == 1 and not exact.loaded(small, "1")
+        monkeypatch.undo()  # Milvus answers again: read, and then searched in process
+        exact.forget(cfg.uri)
+        assert exact.load(small, collection_info(small, current_collection(cfg))) is not None
+        assert [i for i, _ in search_paired(small, "1", q, "ads", 5).hits] == [i for i, _ in want]
+    finally:
+        exact.forget(cfg.uri)
+
+
 def test_bad_publications_are_refused_and_change_nothing(cfg):
     ids, x, scen = world(1200, 2)
     publish(cfg, "1", ids, x, scen, set(ids))

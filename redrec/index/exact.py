@@ -91,6 +91,8 @@ def _similarity(metric: str, q: np.ndarray, x: np.ndarray) -> np.ndarray:
 # by (uri, collection, published at): a collection dropped and published again under its name is new
 _copies: OrderedDict[tuple[str, str, float], ExactCopy | None] = OrderedDict()  # None: too large to copy
 _loading: set[tuple[str, str, float]] = set()
+_failed: dict[tuple[str, str, float], float] = {}  # when reading it last failed: retried after _RETRY_S
+_RETRY_S = 30.0
 _lock = threading.Lock()
 _loader = ThreadPoolExecutor(1, thread_name_prefix="redrec-exact-copy")
 
@@ -106,7 +108,8 @@ def copy_of(cfg: IndexConfig, info: CollectionInfo) -> ExactCopy | None:
         if key in _copies:
             _copies.move_to_end(key)
             return _copies[key]
-        if key in _loading:
+        # a failing read (Milvus busy, an old server without query iterators) is not retried per search
+        if key in _loading or (key in _failed and time.monotonic() - _failed[key] < _RETRY_S):
             return None
         _loading.add(key)
     _loader.submit(_load_logged, cfg, info)
@@ -125,8 +128,14 @@ def load(cfg: IndexConfig, info: CollectionInfo) -> ExactCopy | None:
     None when it has more than ``cfg.exact_max_items`` rows."""
     key = (cfg.uri, info.name, info.published_at)
     try:
-        copy = _read(cfg, info)
+        try:
+            copy = _read(cfg, info)
+        except Exception:
+            with _lock:
+                _failed[key] = time.monotonic()
+            raise
         with _lock:
+            _failed.pop(key, None)
             _copies[key] = copy
             _copies.move_to_end(key)
             while len(_copies) > _KEEP:
@@ -141,7 +150,8 @@ def _load_logged(cfg: IndexConfig, info: CollectionInfo) -> None:
     try:
         copy = load(cfg, info)
     except Exception as e:  # noqa: BLE001 - Milvus keeps answering the searches; the next call retries
-        log.warning("reading collection %s for in-process search failed (searching Milvus meanwhile): %s", info.name, e)
+        log.warning("reading collection %s for in-process search failed (searching Milvus, retrying in %gs): %s",
+                    info.name, _RETRY_S, e)
         return
     if copy is not None:
         log.info("collection %s: %d items copied in %.2fs, searched in process from now on", info.name,
@@ -179,3 +189,5 @@ def forget(uri: str | None = None) -> None:
     with _lock:
         for k in [k for k in _copies if uri is None or k[0] == uri]:
             del _copies[k]
+        for k in [k for k in _failed if uri is None or k[0] == uri]:
+            del _failed[k]
