@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from redrec.index.config import IndexConfig
-from redrec.index.milvus import PK, VEC, CollectionInfo, client
+from redrec.index.milvus import PK, VEC, CollectionInfo, client, similarity
 
 log = logging.getLogger(__name__)
 _KEEP = 8  # copies kept: every arm's current collection plus the ones a swap just replaced
@@ -57,7 +57,7 @@ class ExactCopy:
             while m < len(vectors) and (m == n or (rows + len(vectors[m])) * len(self.ids) <= _BLOCK):
                 rows += len(vectors[m])
                 m += 1
-            sim = _similarity(self.metric, np.concatenate(vectors[n:m]), self.vectors)
+            sim = similarity(self.metric, np.concatenate(vectors[n:m]), self.vectors)
             sim[:, ~mask] = -np.inf
             at = 0
             for j in range(n, m):
@@ -79,13 +79,6 @@ class ExactCopy:
         part = np.argpartition(-best, k - 1)[:k]
         hits = [(str(self.ids[r]), float(best[r])) for r in part if np.isfinite(best[r])]
         return sorted(hits, key=lambda kv: (-kv[1], kv[0]))
-
-
-def _similarity(metric: str, q: np.ndarray, x: np.ndarray) -> np.ndarray:
-    # what Milvus reports, as the Milvus path turns it into a similarity (L2: minus the squared distance)
-    if metric == "L2":
-        return -(np.sum(q * q, 1)[:, None] - 2 * q @ x.T + np.sum(x * x, 1)[None, :])
-    return q @ x.T
 
 
 # by (uri, collection, published at): a collection dropped and published again under its name is new

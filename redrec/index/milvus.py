@@ -306,8 +306,9 @@ def _normalise(x: np.ndarray) -> np.ndarray:
     return x / np.linalg.norm(x, axis=1, keepdims=True).clip(1e-12)
 
 
-def _similarity(cfg: IndexConfig, q: np.ndarray, x: np.ndarray) -> np.ndarray:
-    if cfg.metric == "L2":
+def similarity(metric: str, q: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """What Milvus reports for ``metric``, as a similarity (L2: minus the squared distance)."""
+    if metric == "L2":
         return -(np.sum(q * q, 1)[:, None] - 2 * q @ x.T + np.sum(x * x, 1)[None, :])
     return q @ x.T  # COSINE (both normalised) or IP
 
@@ -318,7 +319,7 @@ def exact_topk(cfg: IndexConfig, queries: np.ndarray, vectors: np.ndarray, k: in
     best_s = np.full((len(q), 0), -np.inf, dtype=np.float32)
     best_i = np.zeros((len(q), 0), dtype=np.int64)
     for s in range(0, len(vectors), block):
-        sim = _similarity(cfg, q, vectors[s : s + block])
+        sim = similarity(cfg.metric, q, vectors[s : s + block])
         kk = min(k, sim.shape[1])
         part = np.argpartition(-sim, kk - 1, axis=1)[:, :kk]
         cand_s = np.concatenate([best_s, np.take_along_axis(sim, part, 1)], 1)
@@ -492,7 +493,7 @@ def _verify(cfg: IndexConfig, name: str, item_ids: list[str], vectors: np.ndarra
                 j = pos.get(iid)
                 if j is None:
                     raise PublishError(f"verification: search returned {iid!r}, which was not published")
-                true = float(_similarity(cfg, q[qi : qi + 1], vectors[j : j + 1])[0, 0])
+                true = float(similarity(cfg.metric, q[qi : qi + 1], vectors[j : j + 1])[0, 0])
                 max_err = max(max_err, abs(true - score))
                 hits += true >= kth[qi] - 1e-5  # ties with the k-th exact score count as hits
         recall = hits / (len(q) * k)
