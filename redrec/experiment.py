@@ -33,7 +33,10 @@ MODELS: dict[str, tuple[str, dict]] = {
     "redrec": ("redrec", {}),
     "redrec-no-mixing": ("redrec", {"mixing": False}),
     "redrec-no-side-info": ("redrec", {"user_tower": {"side_info": False}}),
-    "redrec-k1": ("redrec", {"user_tower": {"queries_per_scenario": 1}}),
+    # no scenario queries: the mixed sequence's last state, the same vector for every scenario
+    "redrec-no-queries": ("redrec", {"user_tower": {"querying": "last"}}),
+    "redrec-k2": ("redrec", {"user_tower": {"queries_per_scenario": 2}}),  # two interests per scenario
+    "redrec-query-tokens": ("redrec", {"user_tower": {"querying": "scenario"}}),  # queries inside the decoder
     "redrec-id-items": ("redrec", {"item_source": "id"}),
     "redrec-frozen-items": ("redrec", {"item_source": "cache-frozen"}),
 }

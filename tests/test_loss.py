@@ -106,7 +106,7 @@ def test_positive_matched_to_its_query_drives_the_loss():
     assert float(loss) == pytest.approx(math.log(math.exp(1.0) + math.exp(0.0)) - 1.0, rel=1e-5)
 
 
-@pytest.mark.parametrize("K", [3, 4])
+@pytest.mark.parametrize("K", [2, 3, 4])
 def test_hungarian_matching_is_the_best_one_to_one_assignment(K):
     """Per sample, the cluster -> query assignment maximises the size-weighted centroid-query cosine
     over every permutation (brute force over K!), and is one-to-one."""

@@ -12,9 +12,11 @@ def batch(items, cut, cut_scen, length=None):
             "length": torch.full((B,), L) if length is None else length, "cut": cut, "cut_scen": cut_scen}
 
 
-def test_scenario_queries_see_only_their_prefix():
+@pytest.mark.parametrize("querying", ["scenario", "readout"])
+def test_scenario_queries_see_only_their_prefix(querying):
     torch.manual_seed(0)
-    tower = UserTower(UserTowerConfig(hidden_size=16, layers=2, heads=2, max_len=10, queries_per_scenario=2, dropout=0.0), 3, 2).eval()
+    tower = UserTower(UserTowerConfig(hidden_size=16, layers=2, heads=2, max_len=10, queries_per_scenario=2, dropout=0.0,
+                                      querying=querying), 3, 2).eval()
     x = torch.randn(1, 6, 16)
     b = batch(torch.ones(1, 6, dtype=torch.long), torch.tensor([[3, 6]]), torch.tensor([[0, 2]]))
     out = tower(x, b)
@@ -30,9 +32,10 @@ def test_scenario_queries_see_only_their_prefix():
     assert not torch.allclose(out3[:, 0], out3[:, 1])
 
 
-def test_padding_does_not_change_a_users_vectors():
+@pytest.mark.parametrize("querying", ["scenario", "readout", "last"])
+def test_padding_does_not_change_a_users_vectors(querying):
     torch.manual_seed(0)
-    tower = UserTower(UserTowerConfig(hidden_size=16, layers=1, heads=2, max_len=10, dropout=0.0), 2, 2).eval()
+    tower = UserTower(UserTowerConfig(hidden_size=16, layers=1, heads=2, max_len=10, dropout=0.0, querying=querying), 2, 2).eval()
     x = torch.randn(1, 4, 16)
     short = tower(x, batch(torch.ones(1, 4, dtype=torch.long), torch.tensor([[4]]), torch.tensor([[1]])))
     padded = torch.cat([x, torch.randn(1, 3, 16)], 1)

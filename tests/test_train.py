@@ -16,9 +16,9 @@ from safetensors.torch import load_file
 
 from redrec.data import chronological_split, encode, load_dataset
 from redrec.evaluate import evaluate_model, evaluate_popularity
-from redrec.experiment import ExperimentConfig, train_variant
+from redrec.experiment import ExperimentConfig, build_model_config, train_variant
 from redrec.model.checkpoint import export_checkpoint, load_for_serving
-from redrec.model.recommender import RecModel
+from redrec.model.recommender import ModelConfig, RecModel
 from redrec.train.batches import BatchBuilder
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -85,6 +85,28 @@ def test_same_seed_same_weights(tmp_path):
     init = RecModel(trainer.mcfg, item_cache=trainer.module.item_table.weight.detach()[1:].numpy() * 0).state_dict()
     moved = [k for k in states[0] if k in init and "item_table" not in k and not torch.equal(states[0][k], init[k])]
     assert len(moved) >= 5, moved
+
+
+@pytest.mark.parametrize("variant, querying, cuts", [("redrec", "readout", None), ("redrec", "scenario", 3), ("sasrec", "last", None)])
+def test_readout_models_train_every_position_and_query_token_models_their_cuts(variant, querying, cuts):
+    """A readout (cross-attention or last state) reads every prefix's user vector from one causal
+    pass, so it trains on every position; query tokens cost K positions per cut, so they train
+    ``cuts_per_sequence`` sampled prefixes."""
+    data = load_dataset("synthetic", n_users=60, n_items=100, seed=3)
+    enc = encode(data)
+    split = chronological_split(enc)
+    template = ModelConfig(cuts_per_sequence=3, user_tower={"querying": "scenario" if querying == "scenario" else "readout", "max_len": 20})
+    mcfg = build_model_config(template, variant, data, enc.n_items)
+    assert mcfg.user_tower.querying == querying
+    builder = BatchBuilder(enc, 20, mcfg.window, mcfg.history_mode)
+    batch = next(builder.train_batches(split.train_end, 8, mcfg.train_cuts, 0, 0))
+    per_row = batch["cut_valid"].sum(1)
+    if cuts is None:
+        # every prefix with a next training event is a cut: lengths 1 .. n-1 of each window
+        assert (batch["cut"][:, 0] == 1).all() and (per_row >= batch["length"] - 1).all(), (per_row, batch["length"])
+    else:
+        assert (batch["cut_valid"].shape[1] == cuts) and (per_row <= cuts).all()
+        assert (batch["length"] > cuts + 1).any()  # longer sequences than cuts: the sampling was exercised
 
 
 @pytest.mark.slow

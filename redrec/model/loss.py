@@ -76,7 +76,15 @@ def match_targets_to_queries(user: torch.Tensor, targets: torch.Tensor, mask: to
     # weighted by cluster size: an empty cluster must not claim the query its targets would need
     sim = torch.einsum("nkd,nqd->nkq", cent, user) * count[..., None]  # cluster k vs query q
     best = sim.argmax(-1)  # [N, K]: right wherever at most one cluster is non-empty
-    multi = torch.nonzero((count > 0).sum(-1) > 1).flatten().cpu().numpy()
+    multi_mask = (count > 0).sum(-1) > 1
+    if K == 2:
+        # two clusters, two queries: keep or swap, whichever scores more (what the Hungarian
+        # algorithm returns, without a Python call per sample: every-position training has ~20k)
+        keep = sim[:, 0, 0] + sim[:, 1, 1] >= sim[:, 0, 1] + sim[:, 1, 0]
+        pair = torch.where(keep[:, None], torch.tensor([0, 1], device=sim.device), torch.tensor([1, 0], device=sim.device))
+        best = torch.where(multi_mask[:, None], pair, best)
+        return torch.gather(best, 1, cluster)
+    multi = torch.nonzero(multi_mask).flatten().cpu().numpy()
     if len(multi):
         sims = sim[torch.as_tensor(multi, device=sim.device)].float().cpu().numpy()
         assigned = best.cpu().numpy()

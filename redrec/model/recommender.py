@@ -36,9 +36,10 @@ class ModelConfig(BaseModel):
     false_negative_cos: float = Field(0.98, gt=0, le=1)
     in_batch_negatives: int = Field(512, ge=0, description="distinct in-batch positives used as extra negatives (sampled softmax only, logQ-corrected)")
     full_softmax_max_items: int = Field(20000, ge=0, description="full softmax over the eligible catalogue up to this many items; sampled softmax with logQ above")
-    # 16 cuts beat every position per CPU-minute on the synthetic bench (NDCG@10 0.136 in 566 s vs
-    # 0.133 in 939 s, both early-stopped)
-    cuts_per_sequence: int = Field(16, ge=0, description="prefixes trained per sequence by query models; 0 = every position")
+    # for query tokens in the decoder (querying "scenario"), where each cut costs K positions: 16
+    # cuts beat every position per CPU-minute on the synthetic bench (NDCG@10 0.136 in 566 s vs
+    # 0.133 in 939 s, both early-stopped). Readout and last-state models train every position.
+    cuts_per_sequence: int = Field(16, ge=0, description="prefixes trained per sequence with querying 'scenario'; 0 = every position")
     mixing: bool = Field(True, description="dense mixing of every scenario's history; False reads only the target scenario's (ablation)")
     # filled from the data at build time
     scenarios: list[str] = Field(default_factory=list)
@@ -52,9 +53,9 @@ class ModelConfig(BaseModel):
 
     @property
     def train_cuts(self) -> int:
-        """A last-state readout computes every position's state anyway: train on all of them.
-        Query tokens cost a forward position each, so query models train ``cuts_per_sequence``."""
-        return 0 if self.user_tower.querying == "last" else self.cuts_per_sequence
+        """A last-state or cross-attention readout computes every position's state anyway: train on
+        all of them. Query tokens cost a forward position each, so they train ``cuts_per_sequence``."""
+        return self.cuts_per_sequence if self.user_tower.querying == "scenario" else 0
 
     @property
     def full_softmax(self) -> bool:
@@ -72,8 +73,6 @@ class ModelConfig(BaseModel):
         elif c.variant == "single-scenario":
             c.user_tower.querying = "last"
             c.mixing = False
-        else:
-            c.user_tower.querying = "scenario"
         return c
 
 

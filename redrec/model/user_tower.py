@@ -6,8 +6,15 @@ scenario, action, hour-of-day and position-within-its-scenario embeddings.
 Scenario-aware querying: K learned query tokens per scenario are appended. One sequence can carry
 several "cuts" (training) or one cut per scenario (serving): query tokens of cut c attend only to
 the first ``cut[c]`` items and to themselves, so a single forward yields user vectors for many
-(history prefix, scenario) pairs without any leakage from later items. ``querying="last"`` reads
-the hidden state of the last visible item instead (SASRec / HLLM style), for the baselines.
+(history prefix, scenario) pairs without any leakage from later items. Each cut costs K extra
+decoder positions, so training affords a few cuts per sequence.
+
+``querying="readout"`` moves the queries out of the decoder: the items run through the fused
+causal decoder alone, then the K queries of the cut's scenario (added to the state of the cut's
+last item) read the visible prefix's states in one cross-attention block. A cut then costs a few
+attention rows instead of K decoder positions, so every position of every sequence trains at
+about SASRec's cost (bench/results/quality.json compares the two). ``querying="last"`` reads the hidden
+state of the last visible item instead (SASRec / HLLM style), for the baselines.
 """
 
 from __future__ import annotations
@@ -25,10 +32,43 @@ class UserTowerConfig(BaseModel):
     heads: int = Field(2, ge=1)
     max_len: int = Field(50, ge=2)
     queries_per_scenario: int = Field(2, ge=1, le=16)
-    querying: Literal["scenario", "last"] = "scenario"
+    # readout: every position trains at about SASRec's cost; scenario (query tokens in the decoder)
+    # is kept as an ablation, and "last" is the baselines' last-state readout
+    querying: Literal["readout", "scenario", "last"] = "readout"
     side_info: bool = True
     dropout: float = Field(0.1, ge=0, lt=1)
     gradient_checkpointing: bool = False
+
+
+class QueryReadout(nn.Module):
+    """K learned queries per scenario, each added to the state of the cut's last item, attend to
+    the states of the items the cut may see (pre-norm cross-attention + MLP, both residual)."""
+
+    def __init__(self, hidden: int, heads: int, n_scenarios: int, k: int):
+        super().__init__()
+        if hidden % heads:
+            raise ValueError(f"user_tower.hidden_size {hidden} is not divisible by user_tower.heads {heads}")
+        self.heads, self.k = heads, k
+        self.queries = nn.Parameter(torch.randn(n_scenarios, k, hidden) * 0.02)
+        self.norm_q, self.norm_kv, self.norm_mlp = nn.LayerNorm(hidden), nn.LayerNorm(hidden), nn.LayerNorm(hidden)
+        self.q = nn.Linear(hidden, hidden, bias=False)
+        self.kv = nn.Linear(hidden, 2 * hidden, bias=False)
+        self.o = nn.Linear(hidden, hidden, bias=False)
+        self.mlp = nn.Sequential(nn.Linear(hidden, 2 * hidden), nn.GELU(), nn.Linear(2 * hidden, hidden))
+
+    def forward(self, h: torch.Tensor, cut: torch.Tensor, cut_scen: torch.Tensor, dropout: float) -> torch.Tensor:
+        """h [B, L, H] item states -> [B, C, K, H]; cut c sees items [0, cut[c])."""
+        B, L, H = h.shape
+        C, K, nh = cut.shape[1], self.k, self.heads
+        last = torch.gather(h, 1, (cut - 1).clamp_min(0)[..., None].expand(B, C, H))  # [B, C, H]
+        x = (last[:, :, None] + self.queries[cut_scen]).reshape(B, C * K, H)
+        q = self.q(self.norm_q(x)).view(B, C * K, nh, H // nh).transpose(1, 2)
+        k, v = self.kv(self.norm_kv(h)).view(B, L, 2, nh, H // nh).permute(2, 0, 3, 1, 4)
+        sees = torch.arange(L, device=h.device)[None, None, :] < cut.repeat_interleave(K, dim=1)[:, :, None]  # [B, CK, L]
+        a = nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=sees[:, None])
+        x = x + nn.functional.dropout(self.o(a.transpose(1, 2).reshape(B, C * K, H)), dropout, self.training)
+        x = x + nn.functional.dropout(self.mlp(self.norm_mlp(x)), dropout, self.training)
+        return x.view(B, C, K, H)
 
 
 class UserTower(nn.Module):
@@ -68,6 +108,8 @@ class UserTower(nn.Module):
             self.spos_emb = nn.Embedding(cfg.max_len, H)
         if cfg.querying == "scenario":
             self.queries = nn.Parameter(torch.randn(n_scenarios, cfg.queries_per_scenario, H) * 0.02)
+        elif cfg.querying == "readout":
+            self.readout = QueryReadout(H, cfg.heads, n_scenarios, cfg.queries_per_scenario)
         self.drop = nn.Dropout(cfg.dropout)
 
     def _residual_dropout(self, module, args, output):
@@ -79,7 +121,7 @@ class UserTower(nn.Module):
 
     @property
     def k(self) -> int:
-        return self.cfg.queries_per_scenario if self.cfg.querying == "scenario" else 1
+        return 1 if self.cfg.querying == "last" else self.cfg.queries_per_scenario
 
     def forward(self, item_reps: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """item_reps [B, L, H] (rows past ``length`` are ignored) -> user states [B, C, K, H]."""
@@ -95,11 +137,13 @@ class UserTower(nn.Module):
         valid = ar[None, :] < length[:, None]  # [B, L]
         item_mask = (ar[None, :, None] >= ar[None, None, :]) & valid[:, None, :]  # causal over real items
         item_mask = item_mask | torch.eye(L, dtype=torch.bool, device=x.device)[None]  # padding sees itself
-        if self.cfg.querying == "last":
+        if self.cfg.querying != "scenario":
             # right padding: under a plain causal mask no real position sees a padded one, so the
             # decoder's fused causal path gives exactly the masked result
             pos = ar.expand(B, L)
             h = self.decoder(inputs_embeds=x, position_ids=pos).last_hidden_state
+            if self.cfg.querying == "readout":
+                return self.readout(h, cut, cut_scen, self.cfg.dropout)
             idx = (cut - 1).clamp_min(0)  # [B, C]
             out = torch.gather(h, 1, idx[..., None].expand(B, C, H))
             return out[:, :, None, :]
