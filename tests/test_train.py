@@ -41,9 +41,13 @@ def run_cli(args, log, **kw):
 
 
 @pytest.mark.slow
-def test_short_training_beats_popularity_by_a_clear_margin(tmp_path):
+@pytest.mark.parametrize("item_source", ["cache-finetune", "id"])
+def test_short_training_beats_popularity_by_a_clear_margin(tmp_path, item_source):
+    """Text-initialised items and plain id items both learn: with side-information tables at
+    nn.Embedding's default std 1, an id-item RED-Rec stayed at popularity (0.049 vs 0.049 NDCG@10
+    on the synthetic bench), its items drowned in the side information added to them."""
     cfg = ExperimentConfig.model_validate({
-        "dataset": "synthetic", "dataset_args": {"n_users": 600, "seed": 0},
+        "dataset": "synthetic", "dataset_args": {"n_users": 600, "seed": 0}, "model": {"item_source": item_source},
         "train": {"epochs": 20, "batch_size": 32, "progress": False, "warmup_steps": 10}, "out_dir": str(tmp_path),
     })
     data = load_dataset(cfg.dataset, **cfg.dataset_args)

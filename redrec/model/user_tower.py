@@ -106,6 +106,11 @@ class UserTower(nn.Module):
             self.action_emb = nn.Embedding(n_actions, H)
             self.hour_emb = nn.Embedding(24, H)
             self.spos_emb = nn.Embedding(cfg.max_len, H)
+            # small, as SASRec/GPT-2 initialise position tables: at nn.Embedding's std 1 the four
+            # tables' sum (std 2) drowns the item representations it is added to (an id table at
+            # std 0.02, the text adapter's ~0.6), and an id-item model never learns past popularity
+            for table in (self.scenario_emb, self.action_emb, self.hour_emb, self.spos_emb):
+                nn.init.normal_(table.weight, std=0.02)
         if cfg.querying == "scenario":
             self.queries = nn.Parameter(torch.randn(n_scenarios, cfg.queries_per_scenario, H) * 0.02)
         elif cfg.querying == "readout":
