@@ -37,6 +37,7 @@ MODELS: dict[str, tuple[str, dict]] = {
     "redrec-no-queries": ("redrec", {"user_tower": {"querying": "last"}}),
     "redrec-k2": ("redrec", {"user_tower": {"queries_per_scenario": 2}}),  # two interests per scenario
     "redrec-query-tokens": ("redrec", {"user_tower": {"querying": "scenario"}}),  # queries inside the decoder
+    "redrec-next-item": ("redrec", {"window": 1}),  # the next item only, as SASRec, not the next window
     "redrec-id-items": ("redrec", {"item_source": "id"}),
     "redrec-frozen-items": ("redrec", {"item_source": "cache-frozen"}),
 }
