@@ -49,7 +49,9 @@ class QueryReadout(nn.Module):
         if hidden % heads:
             raise ValueError(f"user_tower.hidden_size {hidden} is not divisible by user_tower.heads {heads}")
         self.heads, self.k = heads, k
-        self.queries = nn.Parameter(torch.randn(n_scenarios, k, hidden) * 0.02)
+        # on the scale of the normalised states they are added to: at std 0.02 every scenario
+        # starts reading the same vector, and a briefly trained model serves one list everywhere
+        self.queries = nn.Parameter(torch.randn(n_scenarios, k, hidden))
         self.norm_q, self.norm_kv, self.norm_mlp = nn.LayerNorm(hidden), nn.LayerNorm(hidden), nn.LayerNorm(hidden)
         self.q = nn.Linear(hidden, hidden, bias=False)
         self.kv = nn.Linear(hidden, 2 * hidden, bias=False)
