@@ -13,8 +13,8 @@ decoder positions, so training affords a few cuts per sequence.
 causal decoder alone, then the K queries of the cut's scenario (added to the state of the cut's
 last item) read the visible prefix's states in one cross-attention block. A cut then costs a few
 attention rows instead of K decoder positions, so every position of every sequence trains at
-about SASRec's cost (bench/results/quality.json compares the two). ``querying="last"`` reads the hidden
-state of the last visible item instead (SASRec / HLLM style), for the baselines.
+about SASRec's cost (bench/results/quality.json compares the two). ``querying="last"`` reads
+the hidden state of the last visible item instead (SASRec / HLLM style), for the baselines.
 """
 
 from __future__ import annotations
@@ -141,9 +141,6 @@ class UserTower(nn.Module):
             x = x + self.spos_emb(batch["spos"].clamp_max(self.cfg.max_len - 1))
         x = self.drop(x)
         ar = torch.arange(L, device=x.device)
-        valid = ar[None, :] < length[:, None]  # [B, L]
-        item_mask = (ar[None, :, None] >= ar[None, None, :]) & valid[:, None, :]  # causal over real items
-        item_mask = item_mask | torch.eye(L, dtype=torch.bool, device=x.device)[None]  # padding sees itself
         if self.cfg.querying != "scenario":
             # right padding: under a plain causal mask no real position sees a padded one, so the
             # decoder's fused causal path gives exactly the masked result
@@ -154,6 +151,10 @@ class UserTower(nn.Module):
             idx = (cut - 1).clamp_min(0)  # [B, C]
             out = torch.gather(h, 1, idx[..., None].expand(B, C, H))
             return out[:, :, None, :]
+        # query tokens need an explicit mask (the [B, L, L] one is built only on this path)
+        valid = ar[None, :] < length[:, None]  # [B, L]
+        item_mask = (ar[None, :, None] >= ar[None, None, :]) & valid[:, None, :]  # causal over real items
+        item_mask = item_mask | torch.eye(L, dtype=torch.bool, device=x.device)[None]  # padding sees itself
         K = self.cfg.queries_per_scenario
         Q = C * K
         q = self.queries[cut_scen]  # [B, C, K, H]
