@@ -9,6 +9,8 @@ wall time and machine), and bench/results/quality.html renders the tables and cu
     python bench/quality.py                                   # everything (hours on 2 cores)
     python bench/quality.py --dataset movielens-1m --protocol loo --models sasrec
     python bench/quality.py --html-only                       # re-render the HTML
+    python bench/quality.py --output build/q-loo.json ...     # parts in parallel, each to its own file,
+    python bench/quality.py --merge-from build/q-loo.json     # then merged (rows, curves, ratios, HTML)
 """
 
 from __future__ import annotations
@@ -64,6 +66,19 @@ def ratios(results: dict, ref: str = "sasrec", metric: str = "ndcg@10") -> dict:
     return out
 
 
+def merge_report(into: dict, other: dict) -> dict:
+    """``other``'s rows replace same-named rows of ``into`` (per dataset and protocol); the
+    protocol's description and ratios follow the merged rows."""
+    for ds, protocols in other.get("datasets", {}).items():
+        for protocol, src in protocols.items():
+            entry = into.setdefault("datasets", {}).setdefault(ds, {}).setdefault(protocol, {"results": {}, "models": {}})
+            entry["results"].update(src["results"])
+            entry["models"].update(src["models"])
+            entry.update({k: v for k, v in src.items() if k not in ("results", "models", "ndcg@10_ratio_to_sasrec")})
+            entry["ndcg@10_ratio_to_sasrec"] = ratios(entry["results"])
+    return into
+
+
 def machine() -> dict:
     cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines() if ln.startswith("model name")), "")
     return {"cpu_count": os.cpu_count(), "cpu": cpu, "platform": platform.platform(), "python": platform.python_version()}
@@ -76,6 +91,8 @@ def main() -> int:
     ap.add_argument("--models", help="comma-separated; default: " + ",".join(MAIN + ABLATIONS))
     ap.add_argument("--output", default=str(ROOT / "bench" / "results" / "quality.json"))
     ap.add_argument("--html-only", action="store_true")
+    ap.add_argument("--merge-from", action="append", metavar="JSON",
+                    help="merge another run's rows into --output (repeatable): runs in parallel must not share a file")
     ap.add_argument("--max-minutes", type=float, help="cap each model's training (reported as stopped: 'time cap')")
     args = ap.parse_args()
 
@@ -84,6 +101,13 @@ def main() -> int:
     path = Path(args.output)
     if args.html_only:
         print(f"written {write_html(json.loads(path.read_text()), path.with_suffix('.html'))}")
+        return 0
+    if args.merge_from:
+        report = json.loads(path.read_text()) if path.exists() else {}
+        for src in args.merge_from:
+            merge_report(report, json.loads(Path(src).read_text()))
+        path.write_text(json.dumps(report, indent=2))
+        print(f"written {path} and {write_html(report, path.with_suffix('.html'))}")
         return 0
     models = args.models.split(",") if args.models else MAIN + ABLATIONS
     for name, raw in configs().items():

@@ -105,11 +105,9 @@ def floor(ckpt: Path, data, reqs: list[tuple[str, str]], k: int, seq_len: int, n
     scen_of = dict(zip(data.items["item_id"].astype(str), data.items["scenarios"]))
     elig = {s: np.array([s in list(scen_of[i]) for i in ids]) for s in data.scenarios}
     ev = data.events
+    users = {u for u, _ in reqs[:n]}
     hist = {}
-    for u, _ in reqs:
-        if u in hist:
-            continue
-        e = ev[ev["user_id"] == u]
+    for u, e in ev[ev["user_id"].isin(users)].groupby("user_id", sort=False, observed=True):
         windows = {s: {"item_ids": g["item_id"].tail(seq_len).tolist(), "actions": g["action"].tail(seq_len).tolist(),
                        "timestamps": g["ts"].tail(seq_len).tolist()} for s, g in e.groupby("scenario")}
         hist[u] = merge_histories(windows, list(data.scenarios))

@@ -66,3 +66,21 @@ def test_partial_reports_render(tmp_path):
     html = write_html(report, tmp_path / "p.html").read_text()
     assert "redrec" in html and "not run" in html and "no curve points" in html
     assert write_html({}, tmp_path / "e.html").read_text().count("No results yet") == 1
+
+
+def test_runs_in_parallel_merge_into_one_report():
+    """Parts of the bench run in parallel write their own files; merging keeps every other row,
+    replaces the rows the part re-ran and recomputes the ratios from the merged rows."""
+    from bench.quality import merge_report
+
+    into = copy.deepcopy(REPORT)
+    part = {"datasets": {"movielens-1m": {"loo": copy.deepcopy(_entry("loo"))}}}
+    loo = part["datasets"]["movielens-1m"]["loo"]
+    loo["results"] = {"redrec-next-item": copy.deepcopy(loo["results"]["redrec"])}
+    loo["results"]["redrec-next-item"]["overall"]["ndcg@10"] = 0.18
+    loo["models"] = {"redrec-next-item": _model(0.17)}
+    merged = merge_report(into, part)["datasets"]["movielens-1m"]
+    assert set(merged["loo"]["results"]) == {"popularity", "sasrec", "redrec", "redrec-next-item"}
+    assert set(merged["loo"]["models"]) == {"sasrec", "redrec", "redrec-next-item"}
+    assert abs(merged["loo"]["ndcg@10_ratio_to_sasrec"]["redrec-next-item"]["overall"] - 0.18 / 0.15) < 1e-9
+    assert merged["multi-scenario"] == _entry("multi-scenario")  # untouched
