@@ -32,7 +32,8 @@ os.environ.setdefault("REDREC_CACHE", str(ROOT / "build" / "cache"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from redrec.data import load_dataset  # noqa: E402
-from redrec.experiment import ABLATIONS, ExperimentConfig, run_protocol  # noqa: E402
+from redrec.experiment import ABLATIONS, ExperimentConfig, is_redrec_itself, run_protocol  # noqa: E402
+from redrec.model.recommender import ModelConfig  # noqa: E402
 
 SYNTHETIC = {
     "dataset": "synthetic",
@@ -117,6 +118,10 @@ def main() -> int:
         for protocol in args.protocol or ["multi-scenario", "loo"]:
             # no-mixing is RED-Rec itself once the scenarios are collapsed into one
             todo = [m for m in models if not (protocol == "loo" and m == "redrec-no-mixing")]
+            same = [m for m in todo if is_redrec_itself(ModelConfig.model_validate(raw["model"]), m)]
+            if same:
+                print(f"[{name}/{protocol}] skipped {same}: this config's redrec already is that")
+                todo = [m for m in todo if m not in same]
             if not todo:
                 continue
             if args.max_minutes:

@@ -18,8 +18,8 @@ from redrec.reports.charts import finite, line_chart
 
 ORDER = ["popularity", "sasrec", "single-scenario", "redrec", "redrec-no-mixing", "redrec-no-side-info",
          "redrec-no-queries", "redrec-k2", "redrec-id-items", "redrec-frozen-items", "redrec-query-tokens",
-         "redrec-next-item"]
-COLORS = ["#000000", "#aec7e8", "#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf", "#7f7f7f", "#bcbd22"]
+         "redrec-next-item", "redrec-next-window"]
+COLORS = ["#000000", "#aec7e8", "#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf", "#7f7f7f", "#bcbd22", "#dbdb8d"]
 METRICS = [("ndcg@10", "NDCG@10"), ("hr@10", "HR@10"), ("mrr", "MRR")]
 # published MovieLens-1M leave-one-out SASRec NDCG@10, and the targets this project holds itself to
 REFERENCES = {"RecBole 1.2.1 SASRec": 0.1494, "gSASRec paper": 0.1726}

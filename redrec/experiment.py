@@ -37,7 +37,10 @@ MODELS: dict[str, tuple[str, dict]] = {
     "redrec-no-queries": ("redrec", {"user_tower": {"querying": "last"}}),
     "redrec-k2": ("redrec", {"user_tower": {"queries_per_scenario": 2}}),  # two interests per scenario
     "redrec-query-tokens": ("redrec", {"user_tower": {"querying": "scenario"}}),  # queries inside the decoder
-    "redrec-next-item": ("redrec", {"window": 1}),  # the next item only, as SASRec, not the next window
+    # the objective's window, whichever way the dataset's config sets it: the next item only (as
+    # SASRec) or the next five (the paper's next-window); one of the two is the config's own
+    "redrec-next-item": ("redrec", {"window": 1}),
+    "redrec-next-window": ("redrec", {"window": 5}),
     "redrec-id-items": ("redrec", {"item_source": "id"}),
     "redrec-frozen-items": ("redrec", {"item_source": "cache-frozen"}),
 }
@@ -81,6 +84,14 @@ def build_model_config(template: ModelConfig, name: str, data: RecData, n_items:
     raw = _merge(_merge(template.model_dump(), over), overrides or {})
     raw.update(variant=variant, scenarios=list(data.scenarios), actions=list(data.actions), n_items=n_items)
     return ModelConfig.model_validate(raw).for_variant()
+
+
+def is_redrec_itself(template: ModelConfig, name: str) -> bool:
+    """Whether ablation ``name`` changes nothing in this config (e.g. ``redrec-next-item`` where the
+    config already trains on the next item): training it would repeat ``redrec``."""
+    variant, over = MODELS[name]
+    base = template.model_dump()
+    return variant == "redrec" and name != "redrec" and _merge(base, over) == base
 
 
 def collapse_scenarios(data: RecData) -> RecData:

@@ -188,3 +188,18 @@ def test_two_ranks_gather_tensors_and_gradients_across_processes(tmp_path):
         assert np.array_equal(np.array(res["grad_sum"]), np.full((4, 3), 2.0))
         # rank s weighted its loss by (s + 1): rank r's slice gets coeff[4r:4r+4] * (1 + 2)
         assert np.allclose(np.array(res["grad_weighted"]), coeff[4 * r : 4 * r + 4] * 3.0), (r, res["grad_weighted"])
+
+
+def test_an_ablation_that_changes_nothing_is_redrec_itself():
+    """The window ablations: whichever window the config trains on, the ablation naming that window
+    is redrec itself (the bench skips it) and the other one is a real ablation."""
+    from redrec.experiment import ABLATIONS, is_redrec_itself
+
+    shipped = yaml.safe_load((ROOT / "configs" / "ml1m-cpu.yaml").read_text())["model"]
+    w1, w5 = (ModelConfig.model_validate({**shipped, "window": w}) for w in (1, 5))
+    assert is_redrec_itself(w1, "redrec-next-item") and not is_redrec_itself(w1, "redrec-next-window")
+    assert is_redrec_itself(w5, "redrec-next-window") and not is_redrec_itself(w5, "redrec-next-item")
+    assert [m for m in ABLATIONS if is_redrec_itself(w5, m)] == ["redrec-next-window"]
+    assert not is_redrec_itself(w5, "redrec") and not is_redrec_itself(w5, "sasrec")
+    # the model's own default is two queries per scenario: there redrec-k2 is redrec itself
+    assert is_redrec_itself(ModelConfig(), "redrec-k2")
