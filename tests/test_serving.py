@@ -279,8 +279,13 @@ def test_concurrent_requests_share_a_batch_and_get_their_own_answers(server, wor
     rows = logged.loc[[o["request_id"] for o in outs]]
     assert rows["batch_size"].max() > 1, rows["batch_size"].tolist()
     # the world's collection is small: the server holds a copy and searches it in process
-    arm = httpx.get(server.url + "/ops/release", timeout=30).json()["arms"]["control"]
+    release = httpx.get(server.url + "/ops/release", timeout=30).json()
+    arm = release["arms"]["control"]
     assert arm["searched"].startswith("in process, exactly"), arm
+    # serving.torch_threads (1) caps numpy's BLAS too: its default pool (one thread per core)
+    # spins against the tower and the event loop on shared cores
+    assert release["threads"]["torch"] == 1, release["threads"]
+    assert {v for k, v in release["threads"].items() if k.startswith("blas ")} == {1}, release["threads"]
     for c in ("queue_ms", "feast_ms", "tower_ms", "search_ms", "latency_ms"):
         assert (rows[c] >= 0).all(), c
 
@@ -420,6 +425,23 @@ def test_a_hung_feature_server_costs_a_deadline_not_the_arm(world, tmp_path):
                 break
             time.sleep(0.5)
         assert not out["fallback"] and out["model_version"] != "popularity", out
+
+
+@pytest.mark.slow
+def test_the_catalogue_read_at_start_is_not_held_to_the_per_request_deadline(world, tmp_path):
+    """The server reads the whole catalogue's popularity once as it starts, under
+    serving.startup_catalogue_timeout_s. A per-request Feast deadline shorter than that read (here
+    1 ms) must not keep the server unready, every probe starting the read again."""
+    from redrec.serving.local import LocalServer
+
+    srv = LocalServer(fallback_config(world, tmp_path, feast_timeout_s=0.001)).start(timeout_s=90)
+    try:
+        assert httpx.get(srv.url + "/readyz", timeout=30).status_code == 200
+        # the history read misses its 1 ms: the popularity read at start is what answers
+        out = rec(srv, warm_users(world)[0], "search")
+        assert out["fallback"] and out["model_version"] == "popularity" and len(out["items"]) == 10, out
+    finally:
+        srv.stop()
 
 
 @pytest.mark.slow

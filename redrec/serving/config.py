@@ -54,6 +54,11 @@ class ServingSection(_Strict):
     on_dependency_error: Literal["error", "popularity"] = "error"
     # a Feast read (history, popularity) not answered within this is an outage (fallback or 503)
     feast_timeout_s: float = Field(2.0, gt=0, le=60)
+    # the whole catalogue's popularity and eligibility, read once as the server starts, before it
+    # takes traffic: ML-1M's 3.9k items took 2.05 s cold on 2 idle cores, so under the per-request
+    # deadline above every readiness probe started the read again and the reads starved each other
+    # (a `make run` deploy waited 3 minutes); later refreshes keep the per-request deadline
+    startup_catalogue_timeout_s: float = Field(60.0, gt=0, le=600)
     batch_max_size: int = Field(64, ge=1, le=4096)
     batch_max_wait_ms: float = Field(2.0, ge=0, le=1000)
     # batches of one arm in flight at once: one waits on Feast or Milvus while the next one computes
@@ -65,10 +70,12 @@ class ServingSection(_Strict):
     batch_search: bool = False
     popularity_refresh_s: float = Field(60.0, ge=1)
     log_user_embedding: bool = True
-    # intra-op threads of the user tower. 1 by default: the forward of a micro-batch is small, and
-    # more threads oversubscribe the cores shared with the event loop, Feast and Milvus (on 2
-    # shared cores, a 32-user batch took 1.1 s with torch's default of 2 threads, 21 ms with 1)
-    torch_threads: int = Field(1, ge=0)  # 0: torch's default
+    # intra-op threads of the user tower, and of the BLAS behind numpy (the in-process exact
+    # search's matrix products). 1 by default: the work per micro-batch is small, and more threads
+    # oversubscribe the cores shared with the event loop, Feast and Milvus (on 2 shared cores, a
+    # 32-user batch took 1.1 s with torch's default of 2 threads, 21 ms with 1; OpenBLAS left at 2
+    # threads spent 21% of the server's samples in the search's product at 100 clients)
+    torch_threads: int = Field(1, ge=0)  # 0: the libraries' defaults
 
     @field_validator("feature_server_url")
     @classmethod

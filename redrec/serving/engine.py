@@ -30,10 +30,12 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
+from threadpoolctl import threadpool_info, threadpool_limits
 
 from redrec.experiments.assignment import HOLDOUT, assign
 from redrec.experiments.log import RECEIVED, AppendLog
@@ -124,13 +126,14 @@ class _Deadline:
         self.pool = ThreadPoolExecutor(workers, thread_name_prefix=f"redrec-{name}")
         self.ok_at, self.stuck_at = 0.0, 0.0
 
-    def __call__(self, fn, *args):
+    def __call__(self, fn, *args, timeout_s: float | None = None, setting: str | None = None):
         fut = self.pool.submit(fn, *args)
+        timeout_s = timeout_s or self.timeout_s
         try:
-            out = fut.result(timeout=self.timeout_s)
+            out = fut.result(timeout=timeout_s)
         except FutureTimeout:
             self.stuck_at = time.monotonic()
-            raise TimeoutError(f"{self.name}: no answer within {self.timeout_s:g}s ({self.setting})") from None
+            raise TimeoutError(f"{self.name}: no answer within {timeout_s:g}s ({setting or self.setting})") from None
         self.ok_at = time.monotonic()
         return out
 
@@ -151,6 +154,13 @@ def _dependency(e: BaseException) -> str | None:
     return None
 
 
+def compute_threads() -> dict:
+    """The intra-op threads this process computes with: torch's and each BLAS pool's (an operator
+    sees on /ops/release whether ``serving.torch_threads`` took)."""
+    return {"torch": torch.get_num_threads(),
+            **{f"blas {Path(i['filepath']).name}": i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"}}
+
+
 def _sha(text: str | None) -> str | None:
     return None if text is None else hashlib.sha256(text.encode()).hexdigest()
 
@@ -169,6 +179,12 @@ class Engine:
     def __init__(self, cfg: ServingConfig, config_path: str | None = None):
         if cfg.serving.torch_threads:
             torch.set_num_threads(cfg.serving.torch_threads)
+            # process-wide: a BLAS pool spins its threads against the tower's and the event loop's.
+            # numpy and scipy each bundle an OpenBLAS, and a cap reaches only those loaded: load
+            # scipy's now rather than at its first use, after the cap
+            import scipy.linalg  # noqa: F401
+
+            threadpool_limits(cfg.serving.torch_threads, user_api="blas")
         self.scenarios = list(cfg.scenarios)
         self.repo = open_repo(cfg)
         self._feast = _Deadline("feast", cfg.serving.feast_timeout_s, "serving.feast_timeout_s")
@@ -190,7 +206,7 @@ class Engine:
         # which config text is served and which was refused: a deployer waits for its own text
         self.reload = {"config": config_path, "loaded": time.time(), "loaded_sha256": _sha(self._config_text),
                        "error": None, "error_sha256": None, "reloads": 0}
-        self.refresh_popularity(raise_errors=False)
+        self.refresh_popularity(raise_errors=False, startup=True)
         if config_path and cfg.model_store.config_poll_s > 0:
             threading.Thread(target=self._watch_config, name="redrec-config-watch", daemon=True).start()
 
@@ -280,9 +296,11 @@ class Engine:
         return True
 
     # ---- popularity (cold start and fallback) ---------------------------------------------------
-    def refresh_popularity(self, raise_errors: bool = True) -> None:
+    def refresh_popularity(self, raise_errors: bool = True, startup: bool = False) -> None:
+        deadline = {"timeout_s": self.cfg.serving.startup_catalogue_timeout_s,
+                    "setting": "serving.startup_catalogue_timeout_s"} if startup else {}
         try:
-            scen, pop = self._feast(item_catalogue, self.repo, self.catalogue)
+            scen, pop = self._feast(item_catalogue, self.repo, self.catalogue, **deadline)
         except Exception as e:
             if raise_errors:
                 raise
@@ -376,7 +394,7 @@ class Engine:
                 arms[name] = {"model_version": rt.version, "alias": rt.alias,
                               "error": f"{type(e).__name__}: {str(e)[:300]}"}
         return {"arms": arms, "config": dict(self.reload), "model_source": self.models.name,
-                "readiness": self.ready()[1]}
+                "readiness": self.ready()[1], "threads": compute_threads()}
 
     # ---- validation -----------------------------------------------------------------------------
     def _check_common(self, user_id: str | None, scenario: str, k: int) -> None:
