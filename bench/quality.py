@@ -118,7 +118,8 @@ def main() -> int:
         for protocol in args.protocol or ["multi-scenario", "loo"]:
             # no-mixing is RED-Rec itself once the scenarios are collapsed into one
             todo = [m for m in models if not (protocol == "loo" and m == "redrec-no-mixing")]
-            same = [m for m in todo if is_redrec_itself(ModelConfig.model_validate(raw["model"]), m)]
+            template = ModelConfig.model_validate(raw["model"])
+            same = [m for m in todo if is_redrec_itself(template, m)]
             if same:
                 print(f"[{name}/{protocol}] skipped {same}: this config's redrec already is that")
                 todo = [m for m in todo if m not in same]
@@ -132,11 +133,9 @@ def main() -> int:
             out = run_protocol(cfg, protocol, data)
             # re-read: another filtered run may have written meanwhile
             report = json.loads(path.read_text()) if path.exists() else {}
-            entry = report.setdefault("datasets", {}).setdefault(name, {}).setdefault(protocol, {"results": {}, "models": {}})
-            entry["results"].update(out["results"])
-            entry["models"].update({m: {**v, "machine": machine()} for m, v in out["models"].items()})
-            entry.update(protocol=out["protocol"], scenarios=out["scenarios"], dataset=data.describe(), config=raw)
-            entry["ndcg@10_ratio_to_sasrec"] = ratios(entry["results"])
+            part = {"results": out["results"], "models": {m: {**v, "machine": machine()} for m, v in out["models"].items()},
+                    "protocol": out["protocol"], "scenarios": out["scenarios"], "dataset": data.describe(), "config": raw}
+            merge_report(report, {"datasets": {name: {protocol: part}}})
             report["machine"] = machine()
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(json.dumps(report, indent=2))
