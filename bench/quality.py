@@ -82,7 +82,12 @@ def merge_report(into: dict, other: dict) -> dict:
 
 def machine() -> dict:
     cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines() if ln.startswith("model name")), "")
-    return {"cpu_count": os.cpu_count(), "cpu": cpu, "platform": platform.platform(), "python": platform.python_version()}
+    import torch
+
+    # the rows of one report can come from different machines (a GPU run merged into CPU rows)
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    return {"cpu_count": os.cpu_count(), "cpu": cpu, "gpu": gpu, "torch": torch.__version__,
+            "platform": platform.platform(), "python": platform.python_version()}
 
 
 def main() -> int:

@@ -44,11 +44,11 @@ svg text{font:11px system-ui,sans-serif} ul.cal{margin:.3em 0}
 <h2>{{ s.dataset }} &mdash; {{ s.protocol }}</h2>
 <p class="muted">{{ s.description }}</p>
 <table><thead><tr><th rowspan="2">model</th>{% for g in s.groups %}<th colspan="3">{{ g }}</th>{% endfor %}
-<th rowspan="2">steps</th><th rowspan="2">stopped</th><th rowspan="2">best step</th><th rowspan="2">train min</th></tr>
+<th rowspan="2">steps</th><th rowspan="2">stopped</th><th rowspan="2">best step</th><th rowspan="2">train min</th><th rowspan="2">machine</th></tr>
 <tr>{% for g in s.groups %}{% for m in metrics %}<th>{{ m[1] }}</th>{% endfor %}{% endfor %}</tr></thead><tbody>
 {% for r in s.rows %}<tr{% if r.ablation %} class="abl"{% endif %}><td class="name">{{ r.name }}</td>
 {% for cell in r.cells %}<td>{% if cell.best %}<b>{{ cell.text }}</b>{% else %}{{ cell.text }}{% endif %}{% if cell.ratio %} <span class="muted">({{ cell.ratio }})</span>{% endif %}</td>{% endfor %}
-<td>{{ r.steps }}</td><td>{{ r.stopped }}</td><td>{{ r.best_step }}</td><td>{{ r.minutes }}</td></tr>
+<td>{{ r.steps }}</td><td>{{ r.stopped }}</td><td>{{ r.best_step }}</td><td>{{ r.minutes }}</td><td class="muted">{{ r.machine }}</td></tr>
 {% endfor %}</tbody></table>
 <div class="charts">{{ chart(s.valid_chart) }}{{ chart(s.loss_chart) }}</div>
 <p><b>Calibration</b></p><ul class="cal">{% for line in s.calibration %}<li>{% for text, cls in line %}<span{% if cls %} class="{{ cls }}"{% endif %}>{{ text }}</span>{% endfor %}</li>{% endfor %}</ul>
@@ -132,7 +132,8 @@ def _section(dataset: str, protocol: str, entry: dict) -> dict:
         rows.append({"name": name, "cells": cells, "ablation": name.startswith("redrec-"),
                      "steps": m.get("steps", "—"), "best_step": m.get("best_step", "—"),
                      "stopped": (m.get("stopped") or "epochs") if m else "—",
-                     "minutes": _fmt(_num(m.get("train_s")) / 60, 1) if _num(m.get("train_s")) is not None else "—"})
+                     "minutes": _fmt(_num(m.get("train_s")) / 60, 1) if _num(m.get("train_s")) is not None else "—",
+                     "machine": machine_label(m.get("machine"), short=True) or "—"})
     valid, loss = {}, {}
     for name in names:
         for p in (models.get(name) or {}).get("curve") or []:
@@ -153,10 +154,22 @@ def _section(dataset: str, protocol: str, entry: dict) -> dict:
             "calibration": _calibration(dataset, protocol, entry, nd)}
 
 
+def machine_label(m: dict | None, short: bool = False) -> str:
+    """Where a row was measured. Rows of one report can come from different machines (GPU runs
+    merged into CPU ones), and a training minute on one is not a minute on the other."""
+    m = m or {}
+    parts = [m.get("gpu"), m.get("cpu"), f"{m['cpu_count']} cores" if m.get("cpu_count") else None]
+    if not short:
+        parts += [m.get("platform"), f"Python {m['python']}" if m.get("python") else None]
+    return " · ".join(str(x) for x in parts if x)
+
+
 def render(report: dict) -> str:
-    m = report.get("machine") or {}
-    machine = " · ".join(str(x) for x in (m.get("cpu"), f"{m['cpu_count']} cores" if m.get("cpu_count") else None,
-                                          m.get("platform"), f"Python {m['python']}" if m.get("python") else None) if x)
+    # the report's own machine is only the last run's: name every machine its rows came from
+    seen = {machine_label(m.get("machine"), short=True) for protocols in (report.get("datasets") or {}).values()
+            if isinstance(protocols, dict) for entry in protocols.values() if isinstance(entry, dict)
+            for m in (entry.get("models") or {}).values() if isinstance(m, dict)} - {""}
+    machine = ("rows measured on: " + "; ".join(sorted(seen))) if len(seen) > 1 else machine_label(report.get("machine"))
     sections = []
     for dataset, protocols in (report.get("datasets") or {}).items():
         if isinstance(protocols, dict) and "results" in protocols:  # pre-protocol layout: one entry per dataset

@@ -84,3 +84,18 @@ def test_runs_in_parallel_merge_into_one_report():
     assert set(merged["loo"]["models"]) == {"sasrec", "redrec", "redrec-next-item"}
     assert abs(merged["loo"]["ndcg@10_ratio_to_sasrec"]["redrec-next-item"]["overall"] - 0.18 / 0.15) < 1e-9
     assert merged["multi-scenario"] == _entry("multi-scenario")  # untouched
+
+
+def test_each_row_names_the_machine_it_was_measured_on(tmp_path):
+    """GPU rows merged into CPU ones: training minutes compare only within a machine, so each row
+    says where it ran and the header names every machine, not just the last run's."""
+    report = copy.deepcopy(REPORT)
+    models = report["datasets"]["movielens-1m"]["loo"]["models"]
+    models["sasrec"]["machine"] = {"cpu": "Test CPU", "cpu_count": 2}
+    models["redrec"]["machine"] = {"gpu": "Test GPU", "cpu": "Host CPU", "cpu_count": 16}
+    html = write_html(report, tmp_path / "m.html").read_text()
+    loo = html[html.index("movielens-1m &mdash; loo"):]
+    row = lambda name: re.search(rf'<td class="name">{name}</td>.*?</tr>', loo, re.S).group(0)  # noqa: E731
+    assert "Test CPU · 2 cores" in row("sasrec") and "Test GPU" not in row("sasrec")
+    assert "Test GPU · Host CPU · 16 cores" in row("redrec")
+    assert "rows measured on: Test CPU · 2 cores; Test GPU · Host CPU · 16 cores" in html
