@@ -118,7 +118,7 @@ def train_variant(cfg: ExperimentConfig, variant: str, data: RecData, enc, split
 def training_record(trainer, fit: dict, enc, split) -> dict:
     """What a serving checkpoint records of its training (the same keys whichever launcher ran it):
     the fit summary, the validation curve and the best weights' validation metrics."""
-    valid = evaluate_model(trainer.module, trainer.builder, enc, split, on="valid")
+    valid = trainer.best_valid_result or evaluate_model(trainer.module, trainer.builder, enc, split, on="valid")
     return {"train": {k: v for k, v in fit.items() if k != "history"}, "history": fit.get("history", []),
             "valid": valid.as_dict()}
 

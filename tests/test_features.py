@@ -52,6 +52,35 @@ def naive_history(events: pd.DataFrame, user: str, before_ts: int | None, scenar
     return [HistoryEvent(r[3], r[4], r[5], r[0]) for r in rows]
 
 
+def test_materialize_keeps_every_event_of_the_last_second_and_stops_at_end(tmp_path, data):
+    """The online window is the user's last events, also when several share their last second
+    (MovieLens logs bursts): Feast's own materialize keeps an arbitrary one of the same-second
+    rows, whose window can lack the others. ``end`` excludes what happened at or after it."""
+    import dataclasses
+    from datetime import datetime, timezone
+
+    ev = data.events.copy()
+    u = ev["user_id"].iloc[0]
+    mine = ev.index[(ev["user_id"] == u) & (ev["scenario"] == "homefeed")]
+    ev.loc[mine[-3:], "ts"] = int(ev.loc[mine[-3], "ts"])  # the last three in one second
+    ev = ev.sort_values(["user_id", "ts"], kind="stable").reset_index(drop=True)
+    r = FeatureRepo(tmp_path / "data", seq_len=SEQ_LEN)
+    r.build_sources(dataclasses.replace(data, events=ev))
+    r.apply()
+    users = list(ev["user_id"].unique()[:5])
+    t = int(ev.loc[ev["user_id"] == users[1], "ts"].iloc[10])
+    r.materialize(end=datetime.fromtimestamp(t, timezone.utc))
+    got = r.online_histories(users)
+    for v in users:
+        assert got[v] == naive_history(ev, v, t, r.scenarios)
+    r.materialize()
+    got = r.online_histories(users)
+    for v in users:
+        assert got[v] == naive_history(ev, v, None, r.scenarios) and got[v]
+    last_second = [h for h in got[u] if h.scenario == "homefeed"][-3:]
+    assert len({h.ts for h in last_second}) == 1
+
+
 def test_sequence_table_matches_a_python_loop(data):
     ev = data.events[data.events["scenario"] == "homefeed"]
     t = sequence_table(ev, 4).to_pandas()

@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 
 from redrec.data import chronological_split, encode, load_dataset
 from redrec.evaluate import evaluate_model, evaluate_popularity
-from redrec.experiment import ExperimentConfig, build_model_config, train_variant
+from redrec.experiment import ExperimentConfig, build_model_config, train_variant, training_record
 from redrec.model.checkpoint import export_checkpoint, load_for_serving
 from redrec.model.recommender import ModelConfig, RecModel
 from redrec.train.batches import BatchBuilder
@@ -84,6 +84,11 @@ def test_same_seed_same_weights(tmp_path):
         states.append({k: v.clone() for k, v in trainer.module.state_dict().items()})
         assert fit["steps"] == 6 and fit["best_step"] >= 2
     assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
+    # the checkpoint records the kept weights' validation, scored once during training
+    kept = training_record(trainer, fit, enc, split)["valid"]
+    assert trainer.best_valid_result is not None
+    assert kept == evaluate_model(trainer.module, trainer.builder, enc, split, on="valid").as_dict()
+    assert kept["overall"]["ndcg@10"] == pytest.approx(fit["best_valid"])
     # and training did something: the weights moved away from the seed's initialisation
     torch.manual_seed(0)
     init = RecModel(trainer.mcfg, item_cache=trainer.module.item_table.weight.detach()[1:].numpy() * 0).state_dict()

@@ -26,6 +26,7 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 
 import numpy as np
@@ -163,6 +164,22 @@ def sequence_table(events: pd.DataFrame, seq_len: int, epoch_rows: bool = True) 
         )
         table = pa.concat_tables([head, table])
     return table
+
+
+def latest_windows(path: str | Path, end: datetime) -> pd.DataFrame:
+    """Each user's last row before ``end`` of a sequence source written by :func:`sequence_table`.
+
+    A user's rows are in time order, so the last one's window holds every event up to its time,
+    those of the same second included."""
+    table = pq.read_table(path)
+    ts = table["event_timestamp"].cast(pa.int64()).to_numpy()
+    end = pd.Timestamp(end)
+    end = end.tz_localize("UTC") if end.tz is None else end.tz_convert("UTC")
+    before = np.flatnonzero(ts < end.value // 1000)  # the column is in µs
+    # the last occurrence: the epoch rows of all users come first, then each user's windows
+    users = table["user_id"].to_numpy(zero_copy_only=False)[before][::-1]
+    _, first_from_end = np.unique(users, return_index=True)
+    return table.take(np.sort(before[len(users) - 1 - first_from_end])).to_pandas()
 
 
 def popularity_table(events: pd.DataFrame) -> pa.Table:

@@ -148,6 +148,9 @@ class Trainer:
             f"sampled softmax with logQ: {train_cfg.negatives} negatives per rank, {train_cfg.negatives * self.world} per step")
         self.log(f"deepspeed: world size {self.world} on {self.dev}, ZeRO stage {train_cfg.zero_stage}, bf16 {train_cfg.bf16}, {negs}")
         self.history: list[dict] = []
+        # the full validation result of the kept weights (None after a resume or a sampled
+        # validation): what the serving checkpoint records, without scoring the users again
+        self.best_valid_result = self._last_valid = None
 
     # ---- checkpoints -------------------------------------------------------------------------
     @property
@@ -186,6 +189,8 @@ class Trainer:
             return None
         res = evaluate_model(self.engine.module, self.builder, self.enc, self.split, on="valid", max_users=self.cfg.valid_max_users)
         self.engine.train()
+        sampled = self.cfg.valid_max_users is not None and self.enc.n_users > self.cfg.valid_max_users
+        self._last_valid = None if sampled else res
         return res.overall
 
     def _after_validation(self, metrics: dict, loss: float | None, t0: float) -> bool:
@@ -198,6 +203,7 @@ class Trainer:
         best = self.state["best"]
         if best is None or value > best:
             self.state.update(best=value, best_step=step, bad_evals=0)
+            self.best_valid_result = self._last_valid
             if self.rank == 0:
                 self.out.mkdir(parents=True, exist_ok=True)
                 tmp = self.best_path.with_suffix(".tmp")
