@@ -172,11 +172,15 @@ def catalogue_fingerprint(items: pd.DataFrame, cfg: ItemTowerConfig) -> str:
     return h.hexdigest()[:16]
 
 
+def item_cache_path(items: pd.DataFrame, cfg: ItemTowerConfig, cache_dir: str | Path, seed: int = 0) -> Path:
+    """Where :func:`cached_item_reps` keeps one (tower, catalogue, seed)'s representations."""
+    return Path(cache_dir) / f"items-{cfg.backbone}-{catalogue_fingerprint(items, cfg)}-s{seed}.npy"
+
+
 def cached_item_reps(items: pd.DataFrame, cfg: ItemTowerConfig, cache_dir: str | Path, seed: int = 0) -> np.ndarray:
     """Frozen-tower representations, computed once per (tower, catalogue) and cached as .npy."""
-    cache_dir = Path(cache_dir)
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    path = cache_dir / f"items-{cfg.backbone}-{catalogue_fingerprint(items, cfg)}-s{seed}.npy"
+    path = item_cache_path(items, cfg, cache_dir, seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
     if path.exists():
         return np.load(path)
     torch.manual_seed(seed)

@@ -27,12 +27,12 @@ import shutil
 from pathlib import Path
 import yaml
 from redrec.data import load_dataset
-from redrec.model.item_tower import ItemTowerConfig, cached_item_reps, catalogue_fingerprint
+from redrec.model.item_tower import ItemTowerConfig, cached_item_reps, item_cache_path
 cfg = yaml.safe_load(Path("configs/ml1m-cpu.yaml").read_text())
 items, tower = load_dataset(cfg["dataset"]).items, ItemTowerConfig.model_validate(cfg["model"]["item_tower"])
 cache = Path(os.environ.get("REDREC_CACHE", "build/cache"))
 cached_item_reps(items, tower, cache)  # computed here once if no run has yet
-shutil.copy(cache / f"items-{tower.backbone}-{catalogue_fingerprint(items, tower)}-s0.npy", ".dev/cache/")
+shutil.copy(item_cache_path(items, tower, cache), ".dev/cache/")
 PY
 grep -qx '/.dev/' .gitignore || echo '/.dev/' >> .gitignore
 du -sh .dev
