@@ -30,12 +30,12 @@ install: $(STAMP)
 
 # Debian packages the tests run for real: Redis and PostgreSQL (Feast's cluster online stores and
 # SQL registry) and Chromium (the reports, opened headless). As root from Debian's mirrors (the
-# package registries); installed ones cost nothing.
+# package registries); installed ones cost nothing. wrk drives bench/serving.py's closed-loop runs.
 services:
 	@{ command -v redis-server && { command -v initdb || ls /usr/lib/postgresql/*/bin/initdb; } && command -v openssl \
-	   && command -v chromium; } >/dev/null 2>&1 || \
-	  { apt-get install -y -qq redis-server postgresql openssl chromium >/dev/null 2>&1 || \
-	    { apt-get update -qq && apt-get install -y -qq redis-server postgresql openssl chromium; }; }
+	   && command -v chromium && command -v wrk; } >/dev/null 2>&1 || \
+	  { apt-get install -y -qq redis-server postgresql openssl chromium wrk >/dev/null 2>&1 || \
+	    { apt-get update -qq && apt-get install -y -qq redis-server postgresql openssl chromium wrk; }; }
 	@command -v redis-server >/dev/null || { echo "redis-server could not be installed (apt-get as root)"; exit 1; }
 
 # the runtime image (Dockerfile): a debootstrap base + a wheelhouse pip makes on the host

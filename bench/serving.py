@@ -8,13 +8,16 @@ user-tower forward for all its requests, then searches the index: in process ove
 of a collection of at most milvus.exact_search_max_items items, else in Milvus) -> `feast serve`
 (remote online store, SQLite behind it) -> `milvus-lite server` (the alias, and the copied rows).
 
-Load: locust headless (``bench/locustfile.py``, FastHttpUser) as a subprocess, so its CPU is
-measured apart from ours: C closed-loop users (back to back) per ``--clients`` entry, then an
-open-loop run at ``--rate`` requests/s (``constant_throughput`` over ``--open-users`` users: the
-arrival rate holds while the p99 stays below open-users/rate seconds). Each run is preceded by the
-same warm-up. Reported per run: throughput, p50/p90/p99 (locust's buckets: 2 significant digits
-above 100 ms), failures, the load generator's CPU per request, and the server-side stage timings
-of the requests of that run read back from the serving log (queue, Feast, tower, search, total).
+Load: C closed-loop connections (back to back) per ``--clients`` entry from wrk (Debian's package,
+``bench/wrk_recommend.lua``: one event-loop thread in C, about 0.1 ms of CPU per request, where
+locust's Python users took 1-1.6 ms and so a third of the 2 cores at the target rate), then an
+open-loop run at ``--rate`` requests/s from locust headless (``bench/locustfile.py``,
+``constant_throughput`` over ``--open-users`` users: wrk has no fixed-rate mode; the arrival rate
+holds while the p99 stays below open-users/rate seconds). Both run as subprocesses, so their CPU
+is measured apart from ours. Each run is preceded by the same warm-up. Reported per run:
+throughput, p50/p90/p99, failures, the load generator's CPU per request, and the server-side stage
+timings of the requests of that run read back from the serving log (queue, Feast, tower, search,
+total).
 
 Floor, in the same run: for the same (user, scenario) requests, the same user-tower forward
 (history already in memory, one user at a time) plus an exact in-process search (numpy dot
@@ -32,6 +35,7 @@ import os
 import platform
 import random
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -73,6 +77,34 @@ def locust(url: str, spec_path: Path, users: int, seconds: float, out_prefix: Pa
     return {"users": users, "seconds": round(t1 - t0, 1), "requests": n, "failures": failures,
             "throughput_rps": round(float(row["Requests/s"]), 1), "p50_ms": float(row["50%"]),
             "p90_ms": float(row["90%"]), "p99_ms": float(row["99%"]), "max_ms": float(row["Max Response Time"]),
+            "load_generator": "locust " + _locust_version(),
+            "load_generator_cpu_ms_per_request": round(cpu * 1000 / max(n, 1), 3), "window": [t0, t1]}
+
+
+def wrk(url: str, bodies_path: Path, connections: int, seconds: float) -> dict:
+    """One wrk run of closed-loop connections; its counts, percentiles and its own CPU per request."""
+    exe = shutil.which("wrk")
+    if exe is None:
+        raise RuntimeError("wrk is not installed: `apt-get install wrk` (Debian's package; `make services` installs it)")
+    cmd = [exe, "-t", "1", "-c", str(connections), "-d", f"{int(seconds)}s", "--timeout", "10s",
+           "-s", str(ROOT / "bench" / "wrk_recommend.lua"), url, "--", str(bodies_path)]
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    t0 = time.time()
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 60)
+    t1 = time.time()
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("WRK_RESULT ")), None)
+    if proc.returncode != 0 or line is None:
+        raise RuntimeError(f"wrk failed (rc {proc.returncode}): {proc.stdout[-1500:]} {proc.stderr[-1500:]}")
+    w = json.loads(line.split(" ", 1)[1])
+    n = w["requests"]
+    # socket errors and timeouts are failures too: a request wrk gave up on never got its 200
+    failures = w["failures"] + w["connect_errors"] + w["read_errors"] + w["write_errors"] + w["timeouts"]
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    return {"users": connections, "seconds": round(t1 - t0, 1), "requests": n, "failures": failures,
+            "throughput_rps": round(n / (w["duration_us"] / 1e6), 1), "p50_ms": round(w["p50_us"] / 1000, 2),
+            "p90_ms": round(w["p90_us"] / 1000, 2), "p99_ms": round(w["p99_us"] / 1000, 2),
+            "max_ms": round(w["max_us"] / 1000, 2), "load_generator": "wrk " + _wrk_version(exe),
             "load_generator_cpu_ms_per_request": round(cpu * 1000 / max(n, 1), 3), "window": [t0, t1]}
 
 
@@ -142,6 +174,7 @@ def main() -> int:
     ap.add_argument("--k", type=int, default=10)
     ap.add_argument("--seq-len", type=int, default=50)
     ap.add_argument("--torch-threads", type=int, default=1, help="serving.torch_threads, also used by the floor")
+    ap.add_argument("--workers", type=int, default=2, help="serving.workers: server processes")
     ap.add_argument("--serving", default="{}", help="JSON overrides of the serving section (e.g. batch sizes)")
     ap.add_argument("--milvus", default="{}", help='JSON overrides of the milvus section (e.g. '
                     '\'{"exact_search_max_items": 0}\': every search through Milvus)')
@@ -180,7 +213,9 @@ def main() -> int:
     reqs = [(rng.choice(users), rng.choice(list(data.scenarios))) for _ in range(5000)]
     spec = work / "requests.json"
     spec.write_text(json.dumps({"k": args.k, "requests": reqs}))
-    serving = {"max_k": 100, "torch_threads": args.torch_threads, **json.loads(args.serving)}
+    bodies = work / "requests.jsonl"  # wrk's: one /recommend body per line
+    bodies.write_text("".join(json.dumps({"user_id": u, "scenario": s, "k": args.k}) + "\n" for u, s in reqs))
+    serving = {"max_k": 100, "torch_threads": args.torch_threads, "workers": args.workers, **json.loads(args.serving)}
 
     load0 = os.getloadavg()
     t = time.perf_counter()
@@ -201,13 +236,17 @@ def main() -> int:
                 plan.append(("open", args.open_users, args.rate / args.open_users))
             with LocalServer(cfg_path) as srv:
                 for mode, n, per_user in plan:
-                    locust(srv.url, spec, 10, args.warmup_seconds, work / "warmup")
-                    r = locust(srv.url, spec, n, args.seconds, work / f"{mode}-{n}", per_user)
+                    wrk(srv.url, bodies, 10, args.warmup_seconds)
+                    if mode == "closed":
+                        r = wrk(srv.url, bodies, n, args.seconds)
+                    else:
+                        r = locust(srv.url, spec, n, args.seconds, work / f"{mode}-{n}", per_user)
                     r["mode"] = mode
                     if mode == "open":
                         r["target_rps"] = args.rate
                     r["load_average_1m_after"] = round(os.getloadavg()[0], 2)
                     runs.append(r)
+                # one worker answers: its own micro-batches (the log's batch_size_mean covers all)
                 batching = httpx.post(srv.url + "/batching_stats", json={}).json()
                 searched = httpx.get(srv.url + "/ops/release", timeout=30).json()["arms"]["control"].get("searched")
             for r in runs:
@@ -222,8 +261,9 @@ def main() -> int:
     out = {
         "benchmark": "serving", "label": args.label, "model": model_desc, "k": args.k, "seq_len": args.seq_len,
         "cpu_count": os.cpu_count(), "machine": f"{platform.machine()} {_cpu_model()}", "python": platform.python_version(),
-        "note": "the load generator (locust, its CPU reported per run) shares the machine's cores with the server",
-        "load_generator": "locust " + _locust_version(), "torch_threads": args.torch_threads, "serving_overrides": serving,
+        "note": "the load generator (wrk closed-loop, locust open-loop; its CPU reported per run) shares the "
+                "machine's cores with the server",
+        "torch_threads": args.torch_threads, "serving_overrides": serving,
         "milvus_overrides": json.loads(args.milvus), "searched": searched,
         "load_average_at_start": [round(x, 2) for x in load0], "setup_seconds": round(setup_s, 1),
         "server": runs, "floor_in_process": fl, "batching": batching,
@@ -254,6 +294,12 @@ def _cpu_model() -> str:
     except OSError:
         pass
     return platform.processor()
+
+
+def _wrk_version(exe: str) -> str:
+    out = subprocess.run([exe, "-v"], capture_output=True, text=True)
+    words = (out.stdout + out.stderr).split()
+    return words[1] if len(words) > 1 else "?"
 
 
 def _locust_version() -> str:

@@ -8,6 +8,7 @@ running. ``/readyz`` fails until the models, the index aliases and the popularit
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 from typing import Annotated, Any, Literal, Optional
@@ -27,18 +28,19 @@ from redrec.serving.http import ErrorContract  # noqa: E402
 log = logging.getLogger("redrec.serving")
 
 
-def _contract() -> tuple[tuple[str, ...], int, int]:
+def _contract() -> tuple[tuple[str, ...], int, int, int]:
     """The scenarios and the largest k of the config the process starts with, for the request
     types (and so the OpenAPI document): a generated client knows the valid values. The engine
-    still checks both against the config it serves (a reload may change them)."""
+    still checks both against the config it serves (a reload may change them). Also the number
+    of worker processes, which BentoML takes at import."""
     try:
         cfg = ServingConfig.from_env()
-        return tuple(cfg.scenarios), cfg.serving.max_k, cfg.serving.max_user_id_len
+        return tuple(cfg.scenarios), cfg.serving.max_k, cfg.serving.max_user_id_len, cfg.serving.workers
     except Exception:  # no config yet (a bento build, docs): plain types; __init__ reports the error
-        return (), 10_000, 4096
+        return (), 10_000, 4096, 1
 
 
-SCENARIOS, MAX_K, MAX_USER_ID = _contract()
+SCENARIOS, MAX_K, MAX_USER_ID, WORKERS = _contract()
 Scenario = Literal[SCENARIOS] if SCENARIOS else str  # type: ignore[valid-type]
 # a user id: not blank (the pattern needs one non-space character), bounded as the config says
 UserId = Annotated[str, Field(min_length=1, max_length=MAX_USER_ID, pattern=r"\S")]
@@ -107,13 +109,19 @@ def _error(e: ServingError) -> JSONResponse:
 ops = FastAPI(title="redrec operations")
 
 
-@bentoml.service(name="redrec", workers=1, traffic={"timeout": 30, "max_concurrency": 512})
+@bentoml.service(name="redrec", workers=WORKERS, traffic={"timeout": 30, "max_concurrency": 512})
 @bentoml.asgi_app(ops, path="/ops")
 class RedRec:
     def __init__(self) -> None:
         self.cfg = ServingConfig.from_env()
         logging.getLogger("redrec").setLevel(self.cfg.log_level.upper())
         self.engine = Engine(self.cfg, config_path=os.environ["REDREC_CONFIG"])
+        # the collector's full passes walked the libraries' objects loaded above (torch, Feast,
+        # pydantic) again and again, stalling whole micro-batches: frozen out of its reach, the p99
+        # at 100 clients went from 545 to 310 ms, and young collections 30x rarer took the
+        # throughput from 654 to 685 rps (2 workers, 2 idle cores, ML-1M)
+        gc.freeze()
+        gc.set_threshold(20_000, 20, 20)
 
     def __is_ready__(self) -> bool:
         ok, why = self.engine.ready()

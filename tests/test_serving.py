@@ -381,6 +381,52 @@ def test_with_the_fallback_configured_a_milvus_outage_keeps_the_pod_ready_and_se
     # without the fallback the same outage is a 503 and an unready pod: test_killed_milvus_gives_503...
 
 
+def test_two_workers_answer_alike_and_lose_no_pushed_event(world, tmp_path):
+    """serving.workers 2: two processes answer (a log file each), with the same answer for the
+    same request; events for one user posted concurrently, so both workers read-modify-write the
+    user's window at once, all land (the push lock spans the processes)."""
+    import asyncio
+
+    from redrec.serving.config import ServingConfig
+    from redrec.serving.features import open_repo
+    from redrec.serving.local import LocalServer
+
+    path = fallback_config(world, tmp_path, workers=2)
+    repo = open_repo(ServingConfig.from_yaml(path))
+    user = warm_users(world, 9)[8]
+    items = sorted(eligible(world, "ads"))[:SEQ_LEN]
+    log = tmp_path / "log"
+
+    def lines(kind):
+        return {f.name: len(f.read_text().splitlines()) for f in log.glob(f"{kind}-*.jsonl")}
+
+    async def burst(url, route, bodies):
+        # a connection per request: a worker that wakes first takes every pending connection, so
+        # a burst may still land on one worker; the loop below repeats until one reaches both
+        async with httpx.AsyncClient(base_url=url, timeout=60, limits=httpx.Limits(max_keepalive_connections=0)) as c:
+            return await asyncio.gather(*(c.post(route, json=b) for b in bodies))
+
+    with LocalServer(path) as srv:
+        answers = asyncio.run(burst(srv.url, "/recommend", [{"user_id": user, "scenario": "search", "k": 10}] * 40))
+        assert all(r.status_code == 200 for r in answers), [r.text for r in answers if r.status_code != 200]
+        assert len({tuple(r.json()["items"]) for r in answers}) == 1
+        assert len([n for n in lines("serving").values() if n]) == 2, lines("serving")  # both processes served
+        both = 0
+        for attempt in range(6):
+            t0 = int(time.time()) + 100 * attempt
+            before = lines("feedback")
+            pushed = asyncio.run(burst(srv.url, "/record_events", [
+                {"events": [{"user_id": user, "item_id": i, "scenario": "ads", "action": "click", "ts": t0 + n}]}
+                for n, i in enumerate(items)]))
+            assert all(r.status_code == 200 for r in pushed), [r.text for r in pushed if r.status_code != 200]
+            window = repo.online_sequences([user], ["ads"])["ads"][0]
+            assert list(zip(window["item_ids"], window["timestamps"])) == [(i, t0 + n) for n, i in enumerate(items)], attempt
+            both += sum(n > before.get(f, 0) for f, n in lines("feedback").items()) == 2
+            if both:
+                break
+    assert both, "no burst of pushes reached both workers"
+
+
 @pytest.mark.slow
 def test_a_hung_feature_server_costs_a_deadline_not_the_arm(world, tmp_path):
     """The feature server frozen (SIGSTOP: connections accepted, never answered). Each request

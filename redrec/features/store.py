@@ -14,9 +14,11 @@ before, so the label event and anything after it never leak). ``inclusive=True``
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 import threading
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -114,6 +116,20 @@ def merge_histories(seqs: dict[str, dict], scenarios: list[str]) -> list[History
         rows.extend((int(t), j, p, str(i), s, str(a)) for p, (i, a, t) in enumerate(zip(items, acts, tss)))
     rows.sort(key=lambda r: (r[0], r[1], r[2]))
     return [HistoryEvent(r[3], r[4], r[5], r[0]) for r in rows]
+
+
+@contextmanager
+def _file_lock(path: Path | None):
+    """An exclusive lock between processes of one host (flock); released if the holder dies."""
+    if path is None:
+        yield
+        return
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def _missing(v) -> bool:
@@ -219,6 +235,9 @@ class FeatureRepo:
         self.defs: Definitions = build_definitions(self.scenarios, self.source_dir.resolve())
         self.store = FeatureStore(repo_path=str(self.data_dir.resolve()), fs_yaml_file=self.fs_yaml)
         self._push_lock = threading.Lock()
+        # the read-modify-write of push_events is serialised across the processes of one host
+        # holding this lock file too (a server's workers); None: within this process only
+        self.push_lock_path: Path | None = None
 
     # ---- offline side -------------------------------------------------------------------
     def build_sources(self, data: RecData, seq_len: int | None = None) -> SourcesReport:
@@ -418,7 +437,7 @@ class FeatureRepo:
         skipped = 0
         fresh = np.ones(len(ev), dtype=bool)  # events not already in the window: they count for popularity
         ev = ev.reset_index(drop=True)
-        with self._push_lock:
+        with self._push_lock, _file_lock(self.push_lock_path):
             for s, g in ev.groupby("scenario", sort=False):
                 users = list(dict.fromkeys(g["user_id"]))
                 current = self.online_sequences(users, [s])[s]

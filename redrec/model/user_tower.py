@@ -145,7 +145,7 @@ class UserTower(nn.Module):
             # right padding: under a plain causal mask no real position sees a padded one, so the
             # decoder's fused causal path gives exactly the masked result
             pos = ar.expand(B, L)
-            h = self.decoder(inputs_embeds=x, position_ids=pos).last_hidden_state
+            h = self.decoder(inputs_embeds=x, position_ids=pos, use_cache=False).last_hidden_state
             if self.cfg.querying == "readout":
                 return self.readout(h, cut, cut_scen, self.cfg.dropout)
             idx = (cut - 1).clamp_min(0)  # [B, C]
@@ -166,5 +166,5 @@ class UserTower(nn.Module):
         bottom = torch.cat([q_sees_items, torch.eye(Q, dtype=torch.bool, device=x.device).expand(B, Q, Q)], 2)
         mask = torch.cat([top, bottom], 1)[:, None]  # [B, 1, L+Q, L+Q]
         pos = torch.cat([ar.expand(B, L), q_cut], 1)
-        h = self.decoder(inputs_embeds=seq, attention_mask=mask, position_ids=pos).last_hidden_state
+        h = self.decoder(inputs_embeds=seq, attention_mask=mask, position_ids=pos, use_cache=False).last_hidden_state
         return h[:, L:].reshape(B, C, K, H)

@@ -9,6 +9,7 @@ directly. The calling code is the same in both cases.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import tempfile
@@ -49,12 +50,18 @@ def open_repo(cfg: ServingConfig) -> FeatureRepo:
         if not cfg.feast.repo_path:
             raise ConfigError("feast.repo_path is empty: name the embedded Feast repo, or set "
                               "serving.feature_server_url to read through a feature server")
-        return FeatureRepo(cfg.feast.repo_path, scenarios=cfg.scenarios)
-    # remote: nothing local but the generated yaml, in a temporary directory (a read-only root works)
-    d = Path(tempfile.mkdtemp(prefix="redrec-feast-"))
-    fs_yaml = d / "feature_store.yaml"
-    fs_yaml.write_text(yaml.safe_dump(remote_store_yaml(cfg), sort_keys=False))
-    return FeatureRepo(cfg.feast.repo_path or d, fs_yaml=fs_yaml, scenarios=cfg.scenarios)
+        repo = FeatureRepo(cfg.feast.repo_path, scenarios=cfg.scenarios)
+    else:
+        # remote: nothing local but the generated yaml, in a temporary directory (a read-only root works)
+        d = Path(tempfile.mkdtemp(prefix="redrec-feast-"))
+        fs_yaml = d / "feature_store.yaml"
+        fs_yaml.write_text(yaml.safe_dump(remote_store_yaml(cfg), sort_keys=False))
+        repo = FeatureRepo(cfg.feast.repo_path or d, fs_yaml=fs_yaml, scenarios=cfg.scenarios)
+    # the server's workers (serving.workers) push through one lock per store: two workers updating
+    # one user's window at once would otherwise lose one update (Feast has no compare-and-set)
+    store = cfg.serving.feature_server_url or str(Path(cfg.feast.repo_path).resolve())
+    repo.push_lock_path = Path(tempfile.gettempdir()) / f"redrec-push-{hashlib.sha256(store.encode()).hexdigest()[:16]}.lock"
+    return repo
 
 
 def item_catalogue(repo: FeatureRepo, item_ids: list[str]) -> tuple[dict[str, list[str]], dict[str, int]]:
