@@ -1,9 +1,10 @@
-"""Serving benchmark: the real `bentoml serve` stack under locust, next to its in-process floor.
+"""Serving benchmark: the real `bentoml serve` stack under wrk and locust, next to its in-process floor.
 
     python bench/serving.py --checkpoint build/pipeline/ml1m/runs/<run>/train/model --dataset movielens-1m
     python bench/serving.py            # no checkpoint: trains a small synthetic model first
 
-Stack (all on 127.0.0.1): `bentoml serve` (1 worker; each micro-batch does one Feast read and one
+Stack (all on 127.0.0.1): `bentoml serve` (``--workers`` processes, 2 by default, each with one
+micro-batch in flight; each micro-batch does one Feast read and one
 user-tower forward for all its requests, then searches the index: in process over the copy it holds
 of a collection of at most milvus.exact_search_max_items items, else in Milvus) -> `feast serve`
 (remote online store, SQLite behind it) -> `milvus-lite server` (the alias, and the copied rows).
@@ -215,7 +216,9 @@ def main() -> int:
     spec.write_text(json.dumps({"k": args.k, "requests": reqs}))
     bodies = work / "requests.jsonl"  # wrk's: one /recommend body per line
     bodies.write_text("".join(json.dumps({"user_id": u, "scenario": s, "k": args.k}) + "\n" for u, s in reqs))
-    serving = {"max_k": 100, "torch_threads": args.torch_threads, "workers": args.workers, **json.loads(args.serving)}
+    # one batch in flight per worker: with two workers, the 2 cores are taken (serving.batch_max_concurrent)
+    serving = {"max_k": 100, "torch_threads": args.torch_threads, "workers": args.workers, "batch_max_concurrent": 1,
+               **json.loads(args.serving)}
 
     load0 = os.getloadavg()
     t = time.perf_counter()

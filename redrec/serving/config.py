@@ -61,7 +61,9 @@ class ServingSection(_Strict):
     startup_catalogue_timeout_s: float = Field(60.0, gt=0, le=600)
     batch_max_size: int = Field(64, ge=1, le=4096)
     batch_max_wait_ms: float = Field(2.0, ge=0, le=1000)
-    # batches of one arm in flight at once: one waits on Feast or Milvus while the next one computes
+    # batches of one arm in flight at once, per worker: one waits on Feast or Milvus while the next
+    # one computes. Keep workers x this near the cores: 2 workers x 2 batches on 2 cores stretched
+    # every tower forward (100 clients: 666 rps, p99 358 ms; 2 x 1: 824 rps, p99 200 ms)
     batch_max_concurrent: int = Field(2, ge=1, le=16)
     # true: one Milvus search per scenario for a whole micro-batch (nq = its query vectors); false:
     # each request searches on its own, concurrently. Measured on 2 cores with Milvus Lite (ML-1M,
