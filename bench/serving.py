@@ -10,8 +10,9 @@ of a collection of at most milvus.exact_search_max_items items, else in Milvus) 
 (remote online store, SQLite behind it) -> `milvus-lite server` (the alias, and the copied rows).
 
 Load: C closed-loop connections (back to back) per ``--clients`` entry from wrk (Debian's package,
-``bench/wrk_recommend.lua``: one event-loop thread in C, about 0.1 ms of CPU per request, where
-locust's Python users took 1-1.6 ms and so a third of the 2 cores at the target rate), then an
+``bench/wrk_recommend.lua``: one event-loop thread in C, 0.04-0.07 ms of CPU per request on a
+2-core Intel Xeon, where locust's Python users took 0.33-0.54 ms there and 1.6 ms on a slower
+AMD EPYC: a third of the 2 cores at the target rate), then an
 open-loop run at ``--rate`` requests/s from locust headless (``bench/locustfile.py``,
 ``constant_throughput`` over ``--open-users`` users: wrk has no fixed-rate mode; the arrival rate
 holds while the p99 stays below open-users/rate seconds). Both run as subprocesses, so their CPU
