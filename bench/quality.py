@@ -11,6 +11,9 @@ wall time and machine), and bench/results/quality.html renders the tables and cu
     python bench/quality.py --html-only                       # re-render the HTML
     python bench/quality.py --output build/q-loo.json ...     # parts in parallel, each to its own file,
     python bench/quality.py --merge-from build/q-loo.json     # then merged (rows, curves, ratios, HTML)
+    python bench/quality.py --merge-from build/q-cpu.json --merge-as "2-core CPU"
+                                                              # a whole run from another machine, kept
+                                                              # as its own section beside the main rows
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / "build" / "torch_extens
 os.environ.setdefault("REDREC_CACHE", str(ROOT / "build" / "cache"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from bench.quality_report import base_protocol, write_html  # noqa: E402
 from redrec.data import load_dataset  # noqa: E402
 from redrec.experiment import ABLATIONS, ExperimentConfig, is_redrec_itself, run_protocol  # noqa: E402
 from redrec.model.recommender import ModelConfig  # noqa: E402
@@ -67,11 +71,19 @@ def ratios(results: dict, ref: str = "sasrec", metric: str = "ndcg@10") -> dict:
     return out
 
 
-def merge_report(into: dict, other: dict) -> dict:
+def merge_report(into: dict, other: dict, label: str | None = None) -> dict:
     """``other``'s rows replace same-named rows of ``into`` (per dataset and protocol); the
-    protocol's description and ratios follow the merged rows."""
+    protocol's description and ratios follow the merged rows.
+
+    With ``label``, ``other``'s protocols land in sections of their own ("loo@<label>"), so a run
+    on another machine sits beside the main rows instead of replacing them, and its ratios compare
+    only models trained in that run."""
+    if label is not None and (not label.strip() or "@" in label):
+        raise ValueError(f"--merge-as {label!r}: give a non-empty label without '@' (e.g. '2-core CPU')")
     for ds, protocols in other.get("datasets", {}).items():
         for protocol, src in protocols.items():
+            if label is not None:
+                protocol = f"{base_protocol(protocol)}@{label.strip()}"
             entry = into.setdefault("datasets", {}).setdefault(ds, {}).setdefault(protocol, {"results": {}, "models": {}})
             entry["results"].update(src["results"])
             entry["models"].update(src["models"])
@@ -99,19 +111,25 @@ def main() -> int:
     ap.add_argument("--html-only", action="store_true")
     ap.add_argument("--merge-from", action="append", metavar="JSON",
                     help="merge another run's rows into --output (repeatable): runs in parallel must not share a file")
+    ap.add_argument("--merge-as", metavar="LABEL",
+                    help="with --merge-from: keep the merged runs as their own sections '<protocol>@LABEL' "
+                         "(e.g. a rerun on another machine) instead of replacing same-named rows")
     ap.add_argument("--max-minutes", type=float, help="cap each model's training (reported as stopped: 'time cap')")
     args = ap.parse_args()
-
-    from bench.quality_report import write_html
 
     path = Path(args.output)
     if args.html_only:
         print(f"written {write_html(json.loads(path.read_text()), path.with_suffix('.html'))}")
         return 0
+    if args.merge_as is not None and not args.merge_from:
+        ap.error("--merge-as labels the runs of --merge-from: give --merge-from JSON too")
     if args.merge_from:
         report = json.loads(path.read_text()) if path.exists() else {}
         for src in args.merge_from:
-            merge_report(report, json.loads(Path(src).read_text()))
+            try:
+                merge_report(report, json.loads(Path(src).read_text()), label=args.merge_as)
+            except ValueError as e:
+                ap.error(str(e))
         path.write_text(json.dumps(report, indent=2))
         print(f"written {path} and {write_html(report, path.with_suffix('.html'))}")
         return 0

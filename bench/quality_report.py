@@ -78,8 +78,14 @@ def _verdict(value, target: float) -> tuple[str, str]:
     return ("pass", "pass") if value >= target else ("FAIL", "fail")
 
 
+def base_protocol(key: str) -> str:
+    """"loo@2-core CPU" -> "loo": a labelled section (a whole run from another machine, merged
+    beside the main rows) follows the protocol its key starts with."""
+    return key.split("@", 1)[0]
+
+
 def _calibration(dataset: str, protocol: str, entry: dict, nd) -> list[list[tuple[str, str]]]:
-    if protocol == "loo":
+    if base_protocol(protocol) == "loo":
         if "movielens" not in dataset.lower():
             return [[("published references and targets are MovieLens-1M figures; none apply here", "muted")]]
         sas, red = nd("sasrec", "overall"), nd("redrec", "overall")
@@ -104,7 +110,7 @@ def _section(dataset: str, protocol: str, entry: dict) -> dict:
     results, models = entry.get("results") or {}, entry.get("models") or {}
     names = _ordered(set(results) | set(models))
     colors = {n: COLORS[i % len(COLORS)] for i, n in enumerate(names)}
-    scenarios = list(entry.get("scenarios") or []) if protocol != "loo" else []
+    scenarios = list(entry.get("scenarios") or []) if base_protocol(protocol) != "loo" else []
     cols = scenarios + ["overall"]
 
     def metrics(name: str, col: str) -> dict:

@@ -99,3 +99,33 @@ def test_each_row_names_the_machine_it_was_measured_on(tmp_path):
     assert "Test CPU · 2 cores" in row("sasrec") and "Test GPU" not in row("sasrec")
     assert "Test GPU · Host CPU · 16 cores" in row("redrec")
     assert "rows measured on: Test CPU · 2 cores; Test GPU · Host CPU · 16 cores" in html
+
+
+def test_a_run_from_another_machine_merges_as_its_own_section(tmp_path):
+    """A whole rerun on another machine (SASRec and RED-Rec trained in one run on a 2-core CPU)
+    sits beside the GPU rows: nothing of the main section is replaced, its ratios compare only
+    models of that run, and the page renders it as leave-one-out with its own calibration."""
+    from bench.quality import merge_report
+
+    into = copy.deepcopy(REPORT)
+    part = {"datasets": {"movielens-1m": {"loo": copy.deepcopy(_entry("loo"))}}}
+    loo = part["datasets"]["movielens-1m"]["loo"]
+    loo["results"]["sasrec"]["overall"]["ndcg@10"] = 0.16
+    loo["results"]["redrec"]["overall"]["ndcg@10"] = 0.184
+    loo["models"]["redrec"]["machine"] = {"cpu": "Other CPU", "cpu_count": 2}
+    merged = merge_report(into, part, label="2-core CPU")["datasets"]["movielens-1m"]
+    assert merged["loo"] == _entry("loo") and merged["multi-scenario"] == _entry("multi-scenario")
+    cpu = merged["loo@2-core CPU"]
+    assert abs(cpu["ndcg@10_ratio_to_sasrec"]["redrec"]["overall"] - 0.184 / 0.16) < 1e-9
+    html = write_html({**into, "datasets": {"movielens-1m": merged}}, tmp_path / "l.html").read_text()
+    section = html[html.index("movielens-1m &mdash; loo@2-core CPU"):]
+    assert "RED-Rec NDCG@10 0.1840 (target ≥ 0.1800) — </span><span class=\"pass\">pass" in section
+    assert "homefeed" not in section  # leave-one-out collapses the scenarios: one column group
+    assert "Other CPU · 2 cores" in section
+    for bad in ("", " ", "gpu@run"):
+        try:
+            merge_report(copy.deepcopy(REPORT), part, label=bad)
+        except ValueError as e:
+            assert "--merge-as" in str(e)
+        else:
+            raise AssertionError(f"label {bad!r} was accepted")
