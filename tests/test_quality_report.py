@@ -7,6 +7,8 @@ import re
 import sys
 from pathlib import Path
 
+import pytest
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.quality_report import write_html  # noqa: E402
@@ -123,9 +125,5 @@ def test_a_run_from_another_machine_merges_as_its_own_section(tmp_path):
     assert "homefeed" not in section  # leave-one-out collapses the scenarios: one column group
     assert "Other CPU · 2 cores" in section
     for bad in ("", " ", "gpu@run"):
-        try:
+        with pytest.raises(ValueError, match="--merge-as"):
             merge_report(copy.deepcopy(REPORT), part, label=bad)
-        except ValueError as e:
-            assert "--merge-as" in str(e)
-        else:
-            raise AssertionError(f"label {bad!r} was accepted")
