@@ -4,9 +4,9 @@
     python bench/serving.py            # no checkpoint: trains a small synthetic model first
 
 Stack (all on 127.0.0.1): `bentoml serve` (``--workers`` processes, 2 by default, each with one
-micro-batch in flight; each micro-batch does one Feast read and one
-user-tower forward for all its requests, then searches the index: in process over the copy it holds
-of a collection of at most milvus.exact_search_max_items items, else in Milvus) -> `feast serve`
+micro-batch in flight; each micro-batch does one Feast read and one user-tower forward for all its
+requests, then searches the index: in process over the copy it holds of a collection of at most
+milvus.exact_search_max_items items, else in Milvus) -> `feast serve`
 (remote online store, SQLite behind it) -> `milvus-lite server` (the alias, and the copied rows).
 
 Load: C closed-loop connections (back to back) per ``--clients`` entry from wrk (Debian's package,

@@ -410,9 +410,10 @@ def test_two_workers_answer_alike_and_lose_no_pushed_event(world, tmp_path):
         answers = []
         for _ in range(6):
             answers += asyncio.run(burst(srv.url, "/recommend", [{"user_id": user, "scenario": "search", "k": 10}] * 40))
-            if len([n for n in lines("serving").values() if n]) == 2:
+            served = lines("serving")
+            if sum(1 for n in served.values() if n) == 2:
                 break
-        assert len([n for n in lines("serving").values() if n]) == 2, lines("serving")  # both processes served
+        assert sum(1 for n in served.values() if n) == 2, served  # both processes served
         assert all(r.status_code == 200 for r in answers), [r.text for r in answers if r.status_code != 200]
         assert len({tuple(r.json()["items"]) for r in answers}) == 1
         both = 0
