@@ -18,6 +18,7 @@ import fcntl
 import logging
 import os
 import threading
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -186,6 +187,26 @@ class TrainingSet:
 
 
 @dataclass
+class WindowUpdate:
+    events: pd.DataFrame  # validated, sorted by (user, ts)
+    rows: dict[str, pd.DataFrame]  # scenario -> the window rows to write
+    fresh: np.ndarray  # per event: not already in its window
+    skipped: int
+
+    def fresh_counts(self) -> dict[str, int]:
+        return self.events.loc[self.fresh, "item_id"].value_counts(sort=False).to_dict()
+
+
+def _unix_us(t) -> int:
+    """A row timestamp of the feature server's JSON (RFC 3339, or seconds) as unix µs."""
+    if not t:
+        return 0
+    if isinstance(t, (int, float)):
+        return int(t * 1_000_000)
+    return int(pd.Timestamp(t).value // 1000)
+
+
+@dataclass
 class PushReport:
     events: int
     users: int
@@ -235,6 +256,8 @@ class FeatureRepo:
         self.defs: Definitions = build_definitions(self.scenarios, self.source_dir.resolve())
         self.store = FeatureStore(repo_path=str(self.data_dir.resolve()), fs_yaml_file=self.fs_yaml)
         self._push_lock = threading.Lock()
+        # an event this far ahead of the clock is refused: it would sort after every real event
+        self.max_future_skew_s = 300.0
         # the read-modify-write of push_events is serialised across the processes of one host
         # holding this lock file too (a server's workers); None: within this process only
         self.push_lock_path: Path | None = None
@@ -293,7 +316,6 @@ class FeatureRepo:
         back, the copies share features), ``drop`` (the first of each group) or ``raise``.
         The output has the input's rows in the input's order, whatever order Feast returns.
         """
-        import time
 
         t0 = time.perf_counter()
         if on_duplicate not in ("keep", "drop", "raise"):
@@ -378,8 +400,10 @@ class FeatureRepo:
                       for it, a, t in zip(*cols)]
         return out
 
-    def online_columns(self, refs: list[str], key: str, ids: list[str]) -> dict[str, list]:
-        """``{view__feature: [value per id]}`` (full feature names), ``None`` where missing.
+    def online_columns(self, refs: list[str], key: str, ids: list[str], *, row_ts: bool = False) -> dict[str, list]:
+        """``{view__feature: [value per id]}`` (full feature names), ``None`` where missing; with
+        ``row_ts``, also ``{view: [stored row timestamp, unix µs (0: no row), per id]}`` for each view
+        read, at the store's full precision (``OnlineResponse.to_dict`` rounds them to seconds).
 
         Against a feature server (``online_store: remote``) the JSON answer of ``feast serve`` is
         read directly: the SDK's remote store converts it into protobuf values (inferring the type
@@ -387,14 +411,26 @@ class FeatureRepo:
         itself (about 2.5 ms per user for 3 windows of 50 events). Same request, transport, auth
         and errors as the SDK."""
         if not isinstance(self.store.config.online_store, RemoteOnlineStoreConfig):
-            return self.store.get_online_features(features=refs, entity_rows=[{key: i} for i in ids],
-                                                  full_feature_names=True).to_dict()
+            resp = self.store.get_online_features(features=refs, entity_rows=[{key: i} for i in ids],
+                                                  full_feature_names=True)
+            out = resp.to_dict()
+            if row_ts:
+                for name, res in zip(resp.proto.metadata.feature_names.val, resp.proto.results):
+                    if "__" in name:
+                        out.setdefault(name.split("__", 1)[0], [t.seconds * 1_000_000 + t.nanos // 1000
+                                                                for t in res.event_timestamps])
+            return out
         r = get_remote_online_features(config=self.store.config,
                                        req_body={"entities": {key: ids}, "features": refs, "full_feature_names": True})
         if r.status_code != 200:
             raise RuntimeError(f"Failed to get online features: {r.status_code} {r.text[:500]}")
         body = r.json()
-        return {name: col["values"] for name, col in zip(body["metadata"]["feature_names"], body["results"])}
+        out = {name: col["values"] for name, col in zip(body["metadata"]["feature_names"], body["results"])}
+        if row_ts:
+            for name, col in zip(body["metadata"]["feature_names"], body["results"]):
+                if "__" in name:
+                    out.setdefault(name.split("__", 1)[0], [_unix_us(t) for t in col.get("event_timestamps") or [0] * len(ids)])
+        return out
 
     def online_histories(self, user_ids: list[str], scenarios: list[str] | None = None) -> dict[str, list[HistoryEvent]]:
         """Merged time-ordered history per user across ``scenarios`` (all by default); an unknown
@@ -410,74 +446,105 @@ class FeatureRepo:
         res = self.online_columns([f"{ITEM_POP_VIEW}:popularity"], "item_id", [str(i) for i in item_ids])
         return {str(i): int(p or 0) for i, p in zip(item_ids, res[f"{ITEM_POP_VIEW}__popularity"])}
 
-    def push_events(self, events: pd.DataFrame) -> PushReport:
-        """Make fresh events visible to the next online read, without a rematerialisation.
+    # ---- online writes ----------------------------------------------------------------------
+    # A "last N" window cannot be appended to in place by any Feast online store, so a write is a
+    # read-modify-write per (user, scenario): read the current window and its row timestamp, merge
+    # the new events in time order (an event already in the window, same item/action/ts, is
+    # skipped, so re-applying an event changes nothing), keep the last N, and write the row through
+    # the scenario's push source. The row's timestamp is the write's, never the events': Feast's
+    # Redis store skips a row whose timestamp is <= the stored one, so a window stamped with its
+    # newest event lost every late event and every second write within one second. Row
+    # timestamps are max(now, stored + 1 µs): monotonic per key whatever the clocks of the writers.
+    # The offline tables are not appended to: they are rebuilt from the event log by build_sources.
 
-        A "last N" window cannot be appended to in place by any Feast online store, so this is a
-        read-modify-write per (user, scenario): read the current window online, merge the new
-        events in time order (an event already in the window, same item/action/ts, is skipped so
-        a re-push is harmless), keep the last N, and write the row through the scenario's push
-        source. Item popularity is updated the same way.
-
-        Concurrency caveat: Feast has no compare-and-set, so two writers updating the same user
-        at the same time can lose one update (last write wins). Calls on one ``FeatureRepo`` are
-        serialised by a lock; across processes, route each user's events to one writer (e.g.
-        partition the event stream by user_id). The offline tables are not appended to: they are
-        rebuilt from the event log by ``build_sources``.
-        """
-        import time
-
-        t0 = time.perf_counter()
+    def check_events(self, events: pd.DataFrame, now: float | None = None) -> pd.DataFrame:
+        """Validated events sorted by (user, ts); a scenario without a view is a KeyError, a ``ts``
+        more than ``max_future_skew_s`` ahead of ``now`` a ValueError naming ``ts``."""
         ev, _ = validate_events(events, "push_events", on_error="strict")
         unknown = sorted(set(ev["scenario"]) - set(self.scenarios))
         if unknown:
             raise KeyError(f"pushed events use scenario(s) {unknown} with no sequence view; the repo declares {self.scenarios}")
-        ev = ev.sort_values(["user_id", "ts"], kind="stable")
-        rows_pushed: dict[str, int] = {}
+        limit = int((time.time() if now is None else now) + self.max_future_skew_s)
+        ahead = ev["ts"] > limit
+        if ahead.any():
+            first = ev.loc[ahead].iloc[0]
+            raise ValueError(f"ts {int(first['ts'])} (user {str(first['user_id'])[:64]!r}) is more than "
+                             f"{self.max_future_skew_s:g}s in the future; send unix seconds no later than now + "
+                             f"{self.max_future_skew_s:g}s ({int(ahead.sum())} such event(s))")
+        return ev.sort_values(["user_id", "ts"], kind="stable").reset_index(drop=True)
+
+    def plan_windows(self, ev: pd.DataFrame) -> WindowUpdate:
+        """The new window rows for ``ev`` (from :meth:`check_events`) and which events are fresh
+        (not already in their window: those count for popularity). Reads, writes nothing."""
+        fresh = np.ones(len(ev), dtype=bool)
+        rows: dict[str, pd.DataFrame] = {}
         skipped = 0
-        fresh = np.ones(len(ev), dtype=bool)  # events not already in the window: they count for popularity
-        ev = ev.reset_index(drop=True)
+        now_us = time.time_ns() // 1000
+        for s, g in ev.groupby("scenario", sort=False):
+            users = list(dict.fromkeys(g["user_id"]))
+            view = seq_view_name(s)
+            res = self.online_columns([f"{view}:{f}" for f in SEQ_FEATURES], "user_id", users, row_ts=True)
+            stored_us = res[view]
+            new_rows = []
+            by_user = {u: ug for u, ug in g.groupby("user_id", sort=False)}
+            for n, u in enumerate(users):
+                it, ac, tss = (res[f"{view}__{f}"][n] for f in SEQ_FEATURES)
+                cur = list(zip([int(t) for t in tss or []], range(len(it or [])), it or [], ac or []))
+                seen = {(i, a, t) for t, _, i, a in cur}
+                base = len(cur)
+                ug = by_user[u]
+                for k, (row, i, a, t) in enumerate(zip(ug.index, ug["item_id"], ug["action"], ug["ts"])):
+                    if (i, a, int(t)) in seen:
+                        skipped += 1
+                        fresh[row] = False
+                        continue
+                    seen.add((i, a, int(t)))
+                    cur.append((int(t), base + k, i, a))
+                cur.sort(key=lambda r: (r[0], r[1]))
+                cur = cur[-self.seq_len :]
+                new_rows.append({"user_id": u, "row_us": max(now_us, int(stored_us[n] or 0) + 1),
+                                 "item_ids": [r[2] for r in cur], "actions": [r[3] for r in cur],
+                                 "timestamps": [r[0] for r in cur]})
+            df = pd.DataFrame(new_rows)
+            df.insert(1, TIMESTAMP, pd.to_datetime(df.pop("row_us"), unit="us", utc=True))
+            rows[s] = df
+        return WindowUpdate(ev, rows, fresh, skipped)
+
+    def write_windows(self, update: WindowUpdate) -> dict[str, int]:
+        for s, df in update.rows.items():
+            self.store.push(seq_push_name(s), df, to=PushMode.ONLINE)
+        return {seq_view_name(s): len(df) for s, df in update.rows.items()}
+
+    def write_popularity(self, counts: dict[str, int], *, add: bool) -> None:
+        """Item popularity rows: ``counts`` added to the stored ones (``add``), or as the new values
+        (an exact counter kept elsewhere); row timestamps monotonic as for windows."""
+        if not counts:
+            return
+        ids = [str(i) for i in counts]
+        res = self.online_columns([f"{ITEM_POP_VIEW}:popularity"], "item_id", ids, row_ts=True)
+        now_us = time.time_ns() // 1000
+        stored = res[f"{ITEM_POP_VIEW}__popularity"]
+        self.store.push(ITEM_POP_PUSH, pd.DataFrame({
+            "item_id": ids,
+            TIMESTAMP: pd.to_datetime([max(now_us, int(t or 0) + 1) for t in res[ITEM_POP_VIEW]], unit="us", utc=True),
+            "popularity": [int(n) + (int(p or 0) if add else 0) for n, p in zip(counts.values(), stored)],
+        }), to=PushMode.ONLINE)
+
+    def push_events(self, events: pd.DataFrame) -> PushReport:
+        """Make fresh events visible to the next online read, without a rematerialisation: the
+        windows of their users, then the popularity of their items (read-modify-write).
+
+        Calls on one ``FeatureRepo`` are serialised by a lock, and across the processes of one host
+        by ``push_lock_path``. Across hosts Feast has no compare-and-set: production writes go
+        through the event log (``redrec.features.eventlog``), whose ingest workers are the one
+        writer of each user and keep popularity counts exact (``redrec.features.ingest``).
+        """
+        t0 = time.perf_counter()
+        ev = self.check_events(events)
         with self._push_lock, _file_lock(self.push_lock_path):
-            for s, g in ev.groupby("scenario", sort=False):
-                users = list(dict.fromkeys(g["user_id"]))
-                current = self.online_sequences(users, [s])[s]
-                new_rows = []
-                by_user = {u: ug for u, ug in g.groupby("user_id", sort=False)}
-                for u, cur in zip(users, current):
-                    cur = cur or {"item_ids": [], "actions": [], "timestamps": []}
-                    seen = set(zip(cur["item_ids"], cur["actions"], cur["timestamps"]))
-                    merged = list(zip(cur["timestamps"], range(len(cur["item_ids"])), cur["item_ids"], cur["actions"]))
-                    base = len(merged)
-                    ug = by_user[u]
-                    for k, (row, i, a, t) in enumerate(zip(ug.index, ug["item_id"], ug["action"], ug["ts"])):
-                        if (i, a, int(t)) in seen:
-                            skipped += 1
-                            fresh[row] = False
-                            continue
-                        seen.add((i, a, int(t)))
-                        merged.append((int(t), base + k, i, a))
-                    merged.sort(key=lambda r: (r[0], r[1]))
-                    merged = merged[-self.seq_len :]
-                    new_rows.append({
-                        "user_id": u,
-                        TIMESTAMP: pd.Timestamp(merged[-1][0], unit="s", tz="UTC"),
-                        "item_ids": [r[2] for r in merged],
-                        "actions": [r[3] for r in merged],
-                        "timestamps": [r[0] for r in merged],
-                    })
-                self.store.push(seq_push_name(s), pd.DataFrame(new_rows), to=PushMode.ONLINE)
-                rows_pushed[seq_view_name(s)] = len(new_rows)
-            counts = ev.loc[fresh].groupby("item_id").agg(n=("ts", "size"), ts=("ts", "max"))
-            if len(counts):  # a batch of re-pushed events changes no count
-                pop = self.online_popularity(counts.index.tolist())
-                self.store.push(
-                    ITEM_POP_PUSH,
-                    pd.DataFrame({
-                        "item_id": counts.index.astype(str),
-                        TIMESTAMP: pd.to_datetime(counts["ts"].to_numpy(), unit="s", utc=True),
-                        "popularity": [pop[i] + int(n) for i, n in zip(counts.index, counts["n"])],
-                    }),
-                    to=PushMode.ONLINE,
-                )
+            update = self.plan_windows(ev)
+            rows_pushed = self.write_windows(update)
+            counts = update.fresh_counts()
+            self.write_popularity(counts, add=True)  # a batch of re-pushed events changes no count
             rows_pushed[ITEM_POP_VIEW] = len(counts)
-        return PushReport(len(ev), int(ev["user_id"].nunique()), rows_pushed, skipped, time.perf_counter() - t0)
+        return PushReport(len(ev), int(ev["user_id"].nunique()), rows_pushed, update.skipped, time.perf_counter() - t0)
