@@ -100,3 +100,39 @@ def test_a_ts_beyond_the_allowed_skew_is_refused_and_freezes_nothing(store, data
     store.push_events(one("u-future", items[1], now + 60))  # within the skew: accepted
     store.push_events(one("u-future", items[2], now))
     assert [h.item_id for h in store.online_history("u-future")] == [items[2], items[1]]
+
+
+def test_the_event_log_applies_in_order_once_and_survives_a_worker_that_died(tmp_path, data, redis_server):
+    """RedisStreamLog + IngestWorker in process (the multi-process run is in test_serving.py): a
+    worker that read a batch and died before acknowledging it leaves it pending; the next worker
+    takes the partition, re-applies it, and nothing is counted twice."""
+    from redrec.features.eventlog import EventLogConfig, RedisStreamLog
+    from redrec.features.ingest import IngestWorker
+
+    redis_server.client.flushall()
+    repo = sqlite_repo(tmp_path / "feast", data)
+    cfg = EventLogConfig(log="redis", redis_url=f"redis://127.0.0.1:{redis_server.port}/0", partitions=2,
+                         lease_ttl_s=0.5, block_ms=10)
+    items = data.items["item_id"].tolist()
+    now = int(time.time())
+    ev = pd.DataFrame({"user_id": ["a", "b", "a", "a", "b", "a"], "item_id": [items[i] for i in (0, 1, 2, 3, 1, 0)],
+                       "scenario": "homefeed", "action": "click", "ts": [now, now, now, now - 60, now, now]})
+    pop0 = repo.online_popularity(items[:4])
+    log = RedisStreamLog(cfg)
+    log.append(ev.iloc[:3])
+    dead = IngestWorker(cfg, repo, "dead")
+    dead.rebalance()
+    # it reads every entry and dies before applying or acknowledging any
+    assert dead.r.xreadgroup("ingest", "dead", {cfg.stream(p): ">" for p in dead.owned}, count=100)
+    log.append(ev.iloc[3:])
+    live = IngestWorker(cfg, repo, "live")
+    time.sleep(0.6)  # the dead worker's leases expire
+    for _ in range(20):
+        live.step()
+    assert sorted(live.owned) == [0, 1]
+    assert [(h.item_id, h.ts) for h in repo.online_history("a")] == [(items[3], now - 60), (items[0], now), (items[2], now)]
+    assert [(h.item_id, h.ts) for h in repo.online_history("b")] == [(items[1], now)]
+    pop = repo.online_popularity(items[:4])
+    assert {i: pop[i] - pop0[i] for i in items[:4]} == {items[0]: 1, items[1]: 1, items[2]: 1, items[3]: 1}
+    assert live.stats.duplicates == 2 and live.stats.applied == 6
+    assert sum(redis_server.client.xlen(cfg.stream(p)) for p in range(2)) == 0  # applied entries are trimmed

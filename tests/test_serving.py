@@ -418,7 +418,7 @@ def test_two_workers_answer_alike_and_lose_no_pushed_event(world, tmp_path):
         assert len({tuple(r.json()["items"]) for r in answers}) == 1
         both = 0
         for attempt in range(6):
-            t0 = int(time.time()) + 100 * attempt
+            t0 = int(time.time()) - 1000 + 100 * attempt
             before = lines("feedback")
             pushed = asyncio.run(burst(srv.url, "/record_events", [
                 {"events": [{"user_id": user, "item_id": i, "scenario": "ads", "action": "click", "ts": t0 + n}]}
@@ -586,3 +586,151 @@ def test_openapi_is_the_contract_and_fuzzing_finds_no_server_error(server, world
         # cwd: schemathesis keeps its crash cache in the working directory, not in the checkout
         capture_output=True, text=True, timeout=900, cwd=tmp_path, env={**os.environ, "SCHEMATHESIS_TELEMETRY": "false"})
     assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-2000:]
+
+
+def ingest_traffic(world, n_users: int, per_user: int, seed: int = 11) -> list[list[dict]]:
+    """Per user, events in send order: 10% out of order (older than the user's newest), 10% in
+    the same second as the previous one, 5% exact duplicates of the previous (in-order) event."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    scenarios = world["cfg"]["scenarios"]
+    pools = {s: sorted(eligible(world, s)) for s in scenarios}
+    actions = sorted(world["data"].events["action"].unique())
+    base = int(time.time()) - 30 * 86400
+    out = []
+    for u in range(n_users):
+        t, evs, prev_late = base, [], True
+        for _ in range(per_user):
+            r = rng.random()
+            if r < 0.05 and not prev_late:
+                evs.append(dict(evs[-1]))
+                continue
+            late = 0.05 <= r < 0.15
+            if late:
+                ts = t - int(rng.integers(1, 20_000))
+            else:
+                t += 0 if r < 0.25 else int(rng.integers(1, 900))
+                ts = t
+            s = scenarios[int(rng.integers(len(scenarios)))]
+            evs.append({"user_id": f"ingest-u{u}", "item_id": pools[s][int(rng.integers(len(pools[s])))], "scenario": s,
+                        "action": actions[int(rng.integers(len(actions)))], "ts": ts})
+            prev_late = late
+        out.append(evs)
+    return out
+
+
+def reference_windows(traffic, scenarios, seq_len=SEQ_LEN) -> dict[str, dict[str, list]]:
+    """The naive reference: per user and scenario, the events deduplicated, sorted by ts (arrival
+    order within a second), the last ``seq_len``."""
+    ref = {}
+    for evs in traffic:
+        seen, uniq = set(), []
+        for e in evs:
+            key = (e["scenario"], e["item_id"], e["action"], e["ts"])
+            if key not in seen:
+                seen.add(key)
+                uniq.append(e)
+        ref[evs[0]["user_id"]] = {s: [(e["item_id"], e["action"], e["ts"]) for e in
+                                      sorted((e for e in uniq if e["scenario"] == s), key=lambda e: e["ts"])][-seq_len:]
+                                  for s in scenarios}
+    return ref
+
+
+@pytest.mark.slow
+def test_two_pods_and_two_ingest_workers_lose_nothing_through_the_event_log(world, tmp_path):
+    """events.log: redis. Two serving pods (separate process groups and lock directories, two
+    workers each) append to one redis-server; two ingest workers apply the log to Feast (the
+    feature server). 20,000 events from 500 users, each user's events alternating between the
+    pods, 10% out of order, 10% sharing a second, 5% exact duplicates; one ingest worker SIGKILLed
+    halfway and restarted. Every window equals the naive reference, every popularity count is exact."""
+    import asyncio
+    import signal
+    from collections import Counter
+
+    from redrec.serving.config import IngestConfig
+    from redrec.serving.features import open_repo
+    from redrec.serving.local import LocalServer
+    from services_util import Redis
+
+    redis = Redis()
+    procs: list[subprocess.Popen] = []
+    try:
+        cfg = json.loads(json.dumps(world["cfg"]))
+        cfg["serving"].update(workers=2, max_events_per_call=1000)
+        cfg["events"] = {"log": "redis", "redis_url": f"redis://127.0.0.1:{redis.port}/0", "partitions": 8,
+                         "lease_ttl_s": 2.0, "block_ms": 50}
+        paths = []
+        for pod in ("a", "b"):
+            (tmp_path / pod / "tmp").mkdir(parents=True)
+            cfg["serving"]["serving_log"]["dir"] = str(tmp_path / pod / "log")
+            paths.append(tmp_path / pod / "config.yaml")
+            paths[-1].write_text(yaml.safe_dump(cfg, sort_keys=False))
+        repo = open_repo(IngestConfig.from_yaml(paths[0]))
+        traffic = ingest_traffic(world, 500, 40)
+        items = sorted({e["item_id"] for evs in traffic for e in evs})
+        pop0 = repo.online_popularity(items)
+
+        def ingest(name: str) -> subprocess.Popen:
+            log = open(tmp_path / f"ingest-{name}.log", "ab")
+            p = subprocess.Popen([sys.executable, "-m", "redrec.cli", "features", "ingest", "--config", str(paths[0]),
+                                  "--worker-id", name], stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                                 env={**os.environ, "PYTHONPATH": str(ROOT)})
+            procs.append(p)
+            return p
+
+        async def send(urls, rounds):
+            async with httpx.AsyncClient(timeout=60) as c:
+                for calls in rounds:  # a round holds at most one chunk per user: a user's order is kept
+                    rs = await asyncio.gather(*(c.post(urls[n % 2] + "/record_events", json={"events": body})
+                                                for n, body in enumerate(calls)))
+                    bad = [r.text for r in rs if r.status_code != 200]
+                    assert not bad, bad[:3]
+
+        chunk = 5
+        rounds = []
+        for j in range(0, 40, chunk):
+            flat = [e for evs in traffic for e in evs[j : j + chunk]]
+            rounds.append([flat[k : k + 50] for k in range(0, len(flat), 50)])
+        env = [{"TMPDIR": str(tmp_path / pod / "tmp")} for pod in ("a", "b")]  # each pod its own lock directory
+        with LocalServer(paths[0], env=env[0]) as a, LocalServer(paths[1], env=env[1]) as b:
+            workers = {"w1": ingest("w1"), "w2": ingest("w2")}
+            t0 = time.monotonic()
+            asyncio.run(send([a.url, b.url], rounds[:4]))
+            os.killpg(workers["w1"].pid, signal.SIGKILL)  # mid-stream: its read, unacknowledged entries are reclaimed
+            workers["w1"].wait(10)
+            asyncio.run(send([b.url, a.url], rounds[4:]))
+            workers["w1"] = ingest("w1")
+            sent_s = time.monotonic() - t0
+            deadline = time.monotonic() + 240
+            r = redis.client
+            streams = [f"redrec:events:p{p}" for p in range(8)]
+            while True:
+                backlog = sum(r.xlen(s) for s in streams) + r.scard("redrec:events:pop:dirty") + r.scard("redrec:events:pop:flushing")
+                if backlog == 0:
+                    break
+                assert time.monotonic() < deadline, f"log not drained: {backlog} entries left"
+                assert all(p.poll() is None for p in workers.values()), (tmp_path / "ingest-w2.log").read_text()[-3000:]
+                time.sleep(0.5)
+        print(f"20,000 events sent in {sent_s:.1f}s, drained after {time.monotonic() - t0:.1f}s")
+        ref = reference_windows(traffic, world["cfg"]["scenarios"])
+        users = list(ref)
+        got = repo.online_sequences(users, world["cfg"]["scenarios"])
+        wrong = []
+        for s in world["cfg"]["scenarios"]:
+            for u, w in zip(users, got[s]):
+                have = list(zip(w["item_ids"], w["actions"], w["timestamps"])) if w else []
+                if have != ref[u][s]:
+                    wrong.append((u, s, have, ref[u][s]))
+        assert not wrong, (len(wrong), wrong[:2])
+        distinct = Counter(e["item_id"] for evs in traffic for e in {(e["scenario"], e["item_id"], e["action"], e["ts"]): e
+                                                                      for e in evs}.values())
+        pop = repo.online_popularity(items)
+        assert {i: pop[i] - pop0[i] for i in items} == {i: distinct[i] for i in items}
+        assert sum(distinct.values()) < 20_000  # the duplicates were there, and were not counted
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGTERM)
+                p.wait(20)
+        redis.stop()

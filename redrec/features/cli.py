@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import sys
 from datetime import datetime, timezone
 
@@ -57,6 +58,39 @@ def cmd_history(args) -> tuple[int, dict]:
     return 0, {u: [h._asdict() for h in hs] for u, hs in hist.items()}
 
 
+def cmd_ingest(args) -> int:
+    """Run an ingest worker until SIGTERM (or, with --until-idle, until the log is drained)."""
+    import logging
+    import signal
+    import threading
+
+    from redrec.features.ingest import IngestWorker, serve_health
+    from redrec.serving.config import ConfigError, IngestConfig
+    from redrec.serving.features import open_repo
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        cfg = IngestConfig.from_yaml(args.config)
+        worker = IngestWorker(cfg.events, open_repo(cfg), args.worker_id)
+    except (ConfigError, ValueError) as e:
+        print(f"redrec features ingest: {e}", file=sys.stderr)
+        return 2
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    if args.health_port:
+        serve_health(worker, args.health_port, args.health_host)
+    if args.until_idle:
+        idle = 0
+        while idle < 3 and not stop.is_set():  # three empty passes: nothing pending, nothing arriving
+            idle = idle + 1 if worker.step() == 0 and not worker.backlog else 0
+        worker.release_all()
+    else:
+        worker.run(stop)
+    print(json.dumps({"worker": worker.id, **worker.stats.__dict__}))
+    return 0
+
+
 def _guard(fn):
     """Runs a command returning (exit code, JSON document); bad input ends with its message and
     exit code 2, not a traceback."""
@@ -103,6 +137,15 @@ def register(sub) -> None:
     q.add_argument("--views", nargs="*", help="only these feature views")
     q.add_argument("--end", type=int, help="unix seconds (default now)")
     q.set_defaults(func=_guard(cmd_materialize))
+
+    q = fsub.add_parser("ingest", help="apply the Redis event log to the online store (one worker; run N of them)")
+    q.add_argument("--config", default=os.environ.get("REDREC_CONFIG"), required=not os.environ.get("REDREC_CONFIG"),
+                   help="the serving config.yaml (default $REDREC_CONFIG): its scenarios, feast and events sections")
+    q.add_argument("--worker-id", dest="worker_id", help="consumer name in the log (default host-pid; the pod name)")
+    q.add_argument("--health-port", dest="health_port", type=int, default=0, help="serve GET /healthz on this port")
+    q.add_argument("--health-host", dest="health_host", default="0.0.0.0")
+    q.add_argument("--until-idle", dest="until_idle", action="store_true", help="stop once the log is drained")
+    q.set_defaults(func=cmd_ingest)
 
     q = fsub.add_parser("history", help="a user's merged online history (empty for an unknown user)")
     common(q)

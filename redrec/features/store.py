@@ -457,10 +457,13 @@ class FeatureRepo:
     # timestamps are max(now, stored + 1 µs): monotonic per key whatever the clocks of the writers.
     # The offline tables are not appended to: they are rebuilt from the event log by build_sources.
 
-    def check_events(self, events: pd.DataFrame, now: float | None = None) -> pd.DataFrame:
-        """Validated events sorted by (user, ts); a scenario without a view is a KeyError, a ``ts``
-        more than ``max_future_skew_s`` ahead of ``now`` a ValueError naming ``ts``."""
+    def check_events(self, events: pd.DataFrame, now: float | None = None, carry: tuple[str, ...] = ()) -> pd.DataFrame:
+        """Validated events sorted by (user, ts), with the columns ``carry`` names kept along; a
+        scenario without a view is a KeyError, a ``ts`` more than ``max_future_skew_s`` ahead of
+        ``now`` a ValueError naming ``ts``."""
         ev, _ = validate_events(events, "push_events", on_error="strict")
+        for c in carry:  # strict validation keeps every row, in order
+            ev[c] = events[c].to_numpy()
         unknown = sorted(set(ev["scenario"]) - set(self.scenarios))
         if unknown:
             raise KeyError(f"pushed events use scenario(s) {unknown} with no sequence view; the repo declares {self.scenarios}")

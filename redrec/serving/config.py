@@ -15,6 +15,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from redrec.experiments.assignment import ExperimentSpec
+from redrec.features.eventlog import EventLogConfig
 
 
 class ConfigError(ValueError):
@@ -139,6 +140,7 @@ class ServingConfig(_Strict):
     feast: FeastSection = Field(default_factory=FeastSection)
     model_store: ModelStoreSection = Field(default_factory=ModelStoreSection)
     drift: dict[str, Any] = Field(default_factory=dict)  # read by the drift monitor, not by serving
+    events: EventLogConfig = Field(default_factory=EventLogConfig)
 
     @field_validator("scenarios")
     @classmethod
@@ -194,3 +196,34 @@ class ServingConfig(_Strict):
         if not path:
             raise ConfigError("REDREC_CONFIG is not set: point it at the serving config.yaml")
         return cls.from_yaml(path)
+
+
+class IngestConfig(BaseModel):
+    """What ``redrec features ingest`` reads of the serving config file (the chart mounts the same
+    ConfigMap in both): the scenarios, how to reach Feast, and the event log."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    scenarios: list[str] = Field(min_length=1)
+    serving: ServingSection = Field(default_factory=ServingSection)
+    feast: FeastSection = Field(default_factory=FeastSection)
+    events: EventLogConfig = Field(default_factory=EventLogConfig)
+
+    @model_validator(mode="after")
+    def _env(self) -> "IngestConfig":
+        if os.environ.get("REDREC_FEATURE_SERVER_URL") is not None:
+            self.serving.feature_server_url = ServingSection._url(os.environ["REDREC_FEATURE_SERVER_URL"])
+        return self
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> "IngestConfig":
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config {p} does not exist (pass --config or set REDREC_CONFIG to the serving config.yaml)")
+        try:
+            return cls.model_validate(yaml.safe_load(p.read_text()) or {})
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{p}: not valid YAML: {e}") from None
+        except ValidationError as e:
+            lines = [f"  {'.'.join(str(x) for x in err['loc']) or '(top level)'}: {err['msg']}" for err in e.errors()]
+            raise ConfigError(f"{p}: invalid ingest config:\n" + "\n".join(lines)) from None

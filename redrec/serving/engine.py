@@ -39,6 +39,7 @@ from threadpoolctl import threadpool_info, threadpool_limits
 
 from redrec.experiments.assignment import HOLDOUT, assign
 from redrec.experiments.log import RECEIVED, AppendLog
+from redrec.features.eventlog import open_log
 from redrec.features.store import HistoryEvent
 from redrec.index import exact
 from redrec.index.config import IndexConfig
@@ -145,6 +146,8 @@ class _Deadline:
 def _dependency(e: BaseException) -> str | None:
     """The dependency an exception comes from, if it is an outage rather than a bug."""
     mod = type(e).__module__ or ""
+    if mod.startswith("redis"):
+        return "event log"
     if isinstance(e, NotPublished) or mod.startswith(("pymilvus", "grpc")):  # PairMismatch included
         return "milvus"
     if mod.startswith(("requests", "urllib3", "feast", "sqlite3")) or isinstance(e, (ConnectionError, TimeoutError)):
@@ -152,6 +155,12 @@ def _dependency(e: BaseException) -> str | None:
     if isinstance(e, RuntimeError) and "online features" in str(e):  # feast's remote store wraps HTTP errors so
         return "feast"
     return None
+
+
+def _short(value, limit: int = 64) -> str:
+    """A client's value as echoed in an error: quoted, and cut (an id may be megabytes long)."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + f"... ({len(str(value))} characters)"
 
 
 def compute_threads() -> dict:
@@ -187,6 +196,11 @@ class Engine:
             threadpool_limits(cfg.serving.torch_threads, user_api="blas")
         self.scenarios = list(cfg.scenarios)
         self.repo = open_repo(cfg)
+        self.repo.max_future_skew_s = cfg.events.max_future_skew_s
+        # where /record_events appends: the online store itself (embedded) or the Redis event log
+        self.events = open_log(cfg.events, self.repo)
+        self._append = (_Deadline("event-log", cfg.events.append_timeout_s, "events.append_timeout_s")
+                        if self.events.kind == "redis" else None)
         self._feast = _Deadline("feast", cfg.serving.feast_timeout_s, "serving.feast_timeout_s")
         self._milvus = _Deadline("milvus", cfg.milvus.timeout_s, "milvus.timeout_s")
         self.models = registry.ModelSource(cfg.model_store.uri, cfg.model_store.cache_dir)
@@ -587,37 +601,45 @@ class Engine:
                 "items": [i for i, _ in res.hits], "scores": [round(float(s), 6) for _, s in res.hits]}
 
     async def record_events(self, events: list[dict]) -> dict:
+        """Check every event, then append them all to the event log; ``accepted`` once it holds
+        them (embedded: applied to Feast; redis: in the stream, applied by the ingest workers)."""
         if not events:
             raise BadRequest("events: empty list; send at least one event", "events")
         if len(events) > self.cfg.serving.max_events_per_call:
             raise BadRequest(f"events: {len(events)} events, at most {self.cfg.serving.max_events_per_call} per call", "events")
         received = time.time()
         now = int(received)
+        skew = self.cfg.events.max_future_skew_s
         rows = []
         for n, e in enumerate(events):
             self._check_user(e["user_id"], f"events[{n}].user_id")
             if e["scenario"] not in self.scenarios:
-                raise BadRequest(f"events[{n}].scenario: unknown scenario {e['scenario']!r}; use one of {self.scenarios}",
+                raise BadRequest(f"events[{n}].scenario: unknown scenario {_short(e['scenario'])}; use one of {self.scenarios}",
                                  f"events[{n}].scenario")
             if e["item_id"] not in self.known_items:
-                raise BadRequest(f"events[{n}].item_id: unknown item {e['item_id']!r}", f"events[{n}].item_id")
+                raise BadRequest(f"events[{n}].item_id: unknown item {_short(e['item_id'])}", f"events[{n}].item_id")
             if e["action"] not in self.actions:
-                raise BadRequest(f"events[{n}].action: unknown action {e['action']!r}; use one of {self.actions}",
+                raise BadRequest(f"events[{n}].action: unknown action {_short(e['action'])}; use one of {self.actions}",
                                  f"events[{n}].action")
             ts = int(e["ts"]) if e.get("ts") is not None else now
+            if ts > now + skew:
+                raise BadRequest(f"events[{n}].ts: {ts} is more than {skew:g}s ahead of the server's clock ({now}); "
+                                 "send unix seconds, at most now + events.max_future_skew_s", f"events[{n}].ts")
             rows.append({"user_id": e["user_id"], "item_id": e["item_id"], "scenario": e["scenario"],
                          "action": e["action"], "ts": ts, "request_id": e.get("request_id"), RECEIVED: received})
-        df = pd.DataFrame(rows)
+        df = pd.DataFrame(rows)[["user_id", "item_id", "scenario", "action", "ts"]]
+        deadline = self._append or self._feast
         try:
-            rep = await asyncio.to_thread(self._feast, self.repo.push_events, df[["user_id", "item_id", "scenario", "action", "ts"]])
+            rep = await asyncio.to_thread(deadline, self.events.append, df)
         except Exception as e:
             dep = _dependency(e)
             if dep is None:
                 raise
-            late = " (a timed-out push may still land; a retry is deduplicated)" if isinstance(e, TimeoutError) else ""
+            dep = "event log" if self.events.kind == "redis" else dep
+            late = " (a timed-out write may still land; a retry is deduplicated)" if isinstance(e, TimeoutError) else ""
             raise Unavailable(f"{dep} unavailable, events not recorded{late}: {type(e).__name__}: {str(e)[:200]}") from e
         self.feedback.append_many(rows)
-        return {"accepted": len(rows), "skipped_duplicates": rep.skipped_duplicates}
+        return rep
 
     def stats(self) -> dict:
         return {name: rt.batcher.stats() for name, rt in self.arms.items()}
