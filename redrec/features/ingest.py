@@ -152,7 +152,9 @@ class IngestWorker:
         for p in free:
             if len(self.owned) >= share:
                 break
-            if self.r.set(self._lease(p), self.id, nx=True, px=self.ttl_ms):
+            # a restarted pod keeps its name: the leases it held before are its own again at once
+            if (self.r.set(self._lease(p), self.id, nx=True, px=self.ttl_ms)
+                    or self._renew(keys=[self._lease(p)], args=[self.id, self.ttl_ms])):
                 self._take_over(p)
         self.stats.partitions = sorted(self.owned)
         self._rebalanced_at = time.monotonic()
