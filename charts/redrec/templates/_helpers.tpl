@@ -215,6 +215,47 @@ default port (https 443, http 80) and then to "default".
         path: postgres-root.crt
 {{- end -}}
 
+{{/*
+Env of a Feast client (serving, ingest): both read Feast through the feature server with the
+remote online store, which loads the feature definitions from the feature server's registry
+itself, so a SQL registry's password must reach every client, not only the feature server.
+*/}}
+{{- define "redrec.feastClient.env" -}}
+- name: REDREC_FEATURE_SERVER_URL
+  value: {{ include "redrec.featureServerUrl" . | quote }}
+{{- if and .Values.feast.enabled (eq .Values.feast.registry.type "sql") }}
+# the remote online store reads the feature definitions from the feature server's SQL registry
+- name: FEAST_REGISTRY_PASSWORD
+  valueFrom:
+    secretKeyRef:
+      name: {{ .Values.feast.registry.sql.passwordSecret.name }}
+      key: {{ .Values.feast.registry.sql.passwordSecret.key }}
+{{- end }}
+{{- end -}}
+
+{{/* Whether a Feast client connects to the SQL registry with the Postgres CA ("true" or ""). */}}
+{{- define "redrec.feastClient.needsCa" -}}
+{{- if and .Values.feast.enabled (eq .Values.feast.registry.type "sql") .Values.feast.onlineStore.postgres.sslRootCertSecret.name -}}
+true
+{{- end -}}
+{{- end -}}
+
+{{/* Volume mounts of a Feast client: the Postgres CA for a verify-ca/verify-full SQL registry. */}}
+{{- define "redrec.feastClient.volumeMounts" -}}
+{{- if include "redrec.feastClient.needsCa" . -}}
+- name: postgres-ca
+  mountPath: /etc/redrec-tls
+  readOnly: true
+{{- end -}}
+{{- end -}}
+
+{{/* Volumes of a Feast client, matching redrec.feastClient.volumeMounts. */}}
+{{- define "redrec.feastClient.volumes" -}}
+{{- if include "redrec.feastClient.needsCa" . -}}
+{{ include "redrec.postgresCaVolume" . }}
+{{- end -}}
+{{- end -}}
+
 {{/* Name of the serving-log claim. */}}
 {{- define "redrec.servingLog.claimName" -}}
 {{- default (printf "%s-serving-log" (include "redrec.fullname" .)) .Values.serving.servingLog.persistence.existingClaim -}}
@@ -335,4 +376,59 @@ inconsistency stops rendering with a message naming the values to fix.
   to:
     {{- toYaml . | nindent 4 }}
   {{- end }}
+{{- end -}}
+
+
+{{/*
+Egress of a Feast client (serving, ingest): the feature server, and the registry the remote
+online store loads (the SQL port, or object storage for a file registry on s3:// / gs://).
+(dict "ctx" $ "modelStore" true) adds object storage for an s3:// / gs:// modelStore.uri.
+*/}}
+{{- define "redrec.networkPolicy.feastClientEgress" -}}
+{{- $withModelStore := .modelStore -}}
+{{- $ := .ctx -}}
+{{- $np := $.Values.networkPolicy -}}
+{{- $reg := $.Values.feast.registry -}}
+{{- if $.Values.feast.enabled }}
+- to:
+    - podSelector:
+        matchLabels:
+          {{- include "redrec.selectorLabels" (dict "ctx" $ "component" "feature-server") | nindent 10 }}
+  ports:
+    - protocol: TCP
+      port: {{ $.Values.feast.port }}
+{{- else }}
+# External feature server: its port, any destination.
+- ports:
+    - protocol: TCP
+      port: {{ include "redrec.urlPort" (dict "url" $.Values.feast.externalUrl "default" 6566) }}
+{{- end }}
+{{- if and $.Values.feast.enabled (eq $reg.type "sql") }}
+# SQL registry (the feature definitions).
+- ports:
+    - protocol: TCP
+      port: {{ $reg.sql.port }}
+  {{- with $np.registryTo }}
+  to:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+{{- end }}
+{{- $objectStore := false }}
+{{- range list "s3://" "gs://" "gcs://" }}
+{{- if or (and $withModelStore (hasPrefix . $.Values.modelStore.uri)) (and $.Values.feast.enabled (eq $reg.type "file") (hasPrefix . $reg.path)) }}
+{{- $objectStore = true }}
+{{- end }}
+{{- end }}
+{{- if and $objectStore $np.objectStorePorts }}
+# Object storage: {{ if $withModelStore }}the model store and/or {{ end }}the file registry.
+- ports:
+    {{- range $np.objectStorePorts }}
+    - protocol: TCP
+      port: {{ . }}
+    {{- end }}
+  {{- with $np.objectStoreTo }}
+  to:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+{{- end }}
 {{- end -}}
