@@ -54,8 +54,9 @@ PIPELINE_ID = "6f3c1a52-2b7e-4d0c-9a51-3e2f0c1d7b44"  # as in ci/default-values.
 # Custom resources have no schema in kubernetes-validate; they are checked by hand below.
 CRD_KINDS = {("monitoring.coreos.com/v1", "ServiceMonitor"), ("monitoring.coreos.com/v1", "PrometheusRule")}
 SCHEMA_ERROR = "values don't meet the specifications of the schema(s)"
-# The Secret ci/default-values.yaml names for the event log's Redis password.
+# The Secrets ci/default-values.yaml names: the event log's Redis password, the API tokens.
 EVENTS_SECRET = {"name": "redrec-events-redis", "key": "password"}
+TOKENS_SECRET = {"name": "redrec-api-tokens", "key": "tokens"}
 
 EXPECTED_KINDS = {
     "default": {
@@ -400,6 +401,7 @@ def test_lint_strict_chart_defaults_only_warns_about_the_required_values(helm):
     # lint mode reports `required` instead of failing: the values without a default
     assert "kfp.pipelineId is required" in out
     assert "events.redis.passwordSecret.name is required while events.log=redis" in out
+    assert "auth.tokensSecret.name is required while auth.enabled=true" in out
 
 
 @pytest.mark.parametrize("kube_version", KUBE_VERSIONS)
@@ -936,7 +938,8 @@ def test_drift_service_account_may_start_kfp_runs(render, value_set, kfp_ns):
 
 
 def test_missing_pipeline_id_is_refused_only_while_drift_is_on(helm):
-    secret = ("--set", f"events.redis.passwordSecret.name={EVENTS_SECRET['name']}")
+    secret = ("--set", f"events.redis.passwordSecret.name={EVENTS_SECRET['name']}",
+              "--set", f"auth.tokensSecret.name={TOKENS_SECRET['name']}")
     err = helm.template_error(*secret)
     assert "kfp.pipelineId is required while drift.enabled=true" in err
     docs = helm.template("--set", "drift.enabled=false", *secret)
@@ -1133,9 +1136,13 @@ def test_secrets_only_by_reference(render, value_set):
     docs = render(value_set)
     assert not of_kind(docs, "Secret")
     for w in workloads(docs):
+        volumes = {v["name"]: v for v in pod_template(w)["spec"].get("volumes", [])}
         for c in pod_template(w)["spec"]["containers"]:
             for name, e in env_map(c).items():
-                if SENSITIVE.search(name) and not name.endswith("_PATH"):
+                if SENSITIVE.search(name) and name.endswith("_FILE"):  # a file from a Secret volume
+                    (mount,) = [m for m in c["volumeMounts"] if e["value"].startswith(m["mountPath"] + "/")]
+                    assert "secret" in volumes[mount["name"]], f"{name} in {c['name']}"
+                elif SENSITIVE.search(name) and not name.endswith("_PATH"):
                     assert set(e) == {"name", "valueFrom"} and "secretKeyRef" in e["valueFrom"], f"{name} in {c['name']}"
     serving = container(one(docs, "Deployment", f"{RELEASE}-redrec-serving"), "serving")
     token = env_map(serving).get("MILVUS_TOKEN")
@@ -1143,6 +1150,46 @@ def test_secrets_only_by_reference(render, value_set):
         assert token["valueFrom"] == {"secretKeyRef": {"name": "redrec-milvus", "key": "token"}}
     else:
         assert token is None
+
+
+@pytest.mark.parametrize("value_set,read_routes", [("default", False), ("production", True), ("minimal", False)])
+def test_api_tokens_secret_is_mounted_as_a_directory(render, value_set, read_routes):
+    """The tokens file comes from its Secret as a whole volume (no subPath), so that a rotated
+    Secret reaches the running pods; config.yaml and the env name the same file."""
+    docs = render(value_set)
+    dep = one(docs, "Deployment", f"{RELEASE}-redrec-serving")
+    c = container(dep, "serving")
+    cfg = config_yaml(docs)
+    tokens_file = env_map(c)["REDREC_API_TOKENS_FILE"]["value"]
+    assert cfg["auth"] == {"enabled": True, "read_routes": read_routes, "tokens_file": tokens_file}
+    volumes = {v["name"]: v for v in pod_template(dep)["spec"]["volumes"]}
+    (mount,) = [m for m in c["volumeMounts"] if tokens_file.startswith(m["mountPath"].rstrip("/") + "/")]
+    assert "subPath" not in mount and "subPathExpr" not in mount and mount["readOnly"] is True
+    secret = volumes[mount["name"]]["secret"]
+    relative = tokens_file[len(mount["mountPath"].rstrip("/")) + 1:]
+    assert secret == {"secretName": TOKENS_SECRET["name"], "items": [{"key": TOKENS_SECRET["key"], "path": relative}]}
+    # no other mount of that volume, and no other pod gets the tokens
+    assert [m["name"] for m in c["volumeMounts"]].count(mount["name"]) == 1
+    for w in workloads(docs):
+        if w is not dep:
+            assert not [v for v in pod_template(w)["spec"].get("volumes", [])
+                        if v.get("secret", {}).get("secretName") == TOKENS_SECRET["name"]], w["metadata"]["name"]
+    parsed, pending = load_serving_config(cfg)
+    if "auth" not in pending:  # once redrec.serving.config has its auth section
+        assert (parsed.auth.enabled, parsed.auth.read_routes, parsed.auth.tokens_file) == (True, read_routes, tokens_file)
+
+
+def test_auth_needs_its_secret_or_an_explicit_off(helm):
+    err = helm.template_error("-f", CI_VALUES / "default-values.yaml", "--set", "auth.tokensSecret.name=")
+    assert "auth.tokensSecret.name is required while auth.enabled=true" in err
+    assert "kubectl create secret generic redrec-api-tokens --from-file=tokens=./tokens" in err
+    docs = helm.template("-f", CI_VALUES / "default-values.yaml", "--set", "auth.enabled=false",
+                         "--set", "auth.tokensSecret.name=")
+    dep = one(docs, "Deployment", f"{RELEASE}-redrec-serving")
+    assert "REDREC_API_TOKENS_FILE" not in env_map(container(dep, "serving"))
+    assert not [v for v in pod_template(dep)["spec"]["volumes"] if "secret" in v]
+    assert config_yaml(docs)["auth"] == {"enabled": False, "read_routes": False, "tokens_file": ""}
+    assert validate_objects(docs, KUBE_VERSIONS[0]) == []
 
 
 def _rules_ports(rules: list[dict]) -> set[tuple[str, int]]:
@@ -1331,6 +1378,10 @@ SCHEMA_CASES = [
      "missing property 'limits'"),
     ("misspelt-ingest-key", {"ingest": {"replicas": 3}}, "/ingest", "additional properties 'replicas' not allowed"),
     ("tiny-body-limit", {"config": {"serving": {"maxBodyBytes": 10}}}, "/config/serving/maxBodyBytes", "minimum"),
+    ("plaintext-api-token", {"auth": {"tokensSecret": {"name": "t", "key": "tokens", "value": "s3cret"}}},
+     "/auth/tokensSecret", "additional properties 'value' not allowed"),
+    ("api-tokens-in-values", {"auth": {"tokens": ["s3cret"]}}, "/auth", "additional properties 'tokens' not allowed"),
+    ("auth-flag-as-string", {"auth": {"enabled": "yes"}}, "/auth/enabled", "got string, want boolean"),
 ]
 
 
@@ -1496,15 +1547,22 @@ def test_notes_and_helm_test_pod(helm):
     assert "Event log: Redis Streams at redis://redis-master.redis.svc.cluster.local:6379/0 as ACL user redrec-events" in notes
     assert f"rollout status deploy/{RELEASE}-redrec-ingest" in notes
     assert f"helm test {RELEASE}" in notes
+    assert "API tokens: Secret redrec-api-tokens/tokens" in notes and "WARNING: auth.enabled=false" not in notes
     (hook,) = release["hooks"]
     assert hook["events"] == ["test"]
     pod = yaml.safe_load(hook["manifest"])
     assert validate_objects([pod], KUBE_VERSIONS[0]) == []
+    # /readyz is a health route, open with auth on: the test pod needs no token (it would, and
+    # would have to mount the tokens Secret, if it called /ops/* or, with readRoutes, /recommend)
     assert pod["spec"]["containers"][0]["command"][-1] == f"http://{RELEASE}-redrec-serving:3000/readyz"
+    assert "volumes" not in pod["spec"]
     minimal = helm.run("install", RELEASE, CHART, "--namespace", NAMESPACE, "--dry-run=client", "-o", "json",
                        "-f", CI_VALUES / "minimal-values.yaml")
     assert "Drift monitor: off" in json.loads(minimal.stdout)["info"]["notes"]
     assert "Event log: embedded" in json.loads(minimal.stdout)["info"]["notes"]
+    open_api = helm.run("install", RELEASE, CHART, "--namespace", NAMESPACE, "--dry-run=client", "-o", "json",
+                        "-f", CI_VALUES / "default-values.yaml", "--set", "auth.enabled=false")
+    assert "WARNING: auth.enabled=false" in json.loads(open_api.stdout)["info"]["notes"]
     assert "claim redrec-pipeline-workspace, mounted at /var/lib/redrec" in notes
     assert "report history" not in notes
     ephemeral = helm.run("install", RELEASE, CHART, "--namespace", NAMESPACE, "--dry-run=client", "-o", "json",
@@ -1648,6 +1706,19 @@ def test_documented_install_commands_render(helm, tmp_path):
     assert not {"allkeys", "allcommands", "+@all", "allchannels", "nopass"} & {r.lower() for r in rule}
     assert not [r for r in rule if r.startswith("+@") or r.startswith(">")]  # commands by name; no plain password
     assert urlparse(events["redis_url"]).hostname == "redis-master.redis.svc.cluster.local"
+    # the API tokens: a file of one token per line, its Secret the one serving mounts as a directory
+    volumes = {v["name"]: v for v in serving["spec"]["template"]["spec"]["volumes"]}
+    (tokens_mount,) = [m for m in container(serving, "serving")["volumeMounts"]
+                       if env["REDREC_API_TOKENS_FILE"]["value"].startswith(m["mountPath"] + "/")]
+    tokens_volume = volumes[tokens_mount["name"]]["secret"]
+    key, tokens_path = _opt(secrets[tokens_volume["secretName"]], "--from-file").split("=", 1)
+    assert tokens_volume["items"][0]["key"] == key and "subPath" not in tokens_mount
+    tokens = (tmp_path / tokens_path).read_text().splitlines()
+    assert len(tokens) == 1 and len(tokens[0]) >= 32 and cfg["auth"]["enabled"] is True
+    # the documented calls of protected routes send one of them
+    for route in ("/ops/release", "/record_events"):
+        (call,) = [c for c in commands if c[:1] == ["curl"] and any(a.endswith(route) for a in c)]
+        assert f"authorization: Bearer {tokens[0]}" in call, call
 
     np = one(docs, "NetworkPolicy", "redrec-serving")
     milvus_peer = [r for r in np["spec"]["egress"] if _rules_ports([r]) == {("TCP", 19530)}][0]["to"][0]

@@ -297,6 +297,10 @@ config.yaml values (the code's env overrides), the password comes only from its 
 {{- include "redrec.urlPort" (dict "url" .Values.events.redis.url "default" 6379) -}}
 {{- end -}}
 
+{{/* Directory the API tokens Secret is mounted at, and the tokens file in it. */}}
+{{- define "redrec.auth.tokensDir" -}}/etc/redrec-auth{{- end -}}
+{{- define "redrec.auth.tokensFile" -}}{{ include "redrec.auth.tokensDir" . }}/tokens{{- end -}}
+
 {{/* Name of the serving-log claim. */}}
 {{- define "redrec.servingLog.claimName" -}}
 {{- default (printf "%s-serving-log" (include "redrec.fullname" .)) .Values.serving.servingLog.persistence.existingClaim -}}
