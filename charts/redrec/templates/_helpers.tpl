@@ -436,7 +436,6 @@ inconsistency stops rendering with a message naming the values to fix.
   {{- end }}
 {{- end -}}
 
-
 {{/*
 Egress of a Feast client (serving, ingest): the feature server, and the registry the remote
 online store loads (the SQL port, or object storage for a file registry on s3:// / gs://).
