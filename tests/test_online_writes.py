@@ -141,7 +141,9 @@ def test_the_event_log_applies_in_order_once_and_survives_a_worker_that_died(tmp
 def test_the_readme_acl_user_can_append_and_ingest_and_nothing_else(tmp_path, data, redis_server):
     """The least-privilege Redis user the README gives the operator, as written: serving's append
     and a worker's whole cycle work under it; keys outside the log's prefix are refused."""
+    import hashlib
     import re
+    import shlex
     from pathlib import Path
 
     import redis as redis_py
@@ -150,10 +152,15 @@ def test_the_readme_acl_user_can_append_and_ingest_and_nothing_else(tmp_path, da
     from redrec.features.ingest import IngestWorker
 
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    acl = re.search(r"^ACL SETUSER redrec-events .*$", readme, re.M).group(0)
+    # the operator's redis-cli command (install step 4), its continuation lines joined, the
+    # password's SHA-256 computed as its $(...) does
+    cmd = re.search(r"^redis-cli .*? (ACL SETUSER redrec-events .*?)\n```", readme, re.M | re.S).group(1)
+    words = shlex.split(cmd.replace("\\\n", " "))
+    words = ["#" + hashlib.sha256(b"s3cret").hexdigest() if w.startswith("#$(") else w for w in words]
+    assert {"reset", "on", "~redrec:events:*"} <= set(words) and not any(w in ("allkeys", "+@all", "~*") for w in words)
     admin = redis_server.client
     admin.flushall()
-    admin.execute_command(*acl.replace(">PASSWORD", ">s3cret").split())
+    admin.execute_command(*words)
     repo = sqlite_repo(tmp_path / "feast", data)
     cfg = EventLogConfig(log="redis", redis_url=f"redis://127.0.0.1:{redis_server.port}/0", redis_username="redrec-events",
                          redis_password="s3cret", partitions=2, block_ms=10)
