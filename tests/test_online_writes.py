@@ -11,7 +11,7 @@ import yaml
 
 from redrec.data.synthetic import SyntheticConfig, generate
 from redrec.features import FeatureRepo, HistoryEvent
-from services_util import Redis
+from services_util import Redis, readme_event_log_acl
 
 SEQ_LEN = 8
 
@@ -141,22 +141,12 @@ def test_the_event_log_applies_in_order_once_and_survives_a_worker_that_died(tmp
 def test_the_readme_acl_user_can_append_and_ingest_and_nothing_else(tmp_path, data, redis_server):
     """The least-privilege Redis user the README gives the operator, as written: serving's append
     and a worker's whole cycle work under it; keys outside the log's prefix are refused."""
-    import hashlib
-    import re
-    import shlex
-    from pathlib import Path
-
     import redis as redis_py
 
     from redrec.features.eventlog import EventLogConfig, RedisStreamLog
     from redrec.features.ingest import IngestWorker
 
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    # the operator's redis-cli command (install step 4), its continuation lines joined, the
-    # password's SHA-256 computed as its $(...) does
-    cmd = re.search(r"^redis-cli .*? (ACL SETUSER redrec-events .*?)\n```", readme, re.M | re.S).group(1)
-    words = shlex.split(cmd.replace("\\\n", " "))
-    words = ["#" + hashlib.sha256(b"s3cret").hexdigest() if w.startswith("#$(") else w for w in words]
+    words = readme_event_log_acl("s3cret")
     assert {"reset", "on", "~redrec:events:*"} <= set(words) and not any(w in ("allkeys", "+@all", "~*") for w in words)
     admin = redis_server.client
     admin.flushall()
