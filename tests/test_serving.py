@@ -205,6 +205,10 @@ def test_similar_items(server, world):
     ("/record_events", {"events": [{"user_id": "u1", "item_id": "it0000001", "scenario": "search", "action": "click",
                                     "ts": 10**20}]}, 400, "ts"),
     ("/record_events", {"events": []}, 400, "events"),
+    # within the schema's bound (year 9999) but beyond events.max_future_skew_s: it would sort after
+    # every later event of the user for good
+    ("/record_events", {"events": [{"user_id": "u1", "item_id": "it0000001", "scenario": "search", "action": "click",
+                                    "ts": int(time.time()) + 3600}]}, 400, "events[0].ts"),
     ("/record_events", {"events": [{"user_id": "u1", "item_id": "nope", "scenario": "search", "action": "click"}]}, 400, "item_id"),
     ("/record_events", {"events": [{"user_id": "u1", "item_id": "it0000001", "scenario": "x", "action": "click"}]}, 400, "scenario"),
     ("/record_events", {"events": [{"user_id": "u1", "item_id": "it0000001", "scenario": "search", "action": "clik"}]}, 400, "action"),
@@ -213,6 +217,15 @@ def test_bad_input_gets_a_4xx_naming_the_field(server, route, body, status, fiel
     r = post(server, route, **body)
     assert r.status_code == status, (r.status_code, r.text)
     assert field in r.text, r.text
+
+
+def test_an_unknown_value_is_echoed_cut_short(server):
+    """The engine names the unknown item, action or scenario without sending a long value back whole."""
+    for field, value in (("item_id", "i" * 250), ("action", "a" * 250)):
+        ev = {"user_id": "u1", "item_id": "it0000001", "scenario": "search", "action": "click", field: value}
+        r = post(server, "/record_events", events=[ev])
+        assert r.status_code == 400 and r.json()["field"] == f"events[0].{field}", r.text
+        assert len(r.content) < 400 and "250 characters" in r.json()["error"], r.text
 
 
 def test_non_json_bodies_are_a_415_with_the_error_body(server):
