@@ -28,7 +28,6 @@ import shutil
 import subprocess
 import sys
 import tarfile
-import warnings
 import zipfile
 from pathlib import Path
 from urllib.parse import urlparse
@@ -229,31 +228,11 @@ def config_yaml(docs: list[dict]) -> dict:
     return yaml.safe_load(cm["data"]["config.yaml"])
 
 
-# What the chart renders for the production write path (the Redis event log, API auth, the body
-# limit) before redrec.serving.config may know it: the model forbids unknown keys, so these are
-# set aside (with a warning) while the model lacks them, and validated by it as soon as it has
-# them. Any other key the model does not know still fails.
-PENDING_TOP_LEVEL = ("events", "auth")
-PENDING_SERVING = ("max_body_bytes",)
-
-
 def load_serving_config(raw: dict):
-    """config.yaml through redrec.serving.config.ServingConfig -> (config, keys set aside)."""
-    from redrec.serving.config import ServingConfig, ServingSection
+    """config.yaml through redrec.serving.config.ServingConfig (which forbids unknown keys)."""
+    from redrec.serving.config import ServingConfig
 
-    raw = copy.deepcopy(raw)
-    pending = []
-    for key in PENDING_TOP_LEVEL:
-        if key in raw and key not in ServingConfig.model_fields:
-            raw.pop(key)
-            pending.append(key)
-    for key in PENDING_SERVING:
-        if key in raw.get("serving", {}) and key not in ServingSection.model_fields:
-            raw["serving"].pop(key)
-            pending.append(f"serving.{key}")
-    if pending:
-        warnings.warn(f"config.yaml keys not yet in redrec.serving.config, not validated by it: {pending}")
-    return ServingConfig.from_dict(raw), pending
+    return ServingConfig.from_dict(copy.deepcopy(raw))
 
 
 def subcommand(parser, *words: str):
@@ -555,7 +534,7 @@ def test_serving_reads_the_pipelines_model_store(helm, tmp_path):
     assert vols["model-store"]["persistentVolumeClaim"] == {"claimName": "redrec-pipeline-workspace", "readOnly": True}
     cfg = config_yaml(docs)
     assert cfg["model_store"] == {"uri": "/var/lib/redrec/model-store", "config_poll_s": 5}
-    parsed, _ = load_serving_config({**cfg, "milvus": {**cfg["milvus"], "uri": "http://m:19530"}})
+    parsed = load_serving_config({**cfg, "milvus": {**cfg["milvus"], "uri": "http://m:19530"}})
     assert parsed.model_store.uri == "/var/lib/redrec/model-store"
     # by default no claim is mounted and the bundled model serves
     default = helm.template("-f", CI_VALUES / "default-values.yaml")
@@ -962,7 +941,7 @@ def test_config_contents_default(render):
                                              "rotate_mb": 256, "rotate_minutes": 60, "retention_hours": 72}
     assert cfg["serving"]["feature_server_url"] == f"http://{RELEASE}-redrec-feast.{NAMESPACE}.svc:6566"
     assert cfg["serving"]["serving_log"]["dir"] == "/var/log/redrec/serving"
-    assert cfg["serving"]["max_body_bytes"] == 1048576
+    assert cfg["serving"]["max_body_bytes"] == 2097152
     # the production write path: the Redis Streams log, the password only in the pods' env
     assert cfg["events"] == {"log": "redis", "redis_url": "redis://redis-master.redis.svc.cluster.local:6379/0",
                              "redis_username": "redrec-events", "stream_prefix": "redrec:events",
@@ -999,12 +978,9 @@ def test_config_contents_production_and_minimal(render):
 
 @pytest.mark.parametrize("value_set", VALUE_SETS)
 def test_events_section_in_the_serving_config_model(render, value_set):
-    """config.yaml's events section as redrec.serving.config reads it (checked once the model has
-    it; until then load_serving_config sets it aside and this test says so)."""
+    """config.yaml's events section as redrec.serving.config reads it."""
     cfg = config_yaml(render(value_set))
-    parsed, pending = load_serving_config(cfg)
-    if "events" in pending:
-        pytest.skip("redrec.serving.config has no events section yet (the Python side of the event log)")
+    parsed = load_serving_config(cfg)
     ev = cfg["events"]
     assert parsed.events.log == ev["log"] and parsed.events.max_future_skew_s == ev["max_future_skew_s"]
     if ev["log"] == "redis":
@@ -1023,7 +999,7 @@ def test_ingest_env_opens_the_remote_feast_store(render, monkeypatch):
             monkeypatch.delenv(k)
     for name, e in env_map(_ingest(docs)[1]).items():
         monkeypatch.setenv(name, e["value"] if "value" in e else f"from-secret-{e['valueFrom']['secretKeyRef']['name']}")
-    parsed, _ = load_serving_config(config_yaml(docs))
+    parsed = load_serving_config(config_yaml(docs))
     fs = remote_store_yaml(parsed)
     assert fs["online_store"] == {"type": "remote", "path": f"http://{RELEASE}-redrec-feast.{NAMESPACE}.svc:6566",
                                   "connection_retries": 1}
@@ -1174,9 +1150,8 @@ def test_api_tokens_secret_is_mounted_as_a_directory(render, value_set, read_rou
         if w is not dep:
             assert not [v for v in pod_template(w)["spec"].get("volumes", [])
                         if v.get("secret", {}).get("secretName") == TOKENS_SECRET["name"]], w["metadata"]["name"]
-    parsed, pending = load_serving_config(cfg)
-    if "auth" not in pending:  # once redrec.serving.config has its auth section
-        assert (parsed.auth.enabled, parsed.auth.read_routes, parsed.auth.tokens_file) == (True, read_routes, tokens_file)
+    parsed = load_serving_config(cfg)
+    assert (parsed.auth.enabled, parsed.auth.read_routes, parsed.auth.tokens_file) == (True, read_routes, tokens_file)
 
 
 def test_auth_needs_its_secret_or_an_explicit_off(helm):
@@ -1740,7 +1715,7 @@ def test_documented_install_commands_render(helm, tmp_path):
 def test_rendered_config_loads_in_the_serving_service(render, value_set):
     """The serving pod's REDREC_CONFIG, through the service's own typed loader."""
     docs = render(value_set)
-    cfg, _ = load_serving_config(yaml.safe_load(one(docs, "ConfigMap", f"{RELEASE}-redrec-config")["data"]["config.yaml"]))
+    cfg = load_serving_config(yaml.safe_load(one(docs, "ConfigMap", f"{RELEASE}-redrec-config")["data"]["config.yaml"]))
     values = yaml.safe_load((CI_VALUES / f"{value_set}-values.yaml").read_text()) or {}
     feast = {**yaml.safe_load((CHART / "values.yaml").read_text())["feast"], **values.get("feast", {})}
     registry = {**yaml.safe_load((CHART / "values.yaml").read_text())["feast"]["registry"], **feast.get("registry", {})}

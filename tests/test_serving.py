@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import subprocess
 import sys
 import tempfile
@@ -24,6 +25,9 @@ from redrec.data.synthetic import SyntheticConfig, generate  # noqa: E402
 from models_util import SEQ_LEN, tiny_model  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
+# the session server runs with auth on, as the chart runs it: the write and ops routes need this
+TOKEN = secrets.token_hex(32)
+AUTH = {"authorization": f"Bearer {TOKEN}"}
 
 
 @pytest.fixture(scope="session")
@@ -63,7 +67,12 @@ def world(tmp_path_factory):
 def server(world):
     from redrec.serving.local import LocalServer
 
-    srv = LocalServer(world["config"])
+    cfg = json.loads(json.dumps(world["cfg"]))
+    (world["work"] / "api-tokens").write_text(f"# the session's token\n{TOKEN}\n")
+    cfg["auth"] = {"enabled": True, "tokens_file": str(world["work"] / "api-tokens")}
+    path = world["work"] / "config-auth.yaml"
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    srv = LocalServer(path)
     srv.start(timeout_s=240)
     yield srv
     srv.stop()
@@ -71,7 +80,8 @@ def server(world):
 
 def post(server, route, **body):
     # json.dumps, not httpx's encoder: bad-input tests send what a sloppy client sends (NaN included)
-    return httpx.post(server.url + route, content=json.dumps(body), headers={"content-type": "application/json"}, timeout=30)
+    return httpx.post(server.url + route, content=json.dumps(body), headers={"content-type": "application/json", **AUTH},
+                      timeout=30)
 
 
 def rec(server, user, scenario, k=10, **kw):
@@ -232,7 +242,7 @@ def test_non_json_bodies_are_a_415_with_the_error_body(server):
     for ctype, body in (("multipart/form-data", b"--x\r\n"), ("application/x-www-form-urlencoded", b"user_id=u1"),
                         ("text/plain", b"hello")):
         for route in ("/recommend", "/similar_items", "/record_events", "/batching_stats"):
-            r = httpx.post(server.url + route, content=body, headers={"content-type": ctype}, timeout=30)
+            r = httpx.post(server.url + route, content=body, headers={"content-type": ctype, **AUTH}, timeout=30)
             assert r.status_code == 415, (route, ctype, r.status_code, r.text)
             assert r.json()["field"] == "content-type" and ctype in r.json()["error"]
 
@@ -292,7 +302,7 @@ def test_concurrent_requests_share_a_batch_and_get_their_own_answers(server, wor
     rows = logged.loc[[o["request_id"] for o in outs]]
     assert rows["batch_size"].max() > 1, rows["batch_size"].tolist()
     # the world's collection is small: the server holds a copy and searches it in process
-    release = httpx.get(server.url + "/ops/release", timeout=30).json()
+    release = httpx.get(server.url + "/ops/release", headers=AUTH, timeout=30).json()
     arm = release["arms"]["control"]
     assert arm["searched"].startswith("in process, exactly"), arm
     # serving.torch_threads (1) caps numpy's BLAS too: its default pool (one thread per core)
@@ -565,8 +575,9 @@ def test_feature_server_down_gives_503(server, world):
 
 def test_openapi_is_the_contract_and_fuzzing_finds_no_server_error(server, world, tmp_path):
     """The OpenAPI document names what the server accepts (the config's scenarios, k's bounds) and
-    the error body it sends; schemathesis (every check, bounded examples) then finds no 5xx and
-    no response outside that document."""
+    the error body it sends; schemathesis (every check, bounded examples, the token) then finds no
+    5xx, no response outside that document and no declared auth left unenforced."""
+    import re
     import shutil
 
     from redrec.serving.config import ServingConfig
@@ -589,12 +600,15 @@ def test_openapi_is_the_contract_and_fuzzing_finds_no_server_error(server, world
         r = post(server, "/recommend", **body)
         assert r.status_code == 400 and set(r.json()) == {"error", "field"}, r.text
     st = shutil.which("schemathesis") or str(Path(sys.executable).parent / "schemathesis")
+    log_start = server.log_path.stat().st_size
     proc = subprocess.run(
         [st, "run", server.url + "/docs.json", "--url", server.url, "--checks", "all",
          # a schema-valid request may still name an item or action outside the model's catalogue,
          # which no static schema can list: its 400 {error, field} is right, not a contract breach
          "--exclude-checks", "positive_data_acceptance", "--max-examples", "40",
          "--seed", "7", "--request-timeout", "30", "--include-path-regex", "^/(recommend|similar_items|record_events)$",
+         # with the token: the fuzzing reaches the routes behind auth (its ignored_auth check sends none)
+         "--header", f"Authorization: Bearer {TOKEN}",
          "--report", "junit", "--report-dir", str(tmp_path / "st"), "--no-color"],
         # cwd: schemathesis keeps its crash cache in the working directory, not in the checkout
         capture_output=True, text=True, timeout=900, cwd=tmp_path, env={**os.environ, "SCHEMATHESIS_TELEMETRY": "false"})
@@ -695,7 +709,7 @@ def test_two_pods_and_two_ingest_workers_lose_nothing_through_the_event_log(worl
         async def send(urls, rounds):
             async with httpx.AsyncClient(timeout=60) as c:
                 for calls in rounds:  # a round holds at most one chunk per user: a user's order is kept
-                    rs = await asyncio.gather(*(c.post(urls[n % 2] + "/record_events", json={"events": body})
+                    rs = await asyncio.gather(*(c.post(urls[n % 2] + "/record_events", json={"events": body}, headers=AUTH)
                                                 for n, body in enumerate(calls)))
                     bad = [r.text for r in rs if r.status_code != 200]
                     assert not bad, bad[:3]
@@ -747,3 +761,7 @@ def test_two_pods_and_two_ingest_workers_lose_nothing_through_the_event_log(worl
                 os.killpg(p.pid, signal.SIGTERM)
                 p.wait(20)
         redis.stop()
+    # the token took the fuzzing past auth: /record_events answered more than 401s (access log)
+    fuzzed = server.log_path.read_bytes()[log_start:].decode(errors="replace")
+    statuses = set(re.findall(r"path=/record_events,[^)]*\) \(status=(\d+)", fuzzed))
+    assert statuses - {"401", "403"}, statuses
