@@ -613,6 +613,10 @@ def test_openapi_is_the_contract_and_fuzzing_finds_no_server_error(server, world
         # cwd: schemathesis keeps its crash cache in the working directory, not in the checkout
         capture_output=True, text=True, timeout=900, cwd=tmp_path, env={**os.environ, "SCHEMATHESIS_TELEMETRY": "false"})
     assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-2000:]
+    # the token took the fuzzing past auth: /record_events answered more than 401s (access log)
+    fuzzed = server.log_path.read_bytes()[log_start:].decode(errors="replace")
+    statuses = set(re.findall(r"path=/record_events,[^)]*\) \(status=(\d+)", fuzzed))
+    assert statuses - {"401", "403"}, statuses
 
 
 def ingest_traffic(world, n_users: int, per_user: int, seed: int = 11) -> list[list[dict]]:
@@ -668,7 +672,7 @@ def reference_windows(traffic, scenarios, seq_len=SEQ_LEN) -> dict[str, dict[str
 def test_two_pods_and_two_ingest_workers_lose_nothing_through_the_event_log(world, tmp_path):
     """events.log: redis. Two serving pods (separate process groups and lock directories, two
     workers each) append to one redis-server; two ingest workers apply the log to Feast (the
-    feature server). 20,000 events from 500 users, each user's events alternating between the
+    feature server, over Feast's Redis online store in the same redis-server). 20,000 events from 500 users, each user's events alternating between the
     pods, 10% out of order, 10% sharing a second, 5% exact duplicates; one ingest worker SIGKILLed
     halfway and restarted. Every window equals the naive reference, every popularity count is exact."""
     import asyncio
@@ -676,14 +680,22 @@ def test_two_pods_and_two_ingest_workers_lose_nothing_through_the_event_log(worl
     from collections import Counter
 
     from redrec.serving.config import IngestConfig
+    from redrec.serving.feast_server import FeatureServer, with_online_store
     from redrec.serving.features import open_repo
     from redrec.serving.local import LocalServer
     from services_util import Redis
 
     redis = Redis()
     procs: list[subprocess.Popen] = []
+    fs = None
     try:
+        # the production online store behind the feature server: Redis (Feast's SQLite store shares
+        # one connection between the server's threads, and concurrent writers roll back each other)
+        fs = FeatureServer(with_online_store(world["work"] / "feast", tmp_path / "feast-redis",
+                                             {"type": "redis", "connection_string": f"127.0.0.1:{redis.port}"}))
+        fs.start()
         cfg = json.loads(json.dumps(world["cfg"]))
+        cfg["serving"]["feature_server_url"] = fs.url
         cfg["serving"].update(workers=2, max_events_per_call=1000)
         cfg["events"] = {"log": "redis", "redis_url": f"redis://127.0.0.1:{redis.port}/0", "partitions": 8,
                          "lease_ttl_s": 2.0, "block_ms": 50}
@@ -760,8 +772,6 @@ def test_two_pods_and_two_ingest_workers_lose_nothing_through_the_event_log(worl
             if p.poll() is None:
                 os.killpg(p.pid, signal.SIGTERM)
                 p.wait(20)
+        if fs is not None:
+            fs.stop()
         redis.stop()
-    # the token took the fuzzing past auth: /record_events answered more than 401s (access log)
-    fuzzed = server.log_path.read_bytes()[log_start:].decode(errors="replace")
-    statuses = set(re.findall(r"path=/record_events,[^)]*\) \(status=(\d+)", fuzzed))
-    assert statuses - {"401", "403"}, statuses
