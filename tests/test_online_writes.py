@@ -11,7 +11,8 @@ import yaml
 
 from redrec.data.synthetic import SyntheticConfig, generate
 from redrec.features import FeatureRepo, HistoryEvent
-from services_util import Redis, readme_event_log_acl
+from services_util import readme_event_log_acl
+from test_features import redis_server  # noqa: F401  (a fixture)
 
 SEQ_LEN = 8
 
@@ -19,15 +20,6 @@ SEQ_LEN = 8
 @pytest.fixture(scope="module")
 def data():
     return generate(SyntheticConfig(n_users=30, n_items=60, events_per_user=10, seed=5))
-
-
-@pytest.fixture(scope="module")
-def redis_server():
-    r = Redis()
-    try:
-        yield r
-    finally:
-        r.stop()
 
 
 def redis_repo(root, port: int, data, seq_len=SEQ_LEN) -> FeatureRepo:

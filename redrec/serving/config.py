@@ -192,22 +192,12 @@ class ServingConfig(_Strict):
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> "ServingConfig":
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"serving config {p} does not exist (set REDREC_CONFIG to the config.yaml)")
-        try:
-            raw = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{p}: not valid YAML: {e}") from None
+        p, raw = _read_yaml(path, "serving config", "set REDREC_CONFIG to the config.yaml")
         return cls.from_dict(raw, source=str(p))
 
     @classmethod
     def from_dict(cls, raw: dict, source: str = "config") -> "ServingConfig":
-        try:
-            return cls.model_validate(raw)
-        except ValidationError as e:
-            lines = [f"  {'.'.join(str(x) for x in err['loc']) or '(top level)'}: {err['msg']}" for err in e.errors()]
-            raise ConfigError(f"{source}: invalid serving config:\n" + "\n".join(lines)) from None
+        return _validated(cls, raw, source, "serving config")
 
     @classmethod
     def from_env(cls) -> "ServingConfig":
@@ -236,13 +226,24 @@ class IngestConfig(BaseModel):
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> "IngestConfig":
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config {p} does not exist (pass --config or set REDREC_CONFIG to the serving config.yaml)")
-        try:
-            return cls.model_validate(yaml.safe_load(p.read_text()) or {})
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{p}: not valid YAML: {e}") from None
-        except ValidationError as e:
-            lines = [f"  {'.'.join(str(x) for x in err['loc']) or '(top level)'}: {err['msg']}" for err in e.errors()]
-            raise ConfigError(f"{p}: invalid ingest config:\n" + "\n".join(lines)) from None
+        p, raw = _read_yaml(path, "config", "pass --config or set REDREC_CONFIG to the serving config.yaml")
+        return _validated(cls, raw, str(p), "ingest config")
+
+
+def _read_yaml(path: str | Path, what: str, fix: str) -> tuple[Path, dict]:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"{what} {p} does not exist ({fix})")
+    try:
+        return p, yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{p}: not valid YAML: {e}") from None
+
+
+def _validated(cls, raw: dict, source: str, what: str):
+    """The model, or a ConfigError listing every bad field by its dotted path."""
+    try:
+        return cls.model_validate(raw)
+    except ValidationError as e:
+        lines = [f"  {'.'.join(str(x) for x in err['loc']) or '(top level)'}: {err['msg']}" for err in e.errors()]
+        raise ConfigError(f"{source}: invalid {what}:\n" + "\n".join(lines)) from None
