@@ -104,7 +104,7 @@ def test_the_event_log_applies_in_order_once_and_survives_a_worker_that_died(tmp
     redis_server.client.flushall()
     repo = sqlite_repo(tmp_path / "feast", data)
     cfg = EventLogConfig(log="redis", redis_url=f"redis://127.0.0.1:{redis_server.port}/0", partitions=2,
-                         lease_ttl_s=0.5, block_ms=10)
+                         lease_ttl_s=0.5, block_ms=10, popularity_copy_s=0)
     items = data.items["item_id"].tolist()
     now = int(time.time())
     ev = pd.DataFrame({"user_id": ["a", "b", "a", "a", "b", "a"], "item_id": [items[i] for i in (0, 1, 2, 3, 1, 0)],
@@ -145,7 +145,7 @@ def test_the_readme_acl_user_can_append_and_ingest_and_nothing_else(tmp_path, da
     admin.execute_command(*words)
     repo = sqlite_repo(tmp_path / "feast", data)
     cfg = EventLogConfig(log="redis", redis_url=f"redis://127.0.0.1:{redis_server.port}/0", redis_username="redrec-events",
-                         redis_password="s3cret", partitions=2, block_ms=10)
+                         redis_password="s3cret", partitions=2, block_ms=10, popularity_copy_s=0)
     items = data.items["item_id"].tolist()
     now = int(time.time())
     RedisStreamLog(cfg).append(pd.DataFrame({"user_id": ["acl-a", "acl-a"], "item_id": items[:2], "scenario": "search",

@@ -84,6 +84,8 @@ def cmd_ingest(args) -> int:
         idle = 0
         while idle < 3 and not stop.is_set():  # three empty passes: nothing pending, nothing arriving
             idle = idle + 1 if worker.step() == 0 and not worker.backlog else 0
+        while worker.flush_popularity():
+            pass
         worker.release_all()
     else:
         worker.run(stop)

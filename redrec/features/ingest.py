@@ -119,7 +119,7 @@ class IngestWorker:
         self.backlog: set[int] = set()  # partitions whose pending entries (ours or claimed) come first
         self.stats = IngestStats()
         self.alive_at = time.monotonic()
-        self._rebalanced_at = 0.0
+        self._rebalanced_at = self._flushed_at = 0.0
         self._renew, self._release = self.r.register_script(_RENEW), self.r.register_script(_RELEASE)
         self._count, self._take = self.r.register_script(_COUNT), self.r.register_script(_TAKE)
         self._seed = self.r.register_script(_SEED)
@@ -206,7 +206,9 @@ class IngestWorker:
             n += self.apply({_partition(stream): entries for stream, entries in got or [] if entries})
         else:
             time.sleep(self.cfg.block_ms / 1000)
-        self.flush_popularity()
+        if time.monotonic() - self._flushed_at >= self.cfg.popularity_copy_s:
+            self.flush_popularity()
+            self._flushed_at = time.monotonic()
         self.alive_at = time.monotonic()
         return n
 
@@ -319,6 +321,7 @@ class IngestWorker:
                 stop.wait(backoff)
                 backoff = min(backoff * 2, 5.0)
         try:
+            self.flush_popularity()  # what this worker counted reaches Feast now, not at a successor's copy
             self.release_all()
         except Exception:  # noqa: BLE001 - the leases expire on their own
             log.warning("could not release the leases; they expire in %.0fs", self.cfg.lease_ttl_s)
