@@ -253,6 +253,14 @@ class Poller(threading.Thread):
             self.fresh, self.reads, self.never = [], [], 0
         return out
 
+    def forget(self) -> int:
+        """Drops the calls still pending (the warm-up's): they must not count in the next step."""
+        with self.lock:
+            n = len(self.calls)
+            self.pending.clear()
+            self.calls.clear()
+        return n
+
     def idle(self) -> bool:
         with self.lock:
             return not self.calls
@@ -509,6 +517,7 @@ async def run_mode(mode: str, cfg_path: Path, args, traffic: Traffic, repo, redi
             await open_loop(client, srv.url, traffic, f"{mode}-warm", 100, 1, args.warmup_seconds, 1, poller,
                             args.max_in_flight)
             await _settle(poller, log_empty, 30)
+            out["warmup_calls_not_visible_after_30s"] = poller.forget()
             poller.take()
             plan = [(rate, 1 if rate <= 100 else 10, 1 if rate <= 100 else 10) for rate in args.rates]
             if mode == "redis" and args.control_no_poll:
@@ -519,8 +528,8 @@ async def run_mode(mode: str, cfg_path: Path, args, traffic: Traffic, repo, redi
                 cpu0, fe0 = cpu_snapshot(), feast_errors(feast_log)
                 st = await open_loop(client, srv.url, traffic, f"{mode}-{rate:g}", rate, per_call, args.seconds,
                                      sample_every, poller, args.max_in_flight, backlog)
-                drained = await _settle(poller, log_empty, 120)
-                st["cpu_from_first_call_to_drained"] = cpu_usage(cpu0, cpu_snapshot())
+                drained, cpu1 = await _settle(poller, log_empty, 120)
+                st["cpu_from_first_call_to_drained"] = cpu_usage(cpu0, cpu1)
                 _drain(st, drained, mode)
                 fresh, reads, never = poller.take()
                 st["poller"] = bool(sample_every)
@@ -544,7 +553,7 @@ async def run_mode(mode: str, cfg_path: Path, args, traffic: Traffic, repo, redi
             rec = await asyncio.to_thread(wrk, srv.url, bodies, 100, args.wrk_seconds)
             cpu1 = cpu_snapshot()
             st = await bg
-            drained = await _settle(poller, log_empty, 120)
+            drained, _ = await _settle(poller, log_empty, 120)
             _drain(st, drained, mode)
             rec["cpu_during_wrk"] = cpu_usage(cpu0, cpu1, {
                 "wrk": rec["load_generator_cpu_ms_per_request"] * rec["requests"] / 1000})
@@ -605,18 +614,19 @@ def _wall(t_perf: float) -> float:
     return time.time() - (time.perf_counter() - t_perf)
 
 
-async def _settle(poller: Poller, log_empty, limit_s: float) -> float:
-    """Waits until the log is drained and the poller has seen every sampled call; returns when the
-    log was first seen empty (perf_counter)."""
+async def _settle(poller: Poller, log_empty, limit_s: float) -> tuple[float, dict]:
+    """Waits until the log is drained and the poller has seen every sampled call (or given it up);
+    returns when the log was first seen empty (perf_counter; NaN: not within limit_s) and a CPU
+    snapshot taken then (a step's CPU ends there, not after the wait for calls never visible)."""
     deadline = time.perf_counter() + limit_s
-    drained = None
+    drained, snap = None, None
     while time.perf_counter() < deadline:
         if drained is None and log_empty():
-            drained = time.perf_counter()
+            drained, snap = time.perf_counter(), cpu_snapshot()
         if drained is not None and poller.idle():
             break
         await asyncio.sleep(0.02)
-    return drained if drained is not None else float("nan")
+    return (drained, snap) if drained is not None else (float("nan"), cpu_snapshot())
 
 
 def _dash(x) -> str:
