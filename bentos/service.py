@@ -4,6 +4,9 @@ Config: the YAML at ``$REDREC_CONFIG`` (the chart mounts it at /etc/redrec/confi
 Errors: bad input -> 4xx with ``{"error", "field"}``; Milvus/Feast down -> 503 with the reason
 (or the popularity fallback when ``serving.on_dependency_error: popularity``); the process keeps
 running. ``/readyz`` fails until the models, the index aliases and the popularity table are loaded.
+Auth (``auth.*``): the write and ops routes need a bearer token, the read routes too with
+``auth.read_routes`` (``redrec.serving.auth``); a body over ``serving.max_body_bytes`` is a 413
+before it is parsed (``redrec.serving.limits``).
 """
 
 from __future__ import annotations
@@ -21,9 +24,11 @@ from starlette.responses import JSONResponse
 
 os.environ.setdefault("BENTOML_DO_NOT_TRACK", "True")
 
-from redrec.serving.config import ServingConfig  # noqa: E402
+from redrec.serving.auth import BearerAuth, needs_token, require_tokens  # noqa: E402
+from redrec.serving.config import AuthSection, ServingConfig, ServingSection  # noqa: E402
 from redrec.serving.engine import Engine, ServingError  # noqa: E402
 from redrec.serving.http import ErrorContract  # noqa: E402
+from redrec.serving.limits import BodyLimit  # noqa: E402
 
 log = logging.getLogger("redrec.serving")
 
@@ -40,8 +45,24 @@ def _contract() -> tuple[tuple[str, ...], int, int, int]:
         return (), 10_000, 4096, 1
 
 
+def _limits() -> tuple[int, int, AuthSection]:
+    """The bounds on item ids and bodies and the auth settings the process starts with (auth.* and
+    these are read once: a change needs a restart; the tokens file is re-read as it changes)."""
+    try:
+        cfg = ServingConfig.from_env()
+    except Exception:  # no config: __init__ refuses to start anyway; fail closed meanwhile
+        return ServingSection().max_item_id_len, ServingSection().max_body_bytes, AuthSection(enabled=True)
+    # auth on and no token: refuse to start rather than lock every client out. Here, at import,
+    # not in __init__: `bentoml serve` imports the service before it starts any worker and exits
+    # on an error there, where a worker failing its start is only restarted, forever
+    require_tokens(cfg.auth)
+    return cfg.serving.max_item_id_len, cfg.serving.max_body_bytes, cfg.auth
+
+
 SCENARIOS, MAX_K, MAX_USER_ID, WORKERS = _contract()
-Scenario = Literal[SCENARIOS] if SCENARIOS else str  # type: ignore[valid-type]
+MAX_ITEM_ID, MAX_BODY, AUTH = _limits()
+MAX_ACTION = 64  # actions are the model's small vocabulary (click, like, ...): anything longer is a typo or abuse
+Scenario = Literal[SCENARIOS] if SCENARIOS else Annotated[str, Field(max_length=256)]  # type: ignore[valid-type]
 # a user id: not blank (the pattern needs one non-space character), bounded as the config says
 UserId = Annotated[str, Field(min_length=1, max_length=MAX_USER_ID, pattern=r"\S")]
 # OpenAPI 3.0 spells "or null" as nullable: BentoML's schema drops pydantic's anyOf-null
@@ -85,11 +106,14 @@ class SimilarItems(BaseModel):
     scores: list[float]
 
 
+ItemId = Annotated[str, Field(min_length=1, max_length=MAX_ITEM_ID)]
+
+
 class Event(BaseModel):
     user_id: UserId
-    item_id: Annotated[str, Field(min_length=1)]
+    item_id: ItemId
     scenario: Scenario
-    action: Annotated[str, Field(min_length=1)]
+    action: Annotated[str, Field(min_length=1, max_length=MAX_ACTION)]
     # bounded: a ts in the far future is bad input (400), not a store outage, and never wraps int64
     ts: Optional[int] = Field(None, ge=0, le=253402300799, json_schema_extra=NULLABLE,
                               description="unix seconds (up to year 9999); default: now")
@@ -157,7 +181,7 @@ class RedRec:
     @bentoml.api(route="/similar_items")
     async def similar_items(
         self,
-        item_id: Annotated[str, Field(min_length=1, max_length=4096)],
+        item_id: ItemId,
         scenario: Scenario,
         k: Annotated[int, Field(ge=1, le=MAX_K, strict=True)] = 10,
         user_id: Annotated[Optional[UserId], Field(json_schema_extra=NULLABLE)] = None,
@@ -182,6 +206,12 @@ class RedRec:
         return self.engine.stats()
 
 
-# one error contract on the API routes: JSON bodies only (415), BentoML's validation errors as
-# {error, field}, and the OpenAPI document declaring exactly that
-RedRec.add_asgi_middleware(ErrorContract, routes=("/recommend", "/similar_items", "/record_events", "/batching_stats"))
+API_ROUTES = ("/recommend", "/similar_items", "/record_events", "/batching_stats")
+# outermost first: a request without a valid token is refused before anything else, then a body
+# over the cap before any of it is parsed; then one error contract on the API routes: JSON bodies
+# only (415), BentoML's validation errors as {error, field}, and the OpenAPI document declaring
+# exactly that, the bearer scheme included
+RedRec.add_asgi_middleware(BearerAuth, auth=AUTH)
+RedRec.add_asgi_middleware(BodyLimit, max_bytes=MAX_BODY)
+RedRec.add_asgi_middleware(ErrorContract, routes=API_ROUTES,
+                           secured=lambda path: AUTH.enabled and needs_token(path, AUTH.read_routes))

@@ -111,3 +111,16 @@ class Redis:
         except subprocess.TimeoutExpired:
             self.proc.kill()
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def readme_event_log_acl(password: str) -> list[str]:
+    """The operator's ``ACL SETUSER`` for the event log's Redis user, as README's install step 4
+    writes it (continuation lines joined, the password's SHA-256 computed as its $(...) does)."""
+    import hashlib
+    import re
+    import shlex
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    cmd = re.search(r"^redis-cli .*? (ACL SETUSER redrec-events .*?)\n```", readme, re.M | re.S).group(1)
+    words = shlex.split(cmd.replace("\\\n", " "))
+    return ["#" + hashlib.sha256(password.encode()).hexdigest() if w.startswith("#$(") else w for w in words]

@@ -16,6 +16,7 @@ touch a real cluster or the user's helm setup.
 from __future__ import annotations
 
 import copy
+import hashlib
 import importlib
 import io
 import json
@@ -52,16 +53,19 @@ PIPELINE_ID = "6f3c1a52-2b7e-4d0c-9a51-3e2f0c1d7b44"  # as in ci/default-values.
 # Custom resources have no schema in kubernetes-validate; they are checked by hand below.
 CRD_KINDS = {("monitoring.coreos.com/v1", "ServiceMonitor"), ("monitoring.coreos.com/v1", "PrometheusRule")}
 SCHEMA_ERROR = "values don't meet the specifications of the schema(s)"
+# The Secrets ci/default-values.yaml names: the event log's Redis password, the API tokens.
+EVENTS_SECRET = {"name": "redrec-events-redis", "key": "password"}
+TOKENS_SECRET = {"name": "redrec-api-tokens", "key": "tokens"}
 
 EXPECTED_KINDS = {
     "default": {
-        "ConfigMap": 2, "Deployment": 2, "Service": 2, "ServiceAccount": 3, "HorizontalPodAutoscaler": 1,
-        "PodDisruptionBudget": 2, "CronJob": 1, "Role": 1, "RoleBinding": 1, "NetworkPolicy": 3, "Pod": 1,
+        "ConfigMap": 2, "Deployment": 3, "Service": 2, "ServiceAccount": 4, "HorizontalPodAutoscaler": 1,
+        "PodDisruptionBudget": 3, "CronJob": 1, "Role": 1, "RoleBinding": 1, "NetworkPolicy": 4, "Pod": 1,
         "PersistentVolumeClaim": 1,
     },
     "production": {
-        "ConfigMap": 2, "Deployment": 2, "Service": 2, "ServiceAccount": 3, "HorizontalPodAutoscaler": 1,
-        "PodDisruptionBudget": 2, "CronJob": 1, "Role": 1, "RoleBinding": 1, "NetworkPolicy": 3, "Pod": 1,
+        "ConfigMap": 2, "Deployment": 3, "Service": 2, "ServiceAccount": 4, "HorizontalPodAutoscaler": 1,
+        "PodDisruptionBudget": 3, "CronJob": 1, "Role": 1, "RoleBinding": 1, "NetworkPolicy": 4, "Pod": 1,
         "ServiceMonitor": 1, "PersistentVolumeClaim": 1, "PrometheusRule": 1,
     },
     "minimal": {"ConfigMap": 1, "Deployment": 1, "Service": 1, "ServiceAccount": 1},
@@ -224,6 +228,25 @@ def config_yaml(docs: list[dict]) -> dict:
     return yaml.safe_load(cm["data"]["config.yaml"])
 
 
+def load_serving_config(raw: dict):
+    """config.yaml through redrec.serving.config.ServingConfig (which forbids unknown keys)."""
+    from redrec.serving.config import ServingConfig
+
+    return ServingConfig.from_dict(copy.deepcopy(raw))
+
+
+def subcommand(parser, *words: str):
+    """The argparse sub-parser reached by words (e.g. "features", "ingest"), or None."""
+    import argparse
+
+    for word in words:
+        actions = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+        if not actions or word not in actions[0].choices:
+            return None
+        parser = actions[0].choices[word]
+    return parser
+
+
 def feature_store_yaml(docs: list[dict], env: dict[str, str]) -> dict:
     """Parse feature_store.yaml the way Feast does: os.path.expandvars, then yaml.safe_load."""
     cm = one(docs, "ConfigMap", f"{RELEASE}-redrec-feast-config")
@@ -350,11 +373,14 @@ def test_lint_strict(helm, value_set):
     assert "0 chart(s) failed" in out and "[WARNING]" not in out and "[ERROR]" not in out, out
 
 
-def test_lint_strict_chart_defaults_only_warns_about_the_pipeline_id(helm):
+def test_lint_strict_chart_defaults_only_warns_about_the_required_values(helm):
     proc = helm.run("lint", "--strict", CHART, check=False)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out
-    assert "kfp.pipelineId is required" in out  # lint mode reports `required` instead of failing
+    # lint mode reports `required` instead of failing: the values without a default
+    assert "kfp.pipelineId is required" in out
+    assert "events.redis.passwordSecret.name is required while events.log=redis" in out
+    assert "auth.tokensSecret.name is required while auth.enabled=true" in out
 
 
 @pytest.mark.parametrize("kube_version", KUBE_VERSIONS)
@@ -499,8 +525,6 @@ def test_serving_probes_ports_and_env(render):
 def test_serving_reads_the_pipelines_model_store(helm, tmp_path):
     """modelStore: the workspace claim mounted read-only, its store URI in config.yaml, and a
     config that the serving code itself accepts."""
-    from redrec.serving.config import ServingConfig
-
     docs = helm.template("-f", CI_VALUES / "default-values.yaml", "-f", values_file(tmp_path, {"modelStore": {
         "uri": "/var/lib/redrec/model-store", "existingClaim": "redrec-pipeline-workspace"}}))
     dep = one(docs, "Deployment", f"{RELEASE}-redrec-serving")
@@ -510,7 +534,7 @@ def test_serving_reads_the_pipelines_model_store(helm, tmp_path):
     assert vols["model-store"]["persistentVolumeClaim"] == {"claimName": "redrec-pipeline-workspace", "readOnly": True}
     cfg = config_yaml(docs)
     assert cfg["model_store"] == {"uri": "/var/lib/redrec/model-store", "config_poll_s": 5}
-    parsed = ServingConfig.from_dict({**cfg, "milvus": {**cfg["milvus"], "uri": "http://m:19530"}})
+    parsed = load_serving_config({**cfg, "milvus": {**cfg["milvus"], "uri": "http://m:19530"}})
     assert parsed.model_store.uri == "/var/lib/redrec/model-store"
     # by default no claim is mounted and the bundled model serves
     default = helm.template("-f", CI_VALUES / "default-values.yaml")
@@ -542,6 +566,109 @@ def test_feature_server_command_probes_and_config_mount(render):
     assert env_map(c)["FEAST_USAGE"]["value"] == "False"
     svc = one(docs, "Service", f"{RELEASE}-redrec-feast")
     assert svc["spec"]["ports"][0]["port"] == 6566 and svc["spec"]["ports"][0]["targetPort"] == "http"
+
+
+# --------------------------------------------------------------------------------------------
+# event log and ingest workers
+
+
+def _ingest(docs: list[dict]) -> tuple[dict, dict]:
+    dep = one(docs, "Deployment", f"{RELEASE}-redrec-ingest")
+    return dep, container(dep, "ingest")
+
+
+@pytest.mark.parametrize("value_set,replicas", [("default", 2), ("production", 4)])
+def test_ingest_deployment_command_probes_env(render, value_set, replicas):
+    docs = render(value_set)
+    dep, c = _ingest(docs)
+    assert dep["spec"]["replicas"] == replicas
+    assert c["command"] + c["args"] == ["redrec", "features", "ingest", "--config", "/etc/redrec/config.yaml",
+                                        "--health-port", "8081"]
+    assert c["ports"] == [{"name": "health", "containerPort": 8081, "protocol": "TCP"}]
+    for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
+        assert c[probe]["httpGet"] == {"path": "/healthz", "port": "health"}, probe
+    # the Feast registry loads before the loop answers 200: the startup probe waits for it
+    assert c["startupProbe"]["failureThreshold"] * c["startupProbe"]["periodSeconds"] >= 120
+    env = env_map(c)
+    cfg = config_yaml(docs)
+    assert env["REDREC_CONFIG"]["value"] == "/etc/redrec/config.yaml"
+    assert env["REDREC_EVENTS_REDIS_URL"]["value"] == cfg["events"]["redis_url"]
+    assert env["REDREC_EVENTS_REDIS_USERNAME"]["value"] == cfg["events"]["redis_username"] == "redrec-events"
+    assert env["REDREC_EVENTS_REDIS_PASSWORD"] == {"name": "REDREC_EVENTS_REDIS_PASSWORD",
+                                                   "valueFrom": {"secretKeyRef": EVENTS_SECRET}}
+    # the same Feast client as serving (one helper): feature server, registry password, CA
+    serving = container(one(docs, "Deployment", f"{RELEASE}-redrec-serving"), "serving")
+    shared = ("REDREC_FEATURE_SERVER_URL", "FEAST_REGISTRY_PASSWORD", "REDREC_EVENTS_REDIS_URL",
+              "REDREC_EVENTS_REDIS_USERNAME", "REDREC_EVENTS_REDIS_PASSWORD")
+    assert {k: env.get(k) for k in shared} == {k: env_map(serving).get(k) for k in shared}
+    assert ("FEAST_REGISTRY_PASSWORD" in env) == (value_set == "production")  # the SQL registry
+    mounts = {m["name"]: m for m in c["volumeMounts"]}
+    volumes = {v["name"]: v for v in pod_template(dep)["spec"]["volumes"]}
+    assert mounts["config"] == {"name": "config", "mountPath": "/etc/redrec", "readOnly": True}
+    assert volumes["config"]["configMap"]["name"] == f"{RELEASE}-redrec-config"
+    assert not mounts["tmp"].get("readOnly") and "emptyDir" in volumes["tmp"] and env["HOME"]["value"] == "/tmp"
+    serving_vols = {v["name"]: v for v in pod_template(one(docs, "Deployment", f"{RELEASE}-redrec-serving"))["spec"]["volumes"]}
+    if value_set == "production":  # verify-full SQL registry: the CA serving has
+        assert volumes["postgres-ca"] == serving_vols["postgres-ca"]
+        assert mounts["postgres-ca"] == {"name": "postgres-ca", "mountPath": "/etc/redrec-tls", "readOnly": True}
+    else:
+        assert "postgres-ca" not in volumes
+    sa = pod_template(dep)["spec"]["serviceAccountName"]
+    assert sa == f"{RELEASE}-redrec-ingest" and one(docs, "ServiceAccount", sa)["automountServiceAccountToken"] is False
+    assert "checksum/config" in pod_template(dep)["metadata"]["annotations"]
+    pdb = one(docs, "PodDisruptionBudget", f"{RELEASE}-redrec-ingest")
+    assert pdb["spec"]["minAvailable"] == (2 if value_set == "production" else 1)
+
+
+def test_ingest_command_is_the_clis(render):
+    """The worker's argv through the real `redrec` parser, once `redrec features ingest` exists."""
+    from redrec.cli import build_parser
+
+    c = _ingest(render("default"))[1]
+    parser = build_parser()
+    if subcommand(parser, "features", "ingest") is None:
+        pytest.skip("redrec has no `features ingest` command yet (the Python side of the event log)")
+    args = parser.parse_args(c["args"])
+    assert args.config == "/etc/redrec/config.yaml" and int(args.health_port) == 8081
+
+
+def test_ingest_only_with_the_redis_log(helm, render):
+    minimal = render("minimal")
+    assert not [d for d in minimal if d["metadata"]["name"].endswith("-ingest")]
+    assert "REDREC_EVENTS_REDIS_URL" not in env_map(container(one(minimal, "Deployment"), "serving"))
+    docs = helm.template("-f", CI_VALUES / "default-values.yaml", "--set", "events.log=embedded",
+                         "--set", "serving.autoscaling.enabled=false", "--set", "serving.replicaCount=1",
+                         "--set", "serving.pdb.enabled=false")
+    assert not [d for d in docs if d["metadata"]["name"].endswith("-ingest")]
+    assert config_yaml(docs)["events"] == {"log": "embedded", "max_future_skew_s": 300}
+    serving = one(docs, "NetworkPolicy", f"{RELEASE}-redrec-serving")["spec"]
+    assert ("TCP", 6379) not in _rules_ports(serving["egress"])
+    # one worker: no disruption budget (nothing to keep available), still a valid release
+    docs = helm.template("-f", CI_VALUES / "default-values.yaml", "--set", "ingest.replicaCount=1")
+    assert one(docs, "Deployment", f"{RELEASE}-redrec-ingest")["spec"]["replicas"] == 1
+    assert {p["metadata"]["name"] for p in of_kind(docs, "PodDisruptionBudget")} == {
+        f"{RELEASE}-redrec-serving", f"{RELEASE}-redrec-feast"}
+
+
+def test_event_log_password_never_in_a_config_map(helm, tmp_path):
+    """Only the Secret's name reaches the objects; no ConfigMap key or env value holds a password,
+    and a URL with credentials is refused by the schema (tested with SCHEMA_CASES)."""
+    docs = helm.template("-f", CI_VALUES / "production-values.yaml")
+    cfg = config_yaml(docs)
+    assert not [k for k in cfg["events"] if "pass" in k.lower()]
+    assert "@" not in cfg["events"]["redis_url"]
+    for cm in of_kind(docs, "ConfigMap"):
+        for text in cm["data"].values():
+            assert "REDREC_EVENTS_REDIS_PASSWORD" not in text and "passwordSecret" not in text
+    for w in workloads(docs):
+        for c in pod_template(w)["spec"]["containers"]:
+            e = env_map(c).get("REDREC_EVENTS_REDIS_PASSWORD")
+            assert e is None or set(e) == {"name", "valueFrom"}
+
+
+def test_missing_event_log_secret_is_refused(helm):
+    err = helm.template_error("-f", CI_VALUES / "default-values.yaml", "--set", "events.redis.passwordSecret.name=")
+    assert "events.redis.passwordSecret.name is required while events.log=redis" in err
 
 
 # --------------------------------------------------------------------------------------------
@@ -790,9 +917,11 @@ def test_drift_service_account_may_start_kfp_runs(render, value_set, kfp_ns):
 
 
 def test_missing_pipeline_id_is_refused_only_while_drift_is_on(helm):
-    err = helm.template_error()
+    secret = ("--set", f"events.redis.passwordSecret.name={EVENTS_SECRET['name']}",
+              "--set", f"auth.tokensSecret.name={TOKENS_SECRET['name']}")
+    err = helm.template_error(*secret)
     assert "kfp.pipelineId is required while drift.enabled=true" in err
-    docs = helm.template("--set", "drift.enabled=false")
+    docs = helm.template("--set", "drift.enabled=false", *secret)
     assert not of_kind(docs, "CronJob") and not of_kind(docs, "Role")
 
 
@@ -812,6 +941,11 @@ def test_config_contents_default(render):
                                              "rotate_mb": 256, "rotate_minutes": 60, "retention_hours": 72}
     assert cfg["serving"]["feature_server_url"] == f"http://{RELEASE}-redrec-feast.{NAMESPACE}.svc:6566"
     assert cfg["serving"]["serving_log"]["dir"] == "/var/log/redrec/serving"
+    assert cfg["serving"]["max_body_bytes"] == 2097152
+    # the production write path: the Redis Streams log, the password only in the pods' env
+    assert cfg["events"] == {"log": "redis", "redis_url": "redis://redis-master.redis.svc.cluster.local:6379/0",
+                             "redis_username": "redrec-events", "stream_prefix": "redrec:events",
+                             "partitions": 16, "max_future_skew_s": 300}
     assert cfg["milvus"] == {"uri": "http://milvus.milvus.svc.cluster.local:19530", "collection_alias": "redrec_items"}
     thresholds = cfg["drift"].pop("thresholds")
     assert cfg["drift"] == {"kfp_host": "http://ml-pipeline.kubeflow.svc.cluster.local:8888",
@@ -832,12 +966,44 @@ def test_config_contents_production_and_minimal(render):
     assert [(a["name"], a["model_version"], a["index_alias"], a["share"]) for a in exp["arms"]] == [
         ("control", "2025-05-01", "redrec_items", 0.8), ("treatment", "2025-06-01", "redrec_items_candidate", 0.2)]
     assert cfg["serving"]["max_k"] == 500 and cfg["log_level"] == "WARNING"
+    assert cfg["events"]["partitions"] == 32 and cfg["events"]["redis_url"].startswith("redis://redrec-events.redis.")
 
     minimal = render("minimal")
     cfg = config_yaml(minimal)
     url = "http://feast-feature-server.feast.svc.cluster.local:6566"
     assert cfg["serving"]["feature_server_url"] == url
     assert env_map(container(one(minimal, "Deployment"), "serving"))["REDREC_FEATURE_SERVER_URL"]["value"] == url
+    assert cfg["events"] == {"log": "embedded", "max_future_skew_s": 300}
+
+
+@pytest.mark.parametrize("value_set", VALUE_SETS)
+def test_events_section_in_the_serving_config_model(render, value_set):
+    """config.yaml's events section as redrec.serving.config reads it."""
+    cfg = config_yaml(render(value_set))
+    parsed = load_serving_config(cfg)
+    ev = cfg["events"]
+    assert parsed.events.log == ev["log"] and parsed.events.max_future_skew_s == ev["max_future_skew_s"]
+    if ev["log"] == "redis":
+        assert (parsed.events.redis_url, parsed.events.redis_username, parsed.events.stream_prefix,
+                parsed.events.partitions) == (ev["redis_url"], ev["redis_username"], ev["stream_prefix"], ev["partitions"])
+
+
+def test_ingest_env_opens_the_remote_feast_store(render, monkeypatch):
+    """The ingest pod's env (values and Secret references) is enough for the remote store serving
+    uses: the SQL registry's password included (production)."""
+    from redrec.serving.features import remote_store_yaml
+
+    docs = render("production")
+    for k in list(os.environ):
+        if k.startswith(("REDREC_", "FEAST_", "MILVUS_")):
+            monkeypatch.delenv(k)
+    for name, e in env_map(_ingest(docs)[1]).items():
+        monkeypatch.setenv(name, e["value"] if "value" in e else f"from-secret-{e['valueFrom']['secretKeyRef']['name']}")
+    parsed = load_serving_config(config_yaml(docs))
+    fs = remote_store_yaml(parsed)
+    assert fs["online_store"] == {"type": "remote", "path": f"http://{RELEASE}-redrec-feast.{NAMESPACE}.svc:6566",
+                                  "connection_retries": 1}
+    assert fs["registry"]["path"].startswith("postgresql+psycopg://feast:from-secret-feast-registry-db@")
 
 
 def test_feature_server_url_points_at_the_rendered_service(render):
@@ -856,7 +1022,8 @@ def test_config_change_rolls_the_pods(helm, render):
     def checksum(docs, kind, name, key):
         return pod_template(one(docs, kind, name))["metadata"]["annotations"][key]
 
-    for kind, name in (("Deployment", f"{RELEASE}-redrec-serving"), ("CronJob", f"{RELEASE}-redrec-drift")):
+    for kind, name in (("Deployment", f"{RELEASE}-redrec-serving"), ("CronJob", f"{RELEASE}-redrec-drift"),
+                       ("Deployment", f"{RELEASE}-redrec-ingest")):
         assert checksum(base, kind, name, "checksum/config") != checksum(changed, kind, name, "checksum/config")
     feast = ("Deployment", f"{RELEASE}-redrec-feast", "checksum/feature-store")
     assert checksum(base, *feast) == checksum(changed, *feast)
@@ -945,9 +1112,13 @@ def test_secrets_only_by_reference(render, value_set):
     docs = render(value_set)
     assert not of_kind(docs, "Secret")
     for w in workloads(docs):
+        volumes = {v["name"]: v for v in pod_template(w)["spec"].get("volumes", [])}
         for c in pod_template(w)["spec"]["containers"]:
             for name, e in env_map(c).items():
-                if SENSITIVE.search(name) and not name.endswith("_PATH"):
+                if SENSITIVE.search(name) and name.endswith("_FILE"):  # a file from a Secret volume
+                    (mount,) = [m for m in c["volumeMounts"] if e["value"].startswith(m["mountPath"] + "/")]
+                    assert "secret" in volumes[mount["name"]], f"{name} in {c['name']}"
+                elif SENSITIVE.search(name) and not name.endswith("_PATH"):
                     assert set(e) == {"name", "valueFrom"} and "secretKeyRef" in e["valueFrom"], f"{name} in {c['name']}"
     serving = container(one(docs, "Deployment", f"{RELEASE}-redrec-serving"), "serving")
     token = env_map(serving).get("MILVUS_TOKEN")
@@ -955,6 +1126,45 @@ def test_secrets_only_by_reference(render, value_set):
         assert token["valueFrom"] == {"secretKeyRef": {"name": "redrec-milvus", "key": "token"}}
     else:
         assert token is None
+
+
+@pytest.mark.parametrize("value_set,read_routes", [("default", False), ("production", True), ("minimal", False)])
+def test_api_tokens_secret_is_mounted_as_a_directory(render, value_set, read_routes):
+    """The tokens file comes from its Secret as a whole volume (no subPath), so that a rotated
+    Secret reaches the running pods; config.yaml and the env name the same file."""
+    docs = render(value_set)
+    dep = one(docs, "Deployment", f"{RELEASE}-redrec-serving")
+    c = container(dep, "serving")
+    cfg = config_yaml(docs)
+    tokens_file = env_map(c)["REDREC_API_TOKENS_FILE"]["value"]
+    assert cfg["auth"] == {"enabled": True, "read_routes": read_routes, "tokens_file": tokens_file}
+    volumes = {v["name"]: v for v in pod_template(dep)["spec"]["volumes"]}
+    (mount,) = [m for m in c["volumeMounts"] if tokens_file.startswith(m["mountPath"].rstrip("/") + "/")]
+    assert "subPath" not in mount and "subPathExpr" not in mount and mount["readOnly"] is True
+    secret = volumes[mount["name"]]["secret"]
+    relative = tokens_file[len(mount["mountPath"].rstrip("/")) + 1:]
+    assert secret == {"secretName": TOKENS_SECRET["name"], "items": [{"key": TOKENS_SECRET["key"], "path": relative}]}
+    # no other mount of that volume, and no other pod gets the tokens
+    assert [m["name"] for m in c["volumeMounts"]].count(mount["name"]) == 1
+    for w in workloads(docs):
+        if w is not dep:
+            assert not [v for v in pod_template(w)["spec"].get("volumes", [])
+                        if v.get("secret", {}).get("secretName") == TOKENS_SECRET["name"]], w["metadata"]["name"]
+    parsed = load_serving_config(cfg)
+    assert (parsed.auth.enabled, parsed.auth.read_routes, parsed.auth.tokens_file) == (True, read_routes, tokens_file)
+
+
+def test_auth_needs_its_secret_or_an_explicit_off(helm):
+    err = helm.template_error("-f", CI_VALUES / "default-values.yaml", "--set", "auth.tokensSecret.name=")
+    assert "auth.tokensSecret.name is required while auth.enabled=true" in err
+    assert "kubectl create secret generic redrec-api-tokens --from-file=tokens=./tokens" in err
+    docs = helm.template("-f", CI_VALUES / "default-values.yaml", "--set", "auth.enabled=false",
+                         "--set", "auth.tokensSecret.name=")
+    dep = one(docs, "Deployment", f"{RELEASE}-redrec-serving")
+    assert "REDREC_API_TOKENS_FILE" not in env_map(container(dep, "serving"))
+    assert not [v for v in pod_template(dep)["spec"]["volumes"] if "secret" in v]
+    assert config_yaml(docs)["auth"] == {"enabled": False, "read_routes": False, "tokens_file": ""}
+    assert validate_objects(docs, KUBE_VERSIONS[0]) == []
 
 
 def _rules_ports(rules: list[dict]) -> set[tuple[str, int]]:
@@ -966,8 +1176,10 @@ def test_network_policies_default(render):
     serving = one(docs, "NetworkPolicy", f"{RELEASE}-redrec-serving")["spec"]
     assert serving["policyTypes"] == ["Ingress", "Egress"]
     assert _rules_ports(serving["ingress"]) == {("TCP", 3000)}
-    # 443: the default file registry is on S3, and serving reads the feature definitions from it
-    assert _rules_ports(serving["egress"]) == {("UDP", 53), ("TCP", 53), ("TCP", 19530), ("TCP", 6566), ("TCP", 443)}
+    # 443: the default file registry is on S3, and serving reads the feature definitions from it;
+    # 6379: the event log
+    assert _rules_ports(serving["egress"]) == {("UDP", 53), ("TCP", 53), ("TCP", 19530), ("TCP", 6566), ("TCP", 443),
+                                               ("TCP", 6379)}
     milvus_rule = [r for r in serving["egress"] if _rules_ports([r]) == {("TCP", 19530)}][0]
     assert milvus_rule["to"] == [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "milvus"}},
                                   "podSelector": {"matchLabels": {"app.kubernetes.io/name": "milvus"}}}]
@@ -977,9 +1189,6 @@ def test_network_policies_default(render):
 
     feast = one(docs, "NetworkPolicy", f"{RELEASE}-redrec-feast")["spec"]
     assert _rules_ports(feast["ingress"]) == {("TCP", 6566)}
-    (ingress,) = feast["ingress"]
-    serving_pods = pod_template(one(docs, "Deployment", f"{RELEASE}-redrec-serving"))["metadata"]["labels"]
-    assert [selects(p["podSelector"], serving_pods) for p in ingress["from"]] == [True]
     assert _rules_ports(feast["egress"]) == {("UDP", 53), ("TCP", 53), ("TCP", 6379), ("TCP", 443)}
 
     drift = one(docs, "NetworkPolicy", f"{RELEASE}-redrec-drift")["spec"]
@@ -987,9 +1196,56 @@ def test_network_policies_default(render):
     assert _rules_ports(drift["egress"]) == {("UDP", 53), ("TCP", 53), ("TCP", 8888)}
     kfp_rule = [r for r in drift["egress"] if _rules_ports([r]) == {("TCP", 8888)}][0]
     assert kfp_rule["to"][0]["podSelector"] == {"matchLabels": {"app": "ml-pipeline"}}
-    for rule in serving["egress"] + feast["egress"] + drift["egress"]:
+    ingest = one(docs, "NetworkPolicy", f"{RELEASE}-redrec-ingest")["spec"]
+    for rule in serving["egress"] + feast["egress"] + drift["egress"] + ingest["egress"]:
         if ("UDP", 53) in _rules_ports([rule]):
             assert rule["to"][0]["podSelector"] == {"matchLabels": {"k8s-app": "kube-dns"}}
+
+
+@pytest.mark.parametrize("value_set", ["default", "production"])
+def test_feature_server_admits_only_serving_and_ingest_pods(render, value_set):
+    """Whoever reaches the feature server can write any user's online rows: only the serving and
+    ingest pods of this release, by pod label, in the release namespace."""
+    docs = render(value_set)
+    feast = one(docs, "NetworkPolicy", f"{RELEASE}-redrec-feast")["spec"]
+    assert feast["policyTypes"] == ["Ingress", "Egress"]
+    (rule,) = feast["ingress"]
+    assert _rules_ports([rule]) == {("TCP", 6566)} and rule["from"]
+    # pod selectors only: no namespaceSelector (other namespaces) and no ipBlock
+    assert all(set(peer) == {"podSelector"} and peer["podSelector"].get("matchLabels") for peer in rule["from"])
+    admitted = {w["metadata"]["name"] for w in workloads(docs)
+                if any(selects(peer["podSelector"], pod_template(w)["metadata"]["labels"]) for peer in rule["from"])}
+    assert admitted == {f"{RELEASE}-redrec-serving", f"{RELEASE}-redrec-ingest"}
+    stranger = {"app.kubernetes.io/name": "redrec", "app.kubernetes.io/instance": RELEASE, "app": "debug"}
+    assert not any(selects(peer["podSelector"], stranger) for peer in rule["from"])
+
+
+@pytest.mark.parametrize("value_set,registry_port", [("default", 443), ("production", 5432)])
+def test_ingest_network_policy(render, value_set, registry_port):
+    """No ingress at all (the kubelet's probes bypass NetworkPolicies); egress to DNS, the event
+    log, the feature server and the registry its remote store loads (S3 file or SQL), nothing else."""
+    docs = render(value_set)
+    ingest = one(docs, "NetworkPolicy", f"{RELEASE}-redrec-ingest")["spec"]
+    assert ingest["policyTypes"] == ["Ingress", "Egress"] and ingest["ingress"] == []
+    assert selects(ingest["podSelector"], pod_template(_ingest(docs)[0])["metadata"]["labels"])
+    assert _rules_ports(ingest["egress"]) == {("UDP", 53), ("TCP", 53), ("TCP", 6379), ("TCP", 6566), ("TCP", registry_port)}
+    assert all(r.get("ports") for r in ingest["egress"]), "a rule without ports opens every port"
+    (dns,) = [r for r in ingest["egress"] if ("UDP", 53) in _rules_ports([r])]
+    assert dns["to"][0]["podSelector"] == {"matchLabels": {"k8s-app": "kube-dns"}}
+    (log,) = [r for r in ingest["egress"] if _rules_ports([r]) == {("TCP", 6379)}]
+    (fs,) = [r for r in ingest["egress"] if _rules_ports([r]) == {("TCP", 6566)}]
+    feast_pods = pod_template(one(docs, "Deployment", f"{RELEASE}-redrec-feast"))["metadata"]["labels"]
+    assert len(fs["to"]) == 1 and selects(fs["to"][0]["podSelector"], feast_pods)
+    serving = one(docs, "NetworkPolicy", f"{RELEASE}-redrec-serving")["spec"]
+    (serving_log,) = [r for r in serving["egress"] if _rules_ports([r]) == {("TCP", 6379)}]
+    assert serving_log == log  # serving appends to the same log, through the same peers
+    if value_set == "production":  # networkPolicy.eventLogTo
+        assert log["to"] == [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "redis"}},
+                              "podSelector": {"matchLabels": {"app.kubernetes.io/name": "redis"}}}]
+        (sql,) = [r for r in ingest["egress"] if _rules_ports([r]) == {("TCP", 5432)}]
+        assert sql["to"] == [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "db"}}}]
+    else:
+        assert "to" not in log
 
 
 @pytest.mark.parametrize("value_set", ["default", "production"])
@@ -1009,7 +1265,8 @@ def test_network_policy_production_peers(render):
     serving = one(docs, "NetworkPolicy", f"{RELEASE}-redrec-serving")["spec"]
     peers = [p for r in serving["ingress"] for p in r["from"]]
     assert {"podSelector": {"matchLabels": {"redrec-client": "true"}}} in peers
-    assert {"podSelector": {}} not in peers
+    # no peer admits a whole namespace (this one, the ingress controller's, monitoring)
+    assert all(p.get("podSelector", {}).get("matchLabels") for p in peers), peers
     feast = one(docs, "NetworkPolicy", f"{RELEASE}-redrec-feast")["spec"]
     assert _rules_ports(feast["egress"]) == {("UDP", 53), ("TCP", 53), ("TCP", 5432)}
     drift = one(docs, "NetworkPolicy", f"{RELEASE}-redrec-drift")["spec"]
@@ -1025,6 +1282,10 @@ def test_network_policy_ports_follow_the_uris(helm):
     assert ("TCP", 443) in ports[f"{RELEASE}-redrec-serving"] and ("TCP", 19530) not in ports[f"{RELEASE}-redrec-serving"]
     assert ("TCP", 443) in ports[f"{RELEASE}-redrec-drift"] and ("TCP", 8888) not in ports[f"{RELEASE}-redrec-drift"]
     assert ("TCP", 6380) in ports[f"{RELEASE}-redrec-feast"] and ("TCP", 6379) not in ports[f"{RELEASE}-redrec-feast"]
+    docs = helm.template("-f", CI_VALUES / "default-values.yaml", "--set", "events.redis.url=rediss://log.cache.svc:6390/2")
+    for part in ("serving", "ingest"):
+        ports = _rules_ports(one(docs, "NetworkPolicy", f"{RELEASE}-redrec-{part}")["spec"]["egress"])
+        assert ("TCP", 6390) in ports and ("TCP", 6379) not in ports, part
 
 
 def test_serving_log_persistence(render, helm):
@@ -1080,6 +1341,23 @@ SCHEMA_CASES = [
      "/drift/thresholds/scenarios/ads/behaviour/features", "additional properties 'colour' not allowed"),
     ("unknown-stat-test", {"drift": {"thresholds": {"defaults": {"prediction": {"method": "t-test"}}}}},
      "/drift/thresholds/defaults/prediction/method", "value must be one of"),
+    ("unknown-event-log", {"events": {"log": "kafka"}}, "/events/log", "value must be one of 'redis', 'embedded'"),
+    ("plaintext-event-log-password", {"events": {"redis": {"password": "hunter2"}}}, "/events/redis",
+     "additional properties 'password' not allowed"),
+    ("event-log-url-with-credentials", {"events": {"redis": {"url": "redis://redrec:hunter2@redis:6379/0"}}},
+     "/events/redis/url", "does not match pattern"),
+    ("event-log-url-scheme", {"events": {"redis": {"url": "http://redis:6379"}}}, "/events/redis/url",
+     "does not match pattern"),
+    ("glob-in-stream-prefix", {"events": {"streamPrefix": "redrec:*"}}, "/events/streamPrefix", "does not match pattern"),
+    ("zero-partitions", {"events": {"partitions": 0}}, "/events/partitions", "minimum"),
+    ("ingest-without-memory-limit", {"ingest": {"resources": {"limits": None}}}, "/ingest/resources",
+     "missing property 'limits'"),
+    ("misspelt-ingest-key", {"ingest": {"replicas": 3}}, "/ingest", "additional properties 'replicas' not allowed"),
+    ("tiny-body-limit", {"config": {"serving": {"maxBodyBytes": 10}}}, "/config/serving/maxBodyBytes", "minimum"),
+    ("plaintext-api-token", {"auth": {"tokensSecret": {"name": "t", "key": "tokens", "value": "s3cret"}}},
+     "/auth/tokensSecret", "additional properties 'value' not allowed"),
+    ("api-tokens-in-values", {"auth": {"tokens": ["s3cret"]}}, "/auth", "additional properties 'tokens' not allowed"),
+    ("auth-flag-as-string", {"auth": {"enabled": "yes"}}, "/auth/enabled", "got string, want boolean"),
 ]
 
 
@@ -1137,6 +1415,15 @@ RULE_CASES = [
      "drift.reportDir (/srv/drift/reports) must be under drift.persistence.mountPath (/var/lib/redrec)"),
     ("drift-reports-beside-the-mount", {"drift": {"reportDir": "/var/lib/redrec-reports"}},
      "drift.reportDir (/var/lib/redrec-reports) must be under drift.persistence.mountPath"),
+    ("embedded-log-with-several-serving-pods", {"events": {"log": "embedded"}},
+     "events.log=embedded applies events inside each serving pod: with autoscaled serving replicas"),
+    ("embedded-log-with-two-replicas",
+     {"events": {"log": "embedded"}, "serving": {"autoscaling": {"enabled": False}, "replicaCount": 2}},
+     "with 2 serving replicas two pods may write one user's history at once"),
+    ("idle-ingest-workers", {"ingest": {"replicaCount": 5}, "events": {"partitions": 4}},
+     "ingest.replicaCount (5) is above events.partitions (4)"),
+    ("ingest-pdb-blocks-every-eviction", {"ingest": {"replicaCount": 2, "pdb": {"minAvailable": 2}}},
+     "ingest.pdb.minAvailable (2) must be below ingest.replicaCount (2)"),
     ("drift-reports-into-the-reference",
      {"drift": {"reportDir": "/var/lib/redrec/drift/reference", "referenceDir": "/var/lib/redrec/drift/reference/"}},
      "reports must not be written into the reference"),
@@ -1233,15 +1520,25 @@ def test_notes_and_helm_test_pod(helm):
     assert f"http://{RELEASE}-redrec-serving.{NAMESPACE}.svc:3000" in notes
     assert f"create job --from=cronjob/{RELEASE}-redrec-drift" in notes
     assert "WARNING: no milvus.tokenSecret" in notes
+    assert "Event log: Redis Streams at redis://redis-master.redis.svc.cluster.local:6379/0 as ACL user redrec-events" in notes
+    assert f"rollout status deploy/{RELEASE}-redrec-ingest" in notes
     assert f"helm test {RELEASE}" in notes
+    assert "API tokens: Secret redrec-api-tokens/tokens" in notes and "WARNING: auth.enabled=false" not in notes
     (hook,) = release["hooks"]
     assert hook["events"] == ["test"]
     pod = yaml.safe_load(hook["manifest"])
     assert validate_objects([pod], KUBE_VERSIONS[0]) == []
+    # /readyz is a health route, open with auth on: the test pod needs no token (it would, and
+    # would have to mount the tokens Secret, if it called /ops/* or, with readRoutes, /recommend)
     assert pod["spec"]["containers"][0]["command"][-1] == f"http://{RELEASE}-redrec-serving:3000/readyz"
+    assert "volumes" not in pod["spec"]
     minimal = helm.run("install", RELEASE, CHART, "--namespace", NAMESPACE, "--dry-run=client", "-o", "json",
                        "-f", CI_VALUES / "minimal-values.yaml")
     assert "Drift monitor: off" in json.loads(minimal.stdout)["info"]["notes"]
+    assert "Event log: embedded" in json.loads(minimal.stdout)["info"]["notes"]
+    open_api = helm.run("install", RELEASE, CHART, "--namespace", NAMESPACE, "--dry-run=client", "-o", "json",
+                        "-f", CI_VALUES / "default-values.yaml", "--set", "auth.enabled=false")
+    assert "WARNING: auth.enabled=false" in json.loads(open_api.stdout)["info"]["notes"]
     assert "claim redrec-pipeline-workspace, mounted at /var/lib/redrec" in notes
     assert "report history" not in notes
     ephemeral = helm.run("install", RELEASE, CHART, "--namespace", NAMESPACE, "--dry-run=client", "-o", "json",
@@ -1265,6 +1562,7 @@ make() { record make "$@"; }
 docker() { record docker "$@"; }
 redrec() { record redrec "$@"; }
 curl() { record curl "$@"; }
+redis-cli() { record redis-cli "$@"; }
 helm() {
   record helm "$@"
   case "${1:-}" in
@@ -1351,22 +1649,57 @@ def test_documented_install_commands_render(helm, tmp_path):
                   if "persistentVolumeClaim" in v}
     assert "redrec-pipeline-workspace" in claim_vols
     assert cfg["milvus"]["uri"] == env["MILVUS_URI"]["value"] == milvus_uri
-    # the pipeline's Milvus credentials (cluster.milvus_secret) and serving's read-only token
-    secret_cmds = [c for c in commands if c[:1] == ["kubectl"] and "secret" in c and "create" in c
-                   and "milvus-credentials" not in c]
-    assert len(secret_cmds) == 1
-    sc = secret_cmds[0]
-    secret_name = sc[sc.index("generic") + 1]
-    literal_key = _opt(sc, "--from-literal").split("=", 1)[0]
-    assert _opt(sc, "-n", "--namespace") == ns
-    assert env["MILVUS_TOKEN"]["valueFrom"]["secretKeyRef"] == {"name": secret_name, "key": literal_key}
-    assert _opt(sc, "--from-literal").split("=", 1)[1].startswith("redrec:")  # user:password token
+    # the Secrets the install creates, by name (the pipeline's Milvus credentials,
+    # cluster.milvus_secret, are the first release's, not the chart's)
+    secrets = {c[c.index("generic") + 1]: c for c in commands
+               if c[:1] == ["kubectl"] and "secret" in c and "create" in c and "milvus-credentials" not in c}
+    for sc in secrets.values():
+        assert _opt(sc, "-n", "--namespace") == ns
+
+    def literal(ref: dict) -> str:
+        """The --from-literal value the Secret a secretKeyRef names was created with."""
+        key, value = _opt(secrets[ref["name"]], "--from-literal").split("=", 1)
+        assert key == ref["key"], ref
+        return value
+
+    # serving's read-only Milvus token (user:password)
+    assert literal(env["MILVUS_TOKEN"]["valueFrom"]["secretKeyRef"]).startswith("redrec:")
+    # the event log: one password Secret for serving and the ingest workers, the ACL user it
+    # belongs to created with the log's keys only, the password stored as its SHA-256
+    settings = dict(re.findall(r"^export (\w+)=(\S+)", blocks[0], re.M))
+    events_password = shlex.split(settings["REDREC_EVENTS_PASSWORD"])[0]
+    ingest_env = env_map(container(one(docs, "Deployment", "redrec-ingest"), "ingest"))
+    ref = env["REDREC_EVENTS_REDIS_PASSWORD"]["valueFrom"]["secretKeyRef"]
+    assert ingest_env["REDREC_EVENTS_REDIS_PASSWORD"]["valueFrom"]["secretKeyRef"] == ref
+    assert literal(ref) == events_password
+    (acl,) = [c for c in commands if c[:1] == ["redis-cli"] and "SETUSER" in c]
+    rule = acl[acl.index("SETUSER") + 1:]
+    events = cfg["events"]
+    assert rule[0] == events["redis_username"] == ingest_env["REDREC_EVENTS_REDIS_USERNAME"]["value"]
+    assert rule[1:3] == ["reset", "on"]  # nothing kept from an earlier definition of the user
+    assert "#" + hashlib.sha256(events_password.encode()).hexdigest() in rule
+    assert [r for r in rule if r.startswith(("~", "%", "&"))] == [f"~{events['stream_prefix']}:*"]
+    assert not {"allkeys", "allcommands", "+@all", "allchannels", "nopass"} & {r.lower() for r in rule}
+    assert not [r for r in rule if r.startswith("+@") or r.startswith(">")]  # commands by name; no plain password
+    assert urlparse(events["redis_url"]).hostname == "redis-master.redis.svc.cluster.local"
+    # the API tokens: a file of one token per line, its Secret the one serving mounts as a directory
+    volumes = {v["name"]: v for v in serving["spec"]["template"]["spec"]["volumes"]}
+    (tokens_mount,) = [m for m in container(serving, "serving")["volumeMounts"]
+                       if env["REDREC_API_TOKENS_FILE"]["value"].startswith(m["mountPath"] + "/")]
+    tokens_volume = volumes[tokens_mount["name"]]["secret"]
+    key, tokens_path = _opt(secrets[tokens_volume["secretName"]], "--from-file").split("=", 1)
+    assert tokens_volume["items"][0]["key"] == key and "subPath" not in tokens_mount
+    tokens = (tmp_path / tokens_path).read_text().splitlines()
+    assert len(tokens) == 1 and len(tokens[0]) >= 32 and cfg["auth"]["enabled"] is True
+    # the documented calls of protected routes send one of them
+    for route in ("/ops/release", "/record_events"):
+        (call,) = [c for c in commands if c[:1] == ["curl"] and any(a.endswith(route) for a in c)]
+        assert f"authorization: Bearer {tokens[0]}" in call, call
 
     np = one(docs, "NetworkPolicy", "redrec-serving")
     milvus_peer = [r for r in np["spec"]["egress"] if _rules_ports([r]) == {("TCP", 19530)}][0]["to"][0]
     assert milvus_peer["namespaceSelector"]["matchLabels"]["kubernetes.io/metadata.name"] == milvus_ns
 
-    settings = dict(re.findall(r"^export (\w+)=(\S+)", blocks[0], re.M))
     args = container(one(docs, "CronJob", "redrec-drift"), "drift-check")["args"]
     assert args[args.index("--pipeline-id") + 1] == settings["KFP_PIPELINE_ID"]
     assert ns == settings["REDREC_NS"]
@@ -1379,14 +1712,10 @@ def test_documented_install_commands_render(helm, tmp_path):
 
 
 @pytest.mark.parametrize("value_set", ["default", "production", "minimal"])
-def test_rendered_config_loads_in_the_serving_service(render, tmp_path, value_set):
+def test_rendered_config_loads_in_the_serving_service(render, value_set):
     """The serving pod's REDREC_CONFIG, through the service's own typed loader."""
-    from redrec.serving.config import ServingConfig
-
     docs = render(value_set)
-    path = tmp_path / "config.yaml"
-    path.write_text(one(docs, "ConfigMap", f"{RELEASE}-redrec-config")["data"]["config.yaml"])
-    cfg = ServingConfig.from_yaml(path)
+    cfg = load_serving_config(yaml.safe_load(one(docs, "ConfigMap", f"{RELEASE}-redrec-config")["data"]["config.yaml"]))
     values = yaml.safe_load((CI_VALUES / f"{value_set}-values.yaml").read_text()) or {}
     feast = {**yaml.safe_load((CHART / "values.yaml").read_text())["feast"], **values.get("feast", {})}
     registry = {**yaml.safe_load((CHART / "values.yaml").read_text())["feast"]["registry"], **feast.get("registry", {})}

@@ -5,7 +5,8 @@ services); each workload's container then runs as the kubelet would start it (do
 command, args, env, ConfigMaps at their mount paths, Secrets, claims, user, read-only root,
 capabilities dropped) against a real Redis (online store), PostgreSQL (SQL registry, TLS) and a
 Milvus Lite server, after the training pipeline published the first release into them with the
-cluster's Feast config. Serving must become ready and answer, record_events must land in Redis,
+cluster's Feast config. Serving must become ready and answer, record_events must land in Redis through
+the event log and the ingest Deployment (its Redis user created with README's ACL command),
 `helm test`'s pod must pass, the drift job must read what serving logged and write its report.
 The production values' feature server (Postgres online store, verify-full against the server's
 CA, SQL registry) runs too.
@@ -22,7 +23,7 @@ from pathlib import Path
 
 import pytest
 from docker_util import docker, pod_run_args, record_timing
-from services_util import Postgres, Redis
+from services_util import Postgres, Redis, readme_event_log_acl
 from test_chart import CI_VALUES, NAMESPACE, RELEASE, Helm, find_helm
 from test_containers import TINY
 
@@ -31,6 +32,9 @@ ROOT = Path(__file__).resolve().parents[1]
 # one is part of a URL (the chart says: URL-encoded); the online store one may hold anything
 REGISTRY_PASSWORD = "unused"
 ONLINE_PASSWORD = "p@ss: w'ord #1"
+# the event log's Redis user is created with README's ACL command, so its password is checked
+EVENTS_PASSWORD = "ev: p@ss #2"
+API_TOKEN = "chart-test-token-0123456789abcdef"
 
 
 def _wait_http(url: str, name: str, timeout: float = 300) -> None:
@@ -79,7 +83,7 @@ def cluster(image, tmp_path_factory):
         release_milvus_connections()
         version = json.loads((res.run_dir / "train" / "model" / "config.json").read_text())["version"]
         yield {"pg": pg, "redis": redis, "ws": ws, "milvus_uri": res.summary["milvus_uri"], "version": version,
-               "res": res, "ports": {"serving": free_port(), "feast": free_port()}}
+               "res": res, "ports": {"serving": free_port(), "feast": free_port(), "ingest": free_port()}}
     finally:
         os.environ.clear()
         os.environ.update(saved)
@@ -105,6 +109,9 @@ def overlay(cluster: dict, image: str) -> dict:
                                                       "user": "feast", "sslmode": "require",
                                                       "passwordSecret": {"name": "feast-registry", "key": "password"}}},
                   "onlineStore": {"type": "redis", "redis": {"connectionString": f"127.0.0.1:{cluster['redis'].port}"}}},
+        # the event log in the same Redis, as its own least-privilege ACL user
+        "events": {"redis": {"url": f"redis://127.0.0.1:{cluster['redis'].port}/0"}},
+        "ingest": {"healthPort": cluster["ports"]["ingest"]},
     }
 
 
@@ -142,7 +149,9 @@ def test_chart_workloads_run_as_rendered(image, cluster, tmp_path):
         os.chmod(d, 0o777)
     docs = render(tmp_path, CI_VALUES / "default-values.yaml", overlay(cluster, image))
     claims = {"redrec-pipeline-workspace": ws, f"{RELEASE}-redrec-serving-log": serving_log}
-    secrets = {("feast-registry", "password"): REGISTRY_PASSWORD}
+    secrets = {("feast-registry", "password"): REGISTRY_PASSWORD, ("redrec-events-redis", "password"): EVENTS_PASSWORD,
+               ("redrec-api-tokens", "tokens"): f"# rotated in 2026-12\n{API_TOKEN}\n"}
+    redis_py.Redis(port=cluster["redis"].port).execute_command(*readme_event_log_acl(EVENTS_PASSWORD))
     fs_host, serving_host = f"{RELEASE}-redrec-feast.{NAMESPACE}.svc", f"{RELEASE}-redrec-serving"
     common = dict(docs=docs, workdir=tmp_path / "pods", image=image, secrets=secrets, claims=claims,
                   hosts=[fs_host, serving_host])
@@ -166,7 +175,12 @@ def test_chart_workloads_run_as_rendered(image, cluster, tmp_path):
         assert code == "0" and "ready:" in out.stdout, out.stdout[-2000:] + out.stderr[-2000:]
         record_timing("chart_serving_ready_s", time.monotonic() - t0)
 
+        # the ingest Deployment applies the event log to Feast
+        names.append(start(one(docs, "Deployment", f"{RELEASE}-redrec-ingest"), "ingest", f"rr-ingest-{ports['ingest']}", **common))
+        _wait_http(f"http://127.0.0.1:{ports['ingest']}/healthz", names[-1], timeout=120)
+
         url = f"http://127.0.0.1:{ports['serving']}"
+        auth = {"authorization": f"Bearer {API_TOKEN}"}
         ev = _events(cluster["res"])
         users = list(ev["user_id"].unique()[:40])
         first = None
@@ -177,21 +191,26 @@ def test_chart_workloads_run_as_rendered(image, cluster, tmp_path):
             first = first or r.json()
         assert first["model_version"] == first["index_version"] == cluster["version"] and not first["cold_start"]
         assert len(first["items"]) == 5 and not first["fallback"]
-        st = httpx.get(url + "/ops/release", timeout=30).json()
+        st = httpx.get(url + "/ops/release", headers=auth, timeout=30).json()
         assert st["arms"]["control"]["paired_with_alias"] is True and st["model_source"].startswith("model store")
-        # record_events goes through the feature server into Redis: read back from Redis itself
+        # record_events appends to the log (Redis Streams); the ingest container applies it through the
+        # feature server to the online store in Redis: read back from Redis itself
         keys_before = redis_py.Redis(port=cluster["redis"].port).dbsize()
         item = str(ev["item_id"].iloc[-1])
         ts = int(time.time())  # inside the drift window (the synthetic log is older)
-        r = httpx.post(url + "/record_events", json={"events": [{"user_id": str(users[0]), "item_id": item, "scenario": "search",
-                                                                 "action": "click", "ts": ts, "request_id": first["request_id"]}]},
-                       timeout=30)
+        r = httpx.post(url + "/record_events", headers=auth, timeout=30,
+                       json={"events": [{"user_id": str(users[0]), "item_id": item, "scenario": "search", "action": "click",
+                                         "ts": ts, "request_id": first["request_id"]}]})
         assert r.status_code == 200 and r.json()["accepted"] == 1, r.text
         repo = FeatureRepo(tmp_path / "feast-host", fs_yaml=ROOT / "feature_repo" / "k8s" / "feature_store.redis.yaml")
         os.environ.update({**cluster["pg"].env(), "REDIS_CONNECTION_STRING": f"127.0.0.1:{cluster['redis'].port}"})
-        last = repo.online_history(str(users[0]))[-1]
+        deadline = time.monotonic() + 30
+        while (last := repo.online_history(str(users[0]))[-1]).ts != ts and time.monotonic() < deadline:
+            time.sleep(0.2)
         assert (last.item_id, last.scenario, last.action, last.ts) == (item, "search", "click", ts)
         assert redis_py.Redis(port=cluster["redis"].port).dbsize() >= keys_before
+        health = httpx.get(f"http://127.0.0.1:{ports['ingest']}/healthz", timeout=10).json()
+        assert health["ok"] and health["applied"] >= 1 and health["partitions"], health
         metrics = httpx.get(url + "/metrics", timeout=30).text
         assert 'redrec_responses_total{kind="model",scenario="homefeed"}' in metrics, metrics[-3000:]
 

@@ -11,7 +11,7 @@ import yaml
 
 from redrec.data.synthetic import SyntheticConfig, generate
 from redrec.features import FeatureRepo, HistoryEvent
-from services_util import Redis
+from services_util import Redis, readme_event_log_acl
 
 SEQ_LEN = 8
 
@@ -136,3 +136,35 @@ def test_the_event_log_applies_in_order_once_and_survives_a_worker_that_died(tmp
     assert {i: pop[i] - pop0[i] for i in items[:4]} == {items[0]: 1, items[1]: 1, items[2]: 1, items[3]: 1}
     assert live.stats.duplicates == 2 and live.stats.applied == 6
     assert sum(redis_server.client.xlen(cfg.stream(p)) for p in range(2)) == 0  # applied entries are trimmed
+
+
+def test_the_readme_acl_user_can_append_and_ingest_and_nothing_else(tmp_path, data, redis_server):
+    """The least-privilege Redis user the README gives the operator, as written: serving's append
+    and a worker's whole cycle work under it; keys outside the log's prefix are refused."""
+    import redis as redis_py
+
+    from redrec.features.eventlog import EventLogConfig, RedisStreamLog
+    from redrec.features.ingest import IngestWorker
+
+    words = readme_event_log_acl("s3cret")
+    assert {"reset", "on", "~redrec:events:*"} <= set(words) and not any(w in ("allkeys", "+@all", "~*") for w in words)
+    admin = redis_server.client
+    admin.flushall()
+    admin.execute_command(*words)
+    repo = sqlite_repo(tmp_path / "feast", data)
+    cfg = EventLogConfig(log="redis", redis_url=f"redis://127.0.0.1:{redis_server.port}/0", redis_username="redrec-events",
+                         redis_password="s3cret", partitions=2, block_ms=10)
+    items = data.items["item_id"].tolist()
+    now = int(time.time())
+    RedisStreamLog(cfg).append(pd.DataFrame({"user_id": ["acl-a", "acl-a"], "item_id": items[:2], "scenario": "search",
+                                             "action": "click", "ts": [now, now - 5]}))
+    worker = IngestWorker(cfg, repo, "acl")
+    for _ in range(5):
+        worker.step()
+    assert worker.stats.applied == 2 and worker.stats.errors == 0
+    assert [h.item_id for h in repo.online_history("acl-a")] == [items[1], items[0]]
+    with pytest.raises(redis_py.exceptions.NoPermissionError):
+        cfg.client().set("feast-online-key", "x")
+    with pytest.raises(redis_py.exceptions.NoPermissionError):
+        cfg.client().flushall()
+    admin.execute_command("ACL", "DELUSER", "redrec-events")

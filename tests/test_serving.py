@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import subprocess
 import sys
 import tempfile
@@ -24,6 +25,9 @@ from redrec.data.synthetic import SyntheticConfig, generate  # noqa: E402
 from models_util import SEQ_LEN, tiny_model  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
+# the session server runs with auth on, as the chart runs it: the write and ops routes need this
+TOKEN = secrets.token_hex(32)
+AUTH = {"authorization": f"Bearer {TOKEN}"}
 
 
 @pytest.fixture(scope="session")
@@ -63,7 +67,12 @@ def world(tmp_path_factory):
 def server(world):
     from redrec.serving.local import LocalServer
 
-    srv = LocalServer(world["config"])
+    cfg = json.loads(json.dumps(world["cfg"]))
+    (world["work"] / "api-tokens").write_text(f"# the session's token\n{TOKEN}\n")
+    cfg["auth"] = {"enabled": True, "tokens_file": str(world["work"] / "api-tokens")}
+    path = world["work"] / "config-auth.yaml"
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    srv = LocalServer(path)
     srv.start(timeout_s=240)
     yield srv
     srv.stop()
@@ -71,7 +80,8 @@ def server(world):
 
 def post(server, route, **body):
     # json.dumps, not httpx's encoder: bad-input tests send what a sloppy client sends (NaN included)
-    return httpx.post(server.url + route, content=json.dumps(body), headers={"content-type": "application/json"}, timeout=30)
+    return httpx.post(server.url + route, content=json.dumps(body), headers={"content-type": "application/json", **AUTH},
+                      timeout=30)
 
 
 def rec(server, user, scenario, k=10, **kw):
@@ -205,6 +215,10 @@ def test_similar_items(server, world):
     ("/record_events", {"events": [{"user_id": "u1", "item_id": "it0000001", "scenario": "search", "action": "click",
                                     "ts": 10**20}]}, 400, "ts"),
     ("/record_events", {"events": []}, 400, "events"),
+    # within the schema's bound (year 9999) but beyond events.max_future_skew_s: it would sort after
+    # every later event of the user for good
+    ("/record_events", {"events": [{"user_id": "u1", "item_id": "it0000001", "scenario": "search", "action": "click",
+                                    "ts": int(time.time()) + 3600}]}, 400, "events[0].ts"),
     ("/record_events", {"events": [{"user_id": "u1", "item_id": "nope", "scenario": "search", "action": "click"}]}, 400, "item_id"),
     ("/record_events", {"events": [{"user_id": "u1", "item_id": "it0000001", "scenario": "x", "action": "click"}]}, 400, "scenario"),
     ("/record_events", {"events": [{"user_id": "u1", "item_id": "it0000001", "scenario": "search", "action": "clik"}]}, 400, "action"),
@@ -215,11 +229,20 @@ def test_bad_input_gets_a_4xx_naming_the_field(server, route, body, status, fiel
     assert field in r.text, r.text
 
 
+def test_an_unknown_value_is_echoed_cut_short(server):
+    """The engine names the unknown item, action or scenario without sending a long value back whole."""
+    for field, value in (("item_id", "i" * 250), ("action", "a" * 250)):
+        ev = {"user_id": "u1", "item_id": "it0000001", "scenario": "search", "action": "click", field: value}
+        r = post(server, "/record_events", events=[ev])
+        assert r.status_code == 400 and r.json()["field"] == f"events[0].{field}", r.text
+        assert len(r.content) < 400 and "250 characters" in r.json()["error"], r.text
+
+
 def test_non_json_bodies_are_a_415_with_the_error_body(server):
     for ctype, body in (("multipart/form-data", b"--x\r\n"), ("application/x-www-form-urlencoded", b"user_id=u1"),
                         ("text/plain", b"hello")):
         for route in ("/recommend", "/similar_items", "/record_events", "/batching_stats"):
-            r = httpx.post(server.url + route, content=body, headers={"content-type": ctype}, timeout=30)
+            r = httpx.post(server.url + route, content=body, headers={"content-type": ctype, **AUTH}, timeout=30)
             assert r.status_code == 415, (route, ctype, r.status_code, r.text)
             assert r.json()["field"] == "content-type" and ctype in r.json()["error"]
 
@@ -279,7 +302,7 @@ def test_concurrent_requests_share_a_batch_and_get_their_own_answers(server, wor
     rows = logged.loc[[o["request_id"] for o in outs]]
     assert rows["batch_size"].max() > 1, rows["batch_size"].tolist()
     # the world's collection is small: the server holds a copy and searches it in process
-    release = httpx.get(server.url + "/ops/release", timeout=30).json()
+    release = httpx.get(server.url + "/ops/release", headers=AUTH, timeout=30).json()
     arm = release["arms"]["control"]
     assert arm["searched"].startswith("in process, exactly"), arm
     # serving.torch_threads (1) caps numpy's BLAS too: its default pool (one thread per core)
@@ -552,8 +575,9 @@ def test_feature_server_down_gives_503(server, world):
 
 def test_openapi_is_the_contract_and_fuzzing_finds_no_server_error(server, world, tmp_path):
     """The OpenAPI document names what the server accepts (the config's scenarios, k's bounds) and
-    the error body it sends; schemathesis (every check, bounded examples) then finds no 5xx and
-    no response outside that document."""
+    the error body it sends; schemathesis (every check, bounded examples, the token) then finds no
+    5xx, no response outside that document and no declared auth left unenforced."""
+    import re
     import shutil
 
     from redrec.serving.config import ServingConfig
@@ -576,16 +600,23 @@ def test_openapi_is_the_contract_and_fuzzing_finds_no_server_error(server, world
         r = post(server, "/recommend", **body)
         assert r.status_code == 400 and set(r.json()) == {"error", "field"}, r.text
     st = shutil.which("schemathesis") or str(Path(sys.executable).parent / "schemathesis")
+    log_start = server.log_path.stat().st_size
     proc = subprocess.run(
         [st, "run", server.url + "/docs.json", "--url", server.url, "--checks", "all",
          # a schema-valid request may still name an item or action outside the model's catalogue,
          # which no static schema can list: its 400 {error, field} is right, not a contract breach
          "--exclude-checks", "positive_data_acceptance", "--max-examples", "40",
          "--seed", "7", "--request-timeout", "30", "--include-path-regex", "^/(recommend|similar_items|record_events)$",
+         # with the token: the fuzzing reaches the routes behind auth (its ignored_auth check sends none)
+         "--header", f"Authorization: Bearer {TOKEN}",
          "--report", "junit", "--report-dir", str(tmp_path / "st"), "--no-color"],
         # cwd: schemathesis keeps its crash cache in the working directory, not in the checkout
         capture_output=True, text=True, timeout=900, cwd=tmp_path, env={**os.environ, "SCHEMATHESIS_TELEMETRY": "false"})
     assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-2000:]
+    # the token took the fuzzing past auth: /record_events answered more than 401s (access log)
+    fuzzed = server.log_path.read_bytes()[log_start:].decode(errors="replace")
+    statuses = set(re.findall(r"path=/record_events,[^)]*\) \(status=(\d+)", fuzzed))
+    assert statuses - {"401", "403"}, statuses
 
 
 def ingest_traffic(world, n_users: int, per_user: int, seed: int = 11) -> list[list[dict]]:
@@ -641,7 +672,7 @@ def reference_windows(traffic, scenarios, seq_len=SEQ_LEN) -> dict[str, dict[str
 def test_two_pods_and_two_ingest_workers_lose_nothing_through_the_event_log(world, tmp_path):
     """events.log: redis. Two serving pods (separate process groups and lock directories, two
     workers each) append to one redis-server; two ingest workers apply the log to Feast (the
-    feature server). 20,000 events from 500 users, each user's events alternating between the
+    feature server, over Feast's Redis online store in the same redis-server). 20,000 events from 500 users, each user's events alternating between the
     pods, 10% out of order, 10% sharing a second, 5% exact duplicates; one ingest worker SIGKILLed
     halfway and restarted. Every window equals the naive reference, every popularity count is exact."""
     import asyncio
@@ -649,14 +680,22 @@ def test_two_pods_and_two_ingest_workers_lose_nothing_through_the_event_log(worl
     from collections import Counter
 
     from redrec.serving.config import IngestConfig
+    from redrec.serving.feast_server import FeatureServer, with_online_store
     from redrec.serving.features import open_repo
     from redrec.serving.local import LocalServer
     from services_util import Redis
 
     redis = Redis()
     procs: list[subprocess.Popen] = []
+    fs = None
     try:
+        # the production online store behind the feature server: Redis (Feast's SQLite store shares
+        # one connection between the server's threads, and concurrent writers roll back each other)
+        fs = FeatureServer(with_online_store(world["work"] / "feast", tmp_path / "feast-redis",
+                                             {"type": "redis", "connection_string": f"127.0.0.1:{redis.port}"}))
+        fs.start()
         cfg = json.loads(json.dumps(world["cfg"]))
+        cfg["serving"]["feature_server_url"] = fs.url
         cfg["serving"].update(workers=2, max_events_per_call=1000)
         cfg["events"] = {"log": "redis", "redis_url": f"redis://127.0.0.1:{redis.port}/0", "partitions": 8,
                          "lease_ttl_s": 2.0, "block_ms": 50}
@@ -682,7 +721,7 @@ def test_two_pods_and_two_ingest_workers_lose_nothing_through_the_event_log(worl
         async def send(urls, rounds):
             async with httpx.AsyncClient(timeout=60) as c:
                 for calls in rounds:  # a round holds at most one chunk per user: a user's order is kept
-                    rs = await asyncio.gather(*(c.post(urls[n % 2] + "/record_events", json={"events": body})
+                    rs = await asyncio.gather(*(c.post(urls[n % 2] + "/record_events", json={"events": body}, headers=AUTH)
                                                 for n, body in enumerate(calls)))
                     bad = [r.text for r in rs if r.status_code != 200]
                     assert not bad, bad[:3]
@@ -733,4 +772,6 @@ def test_two_pods_and_two_ingest_workers_lose_nothing_through_the_event_log(worl
             if p.poll() is None:
                 os.killpg(p.pid, signal.SIGTERM)
                 p.wait(20)
+        if fs is not None:
+            fs.stop()
         redis.stop()

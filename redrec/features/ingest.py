@@ -152,7 +152,9 @@ class IngestWorker:
         for p in free:
             if len(self.owned) >= share:
                 break
-            if self.r.set(self._lease(p), self.id, nx=True, px=self.ttl_ms):
+            # a restarted pod keeps its name: the leases it held before are its own again at once
+            if (self.r.set(self._lease(p), self.id, nx=True, px=self.ttl_ms)
+                    or self._renew(keys=[self._lease(p)], args=[self.id, self.ttl_ms])):
                 self._take_over(p)
         self.stats.partitions = sorted(self.owned)
         self._rebalanced_at = time.monotonic()
@@ -192,67 +194,83 @@ class IngestWorker:
         if time.monotonic() - self._rebalanced_at > self.cfg.lease_ttl_s / 3:
             self.rebalance()
         n = 0
-        for p in list(self.backlog):
-            got = self.r.xreadgroup(GROUP, self.id, {self.cfg.stream(p): "0"}, count=self.cfg.batch_size)
-            entries = got[0][1] if got else []
-            if entries:
-                n += self.apply(p, entries)
-            else:
-                self.backlog.discard(p)
-        if self.owned and not self.backlog:
+        if self.backlog:  # entries read before (ours, or claimed from a dead worker) come first
+            got = self.r.xreadgroup(GROUP, self.id, {self.cfg.stream(p): "0" for p in self.backlog},
+                                    count=self.cfg.batch_size)
+            batches = {_partition(stream): entries for stream, entries in got or [] if entries}
+            self.backlog &= set(batches)
+            n += self.apply(batches)
+        elif self.owned:
             got = self.r.xreadgroup(GROUP, self.id, {self.cfg.stream(p): ">" for p in self.owned},
                                     count=self.cfg.batch_size, block=self.cfg.block_ms)
-            for stream, entries in got or []:
-                n += self.apply(int(stream.rsplit(":p", 1)[1]), entries)
-        elif not self.owned:
+            n += self.apply({_partition(stream): entries for stream, entries in got or [] if entries})
+        else:
             time.sleep(self.cfg.block_ms / 1000)
         self.flush_popularity()
         self.alive_at = time.monotonic()
         return n
 
-    def apply(self, p: int, entries: list) -> int:
-        stream = self.cfg.stream(p)
-        ids = [eid for eid, _ in entries]
-        valid = [(eid, f) for eid, f in entries if f]  # a trimmed pending entry comes back empty
-        ev = self._checked(p, entries_frame(valid)) if valid else None
-        if ev is not None and len(ev):
+    def apply(self, batches: dict[int, list]) -> int:
+        """Apply the entries read from several partitions in one pass: one online read and one
+        write per scenario for all of them (a pass per partition cost a feature-server round trip
+        per partition and scenario), counted per partition, acknowledged per partition."""
+        if not batches:
+            return 0
+        frames = [entries_frame([(eid, f) for eid, f in entries if f]).assign(partition=p) for p, entries in batches.items()]
+        ev = self._checked(pd.concat(frames, ignore_index=True))  # a trimmed pending entry comes back empty
+        lost: set[int] = set()
+        if len(ev):
             update = self.repo.plan_windows(ev)
-            fresh = ev.loc[update.fresh, ["entry_id", "item_id"]]
-            args = [self.id, p, max(ids, key=_id_key)] + [x for pair in fresh.itertuples(index=False) for x in pair]
-            counted = self._count(keys=[self._lease(p), self.cfg.key("pop:offsets"), self.cfg.key("pop:counts"),
-                                        self.cfg.key("pop:dirty")], args=args)
-            if counted == -1:  # another worker holds the partition now: it re-applies these entries
-                self.stats.lost_leases += 1
-                self._drop(p, "lease lost before the write")
-                return 0
+            fresh = ev.loc[update.fresh, ["partition", "entry_id", "item_id"]]
+            pipe = self.r.pipeline(transaction=False)
+            for p, entries in batches.items():
+                mine = fresh[fresh["partition"] == p]
+                args = [self.id, p, max((e for e, _ in entries), key=_id_key)]
+                args += [x for pair in mine[["entry_id", "item_id"]].itertuples(index=False) for x in pair]
+                self._count(keys=[self._lease(p), self.cfg.key("pop:offsets"), self.cfg.key("pop:counts"),
+                                  self.cfg.key("pop:dirty")], args=args, client=pipe)
+            for p, counted in zip(batches, pipe.execute()):
+                if counted == -1:  # another worker holds the partition now: it re-applies these entries
+                    lost.add(p)
+                    self.stats.lost_leases += 1
+                    self._drop(p, "lease lost before the write")
+            if lost:  # a user lives in one partition: leave the lost partitions' users alone
+                gone = set(ev.loc[ev["partition"].isin(lost), "user_id"])
+                update.rows = {s: df[~df["user_id"].isin(gone)] for s, df in update.rows.items()}
             self.repo.write_windows(update)
             self.stats.duplicates += update.skipped
         pipe = self.r.pipeline(transaction=False)
-        pipe.xack(stream, GROUP, *ids)
-        # every entry up to the last applied one is done: the log keeps only what is still to apply
-        pipe.xtrim(stream, minid=_next_id(max(ids, key=_id_key)))
+        applied = 0
+        for p, entries in batches.items():
+            if p in lost:
+                continue
+            ids = [eid for eid, _ in entries]
+            pipe.xack(self.cfg.stream(p), GROUP, *ids)
+            # every entry up to the last applied one is done: the log keeps only what is still to apply
+            pipe.xtrim(self.cfg.stream(p), minid=_next_id(max(ids, key=_id_key)))
+            applied += sum(1 for _, f in entries if f)
         pipe.execute()
-        self.stats.applied += len(valid)
+        self.stats.applied += applied
         self.stats.batches += 1
-        return len(valid)
+        return applied
 
-    def _checked(self, p: int, frame: pd.DataFrame) -> pd.DataFrame:
+    def _checked(self, frame: pd.DataFrame) -> pd.DataFrame:
         """The batch as checked events; an entry that can never apply (a scenario the repo no longer
         declares, a malformed field) goes to the dead-letter stream instead of blocking its users."""
         # entries were checked against the server's clock when accepted: allow that skew again
         now = time.time() + self.cfg.max_future_skew_s
+        carry = ("entry_id", "partition")
         try:
-            return self.repo.check_events(frame, now=now, carry=("entry_id",))
+            return self.repo.check_events(frame, now=now, carry=carry)
         except (ValueError, KeyError) as e:
-            log.warning("partition %d: a batch of %d entries does not check (%s); checking one by one", p, len(frame), e)
+            log.warning("a batch of %d entries does not check (%s); checking one by one", len(frame), e)
         good = []
         for k in range(len(frame)):
             row = frame.iloc[[k]]
             try:
-                good.append(self.repo.check_events(row, now=now, carry=("entry_id",)))
+                good.append(self.repo.check_events(row, now=now, carry=carry))
             except (ValueError, KeyError) as e:
-                self.r.xadd(self.cfg.key("dead"), {**{c: str(row[c].iloc[0]) for c in row.columns},
-                                                   "error": str(e)[:500], "partition": p})
+                self.r.xadd(self.cfg.key("dead"), {**{c: str(row[c].iloc[0]) for c in row.columns}, "error": str(e)[:500]})
                 self.stats.dead_lettered += 1
         if not good:
             return frame.iloc[:0]
@@ -307,6 +325,10 @@ class IngestWorker:
 
     def healthy(self) -> bool:
         return time.monotonic() - self.alive_at < max(10.0, 3 * self.cfg.lease_ttl_s)
+
+
+def _partition(stream: str) -> int:
+    return int(stream.rsplit(":p", 1)[1])
 
 
 def _id_key(eid: str) -> tuple[int, int]:

@@ -85,6 +85,13 @@ class ServingSection(_Strict):
     # one, a config reload reaches each within model_store.config_poll_s of the others, and
     # /ops/release answers for the worker the request reached
     workers: int = Field(1, ge=1, le=64)
+    # a request body over this is refused (413) before it is read in full or parsed. A full call
+    # (max_events_per_call, 1000) of the largest events (user and item ids at max_user_id_len and
+    # max_item_id_len, a 64-character action, a 128-character request_id) is 0.81 MB of JSON;
+    # ML-1M-like events take 157 bytes each. 2 MiB holds the largest call 2.5 times (room for ids
+    # escaped as \uXXXX) and a typical one 13 times (tests/test_auth.py computes both)
+    max_body_bytes: int = Field(2 * 2**20, ge=1024)
+    max_item_id_len: int = Field(256, ge=1, le=4096)  # item_id in /similar_items and /record_events
 
     @field_validator("feature_server_url")
     @classmethod
@@ -131,6 +138,15 @@ class FeastSection(_Strict):
     project: str = "redrec"
 
 
+class AuthSection(_Strict):
+    enabled: bool = False  # the chart turns it on; embedded `make run` stays open on 127.0.0.1
+    # bearer tokens, one a line (blank lines and # comments skipped), re-read when the file changes
+    # (a mounted Secret is updated in place); env REDREC_API_TOKENS_FILE overrides, and tokens in env
+    # REDREC_API_TOKENS (comma separated) are accepted as well
+    tokens_file: str = ""
+    read_routes: bool = False  # /recommend and /similar_items need a token too
+
+
 class ServingConfig(_Strict):
     scenarios: list[str] = Field(min_length=1)
     log_level: str = "INFO"
@@ -141,6 +157,7 @@ class ServingConfig(_Strict):
     model_store: ModelStoreSection = Field(default_factory=ModelStoreSection)
     drift: dict[str, Any] = Field(default_factory=dict)  # read by the drift monitor, not by serving
     events: EventLogConfig = Field(default_factory=EventLogConfig)
+    auth: AuthSection = Field(default_factory=AuthSection)
 
     @field_validator("scenarios")
     @classmethod
@@ -163,6 +180,8 @@ class ServingConfig(_Strict):
             self.milvus.uri = env["MILVUS_URI"]
         if env.get("MILVUS_TOKEN"):
             self.milvus.token = env["MILVUS_TOKEN"]
+        if env.get("REDREC_API_TOKENS_FILE"):
+            self.auth.tokens_file = env["REDREC_API_TOKENS_FILE"]
         if not self.milvus.uri:
             raise ValueError("milvus.uri is empty: set it in the config or MILVUS_URI")
         return self

@@ -69,3 +69,20 @@ class FeatureServer:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def with_online_store(repo_dir: str | Path, dest: str | Path, online_store: dict) -> Path:
+    """A copy of the embedded repo's config at ``dest`` with another online store (e.g. the
+    production ``{"type": "redis", "connection_string": "127.0.0.1:6379"}``), the same registry and
+    sources, materialised into that store: ``FeatureServer(dest)`` then serves it."""
+    import yaml
+
+    from redrec.features.store import FeatureRepo
+
+    repo_dir, dest = Path(repo_dir).resolve(), Path(dest).resolve()
+    cfg = yaml.safe_load((repo_dir / "feast_store.yaml").read_text())
+    cfg["online_store"] = online_store
+    dest.mkdir(parents=True, exist_ok=True)
+    (dest / "feast_store.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+    FeatureRepo(dest, fs_yaml=dest / "feast_store.yaml", source_dir=repo_dir / "feast_sources").materialize()
+    return dest

@@ -215,6 +215,92 @@ default port (https 443, http 80) and then to "default".
         path: postgres-root.crt
 {{- end -}}
 
+{{/*
+Env of a Feast client (serving, ingest): both read Feast through the feature server with the
+remote online store, which loads the feature definitions from the feature server's registry
+itself, so a SQL registry's password must reach every client, not only the feature server.
+*/}}
+{{- define "redrec.feastClient.env" -}}
+- name: REDREC_FEATURE_SERVER_URL
+  value: {{ include "redrec.featureServerUrl" . | quote }}
+{{- if and .Values.feast.enabled (eq .Values.feast.registry.type "sql") }}
+# the remote online store reads the feature definitions from the feature server's SQL registry
+- name: FEAST_REGISTRY_PASSWORD
+  valueFrom:
+    secretKeyRef:
+      name: {{ .Values.feast.registry.sql.passwordSecret.name }}
+      key: {{ .Values.feast.registry.sql.passwordSecret.key }}
+{{- end }}
+{{- end -}}
+
+{{/* Whether a Feast client connects to the SQL registry with the Postgres CA ("true" or ""). */}}
+{{- define "redrec.feastClient.needsCa" -}}
+{{- if and .Values.feast.enabled (eq .Values.feast.registry.type "sql") .Values.feast.onlineStore.postgres.sslRootCertSecret.name -}}
+true
+{{- end -}}
+{{- end -}}
+
+{{/* Volume mounts of a Feast client: the Postgres CA for a verify-ca/verify-full SQL registry. */}}
+{{- define "redrec.feastClient.volumeMounts" -}}
+{{- if include "redrec.feastClient.needsCa" . -}}
+- name: postgres-ca
+  mountPath: /etc/redrec-tls
+  readOnly: true
+{{- end -}}
+{{- end -}}
+
+{{/* Volumes of a Feast client, matching redrec.feastClient.volumeMounts. */}}
+{{- define "redrec.feastClient.volumes" -}}
+{{- if include "redrec.feastClient.needsCa" . -}}
+{{ include "redrec.postgresCaVolume" . }}
+{{- end -}}
+{{- end -}}
+
+{{- define "redrec.ingest.fullname" -}}{{ include "redrec.fullname" . }}-ingest{{- end -}}
+
+{{- define "redrec.ingest.serviceAccountName" -}}
+{{- if .Values.ingest.serviceAccount.create -}}
+{{- default (include "redrec.ingest.fullname" .) .Values.ingest.serviceAccount.name -}}
+{{- else -}}
+{{- default "default" .Values.ingest.serviceAccount.name -}}
+{{- end -}}
+{{- end -}}
+
+{{/* Whether the event log is on Redis, i.e. the ingest workers run ("true" or ""). */}}
+{{- define "redrec.eventLog.redis" -}}
+{{- if eq .Values.events.log "redis" -}}
+true
+{{- end -}}
+{{- end -}}
+
+{{/*
+Env of a client of the event log (serving appends, ingest reads): the URL and user repeat the
+config.yaml values (the code's env overrides), the password comes only from its Secret.
+*/}}
+{{- define "redrec.eventLog.env" -}}
+{{- $r := .Values.events.redis -}}
+- name: REDREC_EVENTS_REDIS_URL
+  value: {{ $r.url | quote }}
+{{- with $r.username }}
+- name: REDREC_EVENTS_REDIS_USERNAME
+  value: {{ . | quote }}
+{{- end }}
+- name: REDREC_EVENTS_REDIS_PASSWORD
+  valueFrom:
+    secretKeyRef:
+      name: {{ required "events.redis.passwordSecret.name is required while events.log=redis (a Secret with the password of the log's Redis ACL user; see docs/install-kubernetes.md), or set events.log=embedded" $r.passwordSecret.name }}
+      key: {{ $r.passwordSecret.key }}
+{{- end -}}
+
+{{/* Port of events.redis.url (default 6379). */}}
+{{- define "redrec.eventLog.port" -}}
+{{- include "redrec.urlPort" (dict "url" .Values.events.redis.url "default" 6379) -}}
+{{- end -}}
+
+{{/* Directory the API tokens Secret is mounted at, and the tokens file in it. */}}
+{{- define "redrec.auth.tokensDir" -}}/etc/redrec-auth{{- end -}}
+{{- define "redrec.auth.tokensFile" -}}{{ include "redrec.auth.tokensDir" . }}/tokens{{- end -}}
+
 {{/* Name of the serving-log claim. */}}
 {{- define "redrec.servingLog.claimName" -}}
 {{- default (printf "%s-serving-log" (include "redrec.fullname" .)) .Values.serving.servingLog.persistence.existingClaim -}}
@@ -318,6 +404,19 @@ inconsistency stops rendering with a message naming the values to fix.
 {{- if and .Values.feast.enabled (eq .Values.feast.registry.type "sql") (has .Values.feast.registry.sql.sslmode (list "verify-ca" "verify-full")) (not $pg.sslRootCertSecret.name) -}}
 {{- fail "feast.registry.sql.sslmode verify-ca/verify-full uses the CA bundle of feast.onlineStore.postgres.sslRootCertSecret: set it, or use sslmode require" -}}
 {{- end -}}
+{{- if and (eq .Values.events.log "embedded") (or .Values.serving.autoscaling.enabled (gt $min 1)) -}}
+{{- fail (printf "events.log=embedded applies events inside each serving pod: with %s serving replicas two pods may write one user's history at once and lose an event; set events.log=redis (the ingest workers write one user at a time), or one replica without autoscaling" (ternary "autoscaled" (toString $min) .Values.serving.autoscaling.enabled)) -}}
+{{- end -}}
+{{- if eq .Values.events.log "redis" -}}
+{{- $ing := .Values.ingest -}}
+{{- if gt (int $ing.replicaCount) (int .Values.events.partitions) -}}
+{{- fail (printf "ingest.replicaCount (%d) is above events.partitions (%d): each partition has one worker at a time, so the extra workers would idle; lower the replicas or raise the partitions (before any event is logged)" (int $ing.replicaCount) (int .Values.events.partitions)) -}}
+{{- end -}}
+{{- $ingMin := $ing.pdb.minAvailable -}}
+{{- if and $ing.pdb.enabled (ge (int $ing.replicaCount) 2) (not (kindIs "string" $ingMin)) (ge (int $ingMin) (int $ing.replicaCount)) -}}
+{{- fail (printf "ingest.pdb.minAvailable (%d) must be below ingest.replicaCount (%d): otherwise node drains hang" (int $ingMin) (int $ing.replicaCount)) -}}
+{{- end -}}
+{{- end -}}
 {{- if and (not .Values.feast.enabled) (not .Values.feast.externalUrl) -}}
 {{- fail "feast.externalUrl is required when feast.enabled=false (the serving pods need a feature server)" -}}
 {{- end -}}
@@ -332,6 +431,72 @@ inconsistency stops rendering with a message naming the values to fix.
     - protocol: TCP
       port: 53
   {{- with .Values.networkPolicy.dnsTo }}
+  to:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+{{- end -}}
+
+{{/*
+Egress of a Feast client (serving, ingest): the feature server, and the registry the remote
+online store loads (the SQL port, or object storage for a file registry on s3:// / gs://).
+(dict "ctx" $ "modelStore" true) adds object storage for an s3:// / gs:// modelStore.uri.
+*/}}
+{{- define "redrec.networkPolicy.feastClientEgress" -}}
+{{- $withModelStore := .modelStore -}}
+{{- $ := .ctx -}}
+{{- $np := $.Values.networkPolicy -}}
+{{- $reg := $.Values.feast.registry -}}
+{{- if $.Values.feast.enabled }}
+- to:
+    - podSelector:
+        matchLabels:
+          {{- include "redrec.selectorLabels" (dict "ctx" $ "component" "feature-server") | nindent 10 }}
+  ports:
+    - protocol: TCP
+      port: {{ $.Values.feast.port }}
+{{- else }}
+# External feature server: its port, any destination.
+- ports:
+    - protocol: TCP
+      port: {{ include "redrec.urlPort" (dict "url" $.Values.feast.externalUrl "default" 6566) }}
+{{- end }}
+{{- if and $.Values.feast.enabled (eq $reg.type "sql") }}
+# SQL registry (the feature definitions).
+- ports:
+    - protocol: TCP
+      port: {{ $reg.sql.port }}
+  {{- with $np.registryTo }}
+  to:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+{{- end }}
+{{- $objectStore := false }}
+{{- range list "s3://" "gs://" "gcs://" }}
+{{- if or (and $withModelStore (hasPrefix . $.Values.modelStore.uri)) (and $.Values.feast.enabled (eq $reg.type "file") (hasPrefix . $reg.path)) }}
+{{- $objectStore = true }}
+{{- end }}
+{{- end }}
+{{- if and $objectStore $np.objectStorePorts }}
+# Object storage: {{ if $withModelStore }}the model store and/or {{ end }}the file registry.
+- ports:
+    {{- range $np.objectStorePorts }}
+    - protocol: TCP
+      port: {{ . }}
+    {{- end }}
+  {{- with $np.objectStoreTo }}
+  to:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+{{- end }}
+{{- end -}}
+
+{{/* Egress rule to the event log's Redis (port from events.redis.url, peers networkPolicy.eventLogTo). */}}
+{{- define "redrec.networkPolicy.eventLogEgress" -}}
+# Event log (Redis Streams, port from events.redis.url).
+- ports:
+    - protocol: TCP
+      port: {{ include "redrec.eventLog.port" . }}
+  {{- with .Values.networkPolicy.eventLogTo }}
   to:
     {{- toYaml . | nindent 4 }}
   {{- end }}
