@@ -4,10 +4,12 @@ events, for ``events.log: redis`` (2 ingest workers) next to ``embedded`` (its p
     python bench/ingest.py                 # trains the small synthetic model, as bench/serving.py does
 
 Stack (all on 127.0.0.1, as in ``bench/serving.py``): ``bentoml serve`` (``serving.workers`` 2) ->
-``feast serve`` (remote online store, SQLite behind it) and ``milvus-lite server``; for ``redis``
-also a ``redis-server`` (Debian's, started as the tests start it: no AOF) and 2 ingest worker
+``feast serve`` (remote online store) and ``milvus-lite server``; a ``redis-server`` (Debian's,
+started as the tests start it: no AOF) holds Feast's Redis online store (the production store, the
+chart's) in db 1 for both modes (``feast_server.with_online_store``), and for ``redis`` the event
+log in db 0, so both modes write to the same kind of store; for ``redis`` also 2 ingest worker
 processes (``redrec features ingest``'s ``cmd_ingest``, run from this file with timers around
-the batch, the Feast read and write and the popularity copy; no other change). One stack per
+a pass over the held partitions, the Feast read and write and the popularity copy; no other change). One stack per
 run: the serving processes are restarted per mode with the mode's ``events:`` section.
 
 Per mode and per target rate, open loop (asyncio + httpx: call n is sent at t0 + n / calls_per_s;
@@ -29,8 +31,9 @@ exactly when its user's window holds it), items, scenarios and actions drawn fro
 Where the time goes: per step, the CPU (in cores) of each component (bentoml, feast serve, ingest
 workers, redis-server, milvus-lite, this process, wrk) and of the rest of the machine (other
 people's work: the cores are shared); the ingest workers' timed calls (batch apply, the Feast
-read and write inside it, the popularity copy) and the age of a batch's entries when it starts and
-when it is written (entry ids are XADD times); errors in the feature server's log. Before the
+read and write inside it, the popularity copy) and the age of a pass's entries when it starts and
+when it is written (entry ids are XADD times); redis-server's CPU per command (INFO commandstats:
+the log's commands and the online store's); errors in the feature server's log. Before the
 modes, the online store's own costs with this benchmark idle (one window read, one write, one
 embedded push). For ``redis``, a control step repeats the top rate without the freshness poller,
 whose reads share the feature server.
@@ -83,17 +86,19 @@ def worker_main(config: str, worker_id: str, timings: str) -> int:
             try:
                 return f(*a, **k)
             finally:
-                rec.append((t0, what, time.time() - t0, len(a[2]) if what == "apply" else 0))
+                rec.append((t0, what, time.time() - t0, sum(map(len, a[1].values())) if what == "apply" else 0,
+                            len(a[1]) if what == "apply" else 0))
         setattr(cls, name, wrapper)
 
     apply = ing.IngestWorker.apply
 
-    def apply_aged(self, p, entries):
+    def apply_aged(self, batches):  # one pass: the entries read from every held partition
         start = time.time()
-        out = apply(self, p, entries)
+        out = apply(self, batches)
         end = time.time()
-        ms = [int(eid.split("-")[0]) / 1000 for eid, _ in entries]
-        ages.append((start, len(entries), start - min(ms), start - max(ms), end - min(ms), end - max(ms)))
+        ms = [int(eid.split("-")[0]) / 1000 for entries in batches.values() for eid, _ in entries]
+        if ms:
+            ages.append((start, len(ms), start - min(ms), start - max(ms), end - min(ms), end - max(ms)))
         return out
     ing.IngestWorker.apply = apply_aged
     timed(ing.IngestWorker, "apply", "apply")
@@ -112,12 +117,14 @@ def worker_main(config: str, worker_id: str, timings: str) -> int:
 
 def worker_profile(paths: list[Path], t0: float, t1: float, sending: tuple[float, float]) -> dict:
     """Where the ingest workers' time went in [t0, t1) (the step, from its first call to the log
-    drained): per timed call, count, total s, p50/p99 ms; the batches' sizes; the age of a batch's
-    entries when it starts and when it is written; entries applied per s while the step was sending."""
+    drained): per timed call, count, total s, p50/p99 ms (``apply``: one pass over the entries read
+    from every held partition, passes that read nothing left out); entries and partitions per pass;
+    the age of a pass's entries when it starts and when it is written; entries applied per s while
+    the step was sending."""
     calls, ages, every = [], [], []
     for p in paths:
         d = json.loads(p.read_text())
-        calls += [c for c in d["calls"] if t0 <= c[0] < t1]
+        calls += [c for c in d["calls"] if t0 <= c[0] < t1 and not (c[1] == "apply" and c[3] == 0)]
         ages += [a for a in d["ages"] if t0 <= a[0] < t1]
         every += d["ages"]
     s0, s1 = sending
@@ -130,7 +137,9 @@ def worker_profile(paths: list[Path], t0: float, t1: float, sending: tuple[float
                          "p99_ms": round(pct(xs, 99), 1), "max_ms": round(max(xs) * 1000, 1)}
     sizes = [c[3] for c in calls if c[1] == "apply"]
     if sizes:
-        out["batch_entries"] = {"mean": round(float(np.mean(sizes)), 1), "max": int(max(sizes))}
+        parts = [c[4] for c in calls if c[1] == "apply"]
+        out["entries_per_pass"] = {"mean": round(float(np.mean(sizes)), 1), "max": int(max(sizes))}
+        out["partitions_per_pass"] = {"mean": round(float(np.mean(parts)), 1), "max": int(max(parts))}
     if ages:
         # oldest entry of a batch when the batch starts (waited in the log) and when it is written
         out["entry_age_at_batch_start_ms"] = {"p50": round(pct([a[2] for a in ages], 50), 1),
@@ -213,8 +222,27 @@ def cpu_usage(a: dict, b: dict, extra_s: dict | None = None) -> dict:
 
 def feast_errors(log: Path) -> dict:
     text = log.read_text(errors="replace") if log.is_file() else ""
-    return {"sqlite_transaction_within_transaction": text.count("cannot start a transaction within a transaction"),
+    return {"tracebacks": text.count("Traceback (most recent call last)"),
             "asgi_exceptions": text.count("Exception in ASGI application")}
+
+
+def redis_commands(client) -> dict:
+    """redis-server's per-command counters (INFO commandstats): calls and CPU microseconds. The
+    log (db 0) and Feast's online store (db 1) share the server; the commands tell them apart
+    (Feast: HMGET reads, HSET/EXPIRE/pipelined writes; the log: X*, EVALSHA, leases)."""
+    return {k.removeprefix("cmdstat_"): (v["calls"], v["usec"]) for k, v in client.info("commandstats").items()}
+
+
+def redis_commands_between(a: dict, b: dict, seconds: float) -> dict:
+    """Per command in the window: calls, and redis-server's CPU for it (ms, and in cores)."""
+    out = {}
+    for k, (calls, usec) in b.items():
+        c0, u0 = a.get(k, (0, 0))
+        if calls - c0:
+            out[k] = {"calls": calls - c0, "cpu_ms": round((usec - u0) / 1000, 1)}
+    out = dict(sorted(out.items(), key=lambda kv: -kv[1]["cpu_ms"]))
+    total = sum(v["cpu_ms"] for v in out.values())
+    return {"commands": out, "cpu_ms_total": round(total, 1), "cores": round(total / 1000 / max(seconds, 1e-9), 3)}
 
 
 def _delta(a: dict, b: dict) -> dict:
@@ -434,13 +462,27 @@ def check_loss(repo, st: dict, partition_of=None) -> None:
                                         "stored_row_us": row[view][0]})
 
 
-def write_floor(repo, traffic: Traffic, n: int = 20) -> dict:
+def write_floor(repo, traffic: Traffic, direct=None, n: int = 20, users: int = 100) -> dict:
     """The online store's costs with no load from this benchmark (others' may be there): one user's
     window read (plan_windows), written (write_windows), and the whole embedded push of 1 event
-    (push_events: window read + write, popularity read + write), ms."""
+    (push_events: window read + write, popularity read + write), ms; then the read and write of
+    ``users`` users' windows (one event each, all scenarios: one request per scenario for the
+    write, as an ingest pass) through the feature server, and, with ``direct`` (a FeatureRepo on
+    the same Feast Redis store, in this process), without it."""
     import pandas as pd
 
     out = defaultdict(list)
+    for label, r in (("feature_server", repo), ("in_process_redis_store", direct)):
+        if r is None:
+            continue
+        for _ in range(max(3, n // 4)):
+            checked = r.check_events(pd.DataFrame(traffic.call("floor", users)))
+            t = time.perf_counter()
+            up = r.plan_windows(checked)
+            out[f"plan_windows_{users}_users_{label}"].append(time.perf_counter() - t)
+            t = time.perf_counter()
+            r.write_windows(up)
+            out[f"write_windows_{users}_users_{label}"].append(time.perf_counter() - t)
     for _ in range(n):
         checked = repo.check_events(pd.DataFrame(traffic.call("floor", 1)))
         t = time.perf_counter()
@@ -525,11 +567,13 @@ async def run_mode(mode: str, cfg_path: Path, args, traffic: Traffic, repo, redi
                 # again without them (freshness then from the workers' side only)
                 plan.append((max(args.rates), 10, 0))
             for rate, per_call, sample_every in plan:
-                cpu0, fe0 = cpu_snapshot(), feast_errors(feast_log)
+                cpu0, fe0, rc0 = cpu_snapshot(), feast_errors(feast_log), redis_commands(redis.client)
                 st = await open_loop(client, srv.url, traffic, f"{mode}-{rate:g}", rate, per_call, args.seconds,
                                      sample_every, poller, args.max_in_flight, backlog)
                 drained, cpu1 = await _settle(poller, log_empty, 120)
                 st["cpu_from_first_call_to_drained"] = cpu_usage(cpu0, cpu1)
+                st["redis_server_from_first_call_to_drained"] = redis_commands_between(
+                    rc0, redis_commands(redis.client), cpu1["t"] - cpu0["t"])
                 _drain(st, drained, mode)
                 fresh, reads, never = poller.take()
                 st["poller"] = bool(sample_every)
@@ -546,12 +590,14 @@ async def run_mode(mode: str, cfg_path: Path, args, traffic: Traffic, repo, redi
                 _echo(mode, st)
             # /recommend at 100 clients while events arrive at 100/s
             await asyncio.to_thread(wrk, srv.url, bodies, 10, args.warmup_seconds)
-            cpu0, fe0 = cpu_snapshot(), feast_errors(feast_log)
+            cpu0, fe0, rc0 = cpu_snapshot(), feast_errors(feast_log), redis_commands(redis.client)
             bg = asyncio.create_task(open_loop(client, srv.url, traffic, f"{mode}-wrk", 100, 1, args.wrk_seconds + 2, 0,
                                                None, args.max_in_flight, backlog))
             await asyncio.sleep(1.0)
             rec = await asyncio.to_thread(wrk, srv.url, bodies, 100, args.wrk_seconds)
             cpu1 = cpu_snapshot()
+            rec["redis_server_during_wrk"] = redis_commands_between(rc0, redis_commands(redis.client),
+                                                                    cpu1["t"] - cpu0["t"])
             st = await bg
             drained, _ = await _settle(poller, log_empty, 120)
             _drain(st, drained, mode)
@@ -674,9 +720,10 @@ def main() -> int:
 
     import yaml
 
+    from redrec.features.store import FeatureRepo
     from redrec.index.lite import LiteServer
     from redrec.serving.config import IngestConfig
-    from redrec.serving.feast_server import FeatureServer
+    from redrec.serving.feast_server import FeatureServer, with_online_store
     from redrec.serving.features import open_repo
     from redrec.serving.stack import prepare
     from services_util import Redis
@@ -699,7 +746,13 @@ def main() -> int:
             base = prepare(data, {"bench": ckpt}, work, uri,
                            [{"name": "control", "model_version": "bench", "index_alias": "", "share": 1.0}],
                            seq_len=args.seq_len, serving=serving)
-            fs = FeatureServer(work / "feast")
+            # the production online store behind the feature server, for both modes: Feast's Redis
+            # store, in db 1 of the redis-server whose db 0 holds the log (redis mode)
+            online_store = {"type": "redis", "connection_string": f"127.0.0.1:{redis.port},db=1"}
+            fs = FeatureServer(with_online_store(work / "feast", work / "feast-redis", online_store))
+            keys_per_db = {db: v["keys"] for db, v in redis.client.info("keyspace").items()}
+            if set(keys_per_db) != {"db1"}:
+                raise RuntimeError(f"Feast's online store should be in db 1 alone: {keys_per_db}")
             with fs:
                 fs_url = fs.url
                 setup_s = time.perf_counter() - t_start
@@ -715,7 +768,10 @@ def main() -> int:
                 repo = open_repo(IngestConfig.from_yaml(paths[args.modes[0]]))
                 events_cfg = {m: yaml.safe_load(p.read_text())["events"] for m, p in paths.items()}
                 cpu0 = cpu_snapshot()
-                floor = write_floor(repo, traffic)
+                direct = FeatureRepo(work / "feast-redis", fs_yaml=work / "feast-redis" / "feast_store.yaml",
+                                     source_dir=work / "feast" / "feast_sources")
+                floor = write_floor(repo, traffic, direct)
+                floor["scenarios"] = list(data.scenarios)
                 floor["cpu"] = cpu_usage(cpu0, cpu_snapshot())
                 print(f"online store floor: {floor}", flush=True)
                 for mode in args.modes:
@@ -746,7 +802,8 @@ def main() -> int:
                                                     text=True).stdout.split()[2].removeprefix("v="),
                      "wrk": _wrk_version(__import__("shutil").which("wrk"))},
         "note": "2 shared cores: the load generator (httpx sender, freshness poller, wrk), bentoml (2 workers), feast "
-                "serve, milvus-lite, redis-server and the 2 ingest workers all run on them, and other engineers ran "
+                "serve, milvus-lite, redis-server (Feast's online store for both modes, and the log) and the 2 "
+                "ingest workers all run on them, and other engineers ran "
                 "tests on the machine at the same time (load averages at start, after each step and at the end). "
                 "redis-server as the tests start it: no AOF, no RDB. The freshness poller's reads go to the same "
                 "feature server as the ingest writes and /recommend's reads (one read at a time, back to back when "
@@ -762,6 +819,15 @@ def main() -> int:
                      "events_per_call": {"100/s": 1, "1000/s": 10}, "freshness_sample": {"100/s": "every call",
                                                                                      "1000/s": "one call in ten"},
                      "events": "one event per fresh user id; item, scenario and action drawn from the synthetic data"},
+        "online_store": {"feature_server": "feast serve (1 worker) over Feast's Redis online store, both modes",
+                         "feast_online_store": {**online_store, "connection_string": "127.0.0.1:<port>,db=1"},
+                         "event_log": "redis mode: db 0 of the same redis-server",
+                         "keys_after_materialize": keys_per_db},
+        "previous_run": "SQLite online store behind feast serve (commit 63b9e79's JSON): redis mode freshness p99 "
+                        "14.3 s at 1,000 ev/s and 47 events lost (feast serve's shared SQLite connection: 'cannot "
+                        "start a transaction within a transaction', concurrent writers rolled each other back); the "
+                        "embedded peer accepted 10.2 events/s in 1-event calls and 42.1 in 10-event calls; /recommend "
+                        "p99 at 100 clients 990 ms redis vs 3,269 ms embedded",
         "online_store_floor": floor,
         "modes": results,
         "recommend_p99_ratio_redis_over_embedded": ratio,
@@ -786,6 +852,9 @@ def main() -> int:
         "applied_events_per_s_while_sending": st.get("ingest_workers", {}).get("applied_events_per_s_while_sending"),
         "drain_events_per_s": st.get("drain_events_per_s"),
         "oldest_entry_age_when_written_p99_ms": st.get("ingest_workers", {}).get("entry_age_at_batch_written_ms", {}).get("p99"),
+        "ingest_pass_p50_ms": st.get("ingest_workers", {}).get("apply", {}).get("p50_ms"),
+        "ingest_pass_p99_ms": st.get("ingest_workers", {}).get("apply", {}).get("p99_ms"),
+        "entries_per_pass_mean": st.get("ingest_workers", {}).get("entries_per_pass", {}).get("mean"),
         "recommend_100_clients_p99_ms": results[mode]["recommend_100_clients"]["p99_ms"],
         "recommend_100_clients_rps": results[mode]["recommend_100_clients"]["throughput_rps"]} for mode, st in rows]
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
@@ -803,6 +872,18 @@ def main() -> int:
               f"{st['accept_latency_ms']['p99']:>10}")
     print("(applied/s: entries the ingest workers wrote while the step was sending; drain/s: the backlog left at the "
           "last accept over the drain time; age p99: a batch's oldest entry's age when written, ms)")
+    print(f"\n{'ingest passes':>22} {'passes':>6} {'ev/pass':>7} {'part/pass':>9} {'pass p50':>8} {'p99':>6} "
+          f"{'read p50':>8} {'write p50':>9} {'p99':>6} {'pop flush p50':>13} {'busy':>5} {'redis cores':>11}")
+    for mode, st in rows:
+        w = st.get("ingest_workers")
+        if not w or "apply" not in w:
+            continue
+        label = f"{mode} {st['target_events_per_s']:g}/s{'' if st['poller'] else ' ctl'}"
+        print(f"{label:>22} {w['apply']['calls']:>6} {w['entries_per_pass']['mean']:>7} "
+              f"{w['partitions_per_pass']['mean']:>9} {w['apply']['p50_ms']:>8} {w['apply']['p99_ms']:>6} "
+              f"{w['plan_windows']['p50_ms']:>8} {w['write_windows']['p50_ms']:>9} {w['write_windows']['p99_ms']:>6} "
+              f"{w.get('flush_popularity', {}).get('p50_ms', '-'):>13} {w['busy_share_of_2_workers']:>5} "
+              f"{st['redis_server_from_first_call_to_drained']['cores']:>11}")
     print(f"\n{'mode':>9} {'/recommend rps':>14} {'p50 ms':>7} {'p99 ms':>7} {'fail':>5}  (100 clients, events 100/s)")
     for mode, r in results.items():
         w = r["recommend_100_clients"]
