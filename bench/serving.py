@@ -164,6 +164,21 @@ def floor(ckpt: Path, data, reqs: list[tuple[str, str]], k: int, seq_len: int, n
             "p99_ms": round(pct(lat, 99), 3)}
 
 
+def synthetic_model(work: Path):
+    """The small model the benchmarks train when given no checkpoint: (data, checkpoint dir, description)."""
+    from redrec.data import chronological_split, encode, load_dataset
+    from redrec.experiment import ExperimentConfig, train_variant
+    from redrec.model.checkpoint import export_checkpoint
+
+    data = load_dataset("synthetic", n_users=2000, n_items=2000, seed=0)
+    cfg = ExperimentConfig.model_validate({"dataset": "synthetic", "variants": ["redrec"],
+                                           "train": {"epochs": 1, "max_steps": 30, "progress": False}, "out_dir": str(work)})
+    enc = encode(data)
+    trainer, _ = train_variant(cfg, "redrec", data, enc, chronological_split(enc), work / "redrec", resume=False)
+    ckpt = export_checkpoint(trainer.module, work / "model", enc.item_ids, {"variant": "redrec"})
+    return data, ckpt, "synthetic 2000 users x 2000 items, 30 steps"
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--checkpoint", help="exported checkpoint dir (default: train a small synthetic model)")
@@ -199,17 +214,7 @@ def main() -> int:
         ckpt = Path(args.checkpoint)
         model_desc = f"{args.dataset} checkpoint {ckpt}"
     else:
-        from redrec.data import chronological_split, encode
-        from redrec.experiment import ExperimentConfig, train_variant
-        from redrec.model.checkpoint import export_checkpoint
-
-        data = load_dataset("synthetic", n_users=2000, n_items=2000, seed=0)
-        cfg = ExperimentConfig.model_validate({"dataset": "synthetic", "variants": ["redrec"],
-                                               "train": {"epochs": 1, "max_steps": 30, "progress": False}, "out_dir": str(work)})
-        enc = encode(data)
-        trainer, _ = train_variant(cfg, "redrec", data, enc, chronological_split(enc), work / "redrec", resume=False)
-        ckpt = export_checkpoint(trainer.module, work / "model", enc.item_ids, {"variant": "redrec"})
-        model_desc = "synthetic 2000 users x 2000 items, 30 steps"
+        data, ckpt, model_desc = synthetic_model(work)
     users = data.events["user_id"].astype(str).unique().tolist()
     rng = random.Random(0)
     reqs = [(rng.choice(users), rng.choice(list(data.scenarios))) for _ in range(5000)]
