@@ -754,22 +754,26 @@ def test_two_pods_and_two_ingest_workers_lose_nothing_through_the_event_log(worl
                 assert time.monotonic() < deadline, f"log not drained: {backlog} entries left"
                 assert all(p.poll() is None for p in workers.values()), (tmp_path / "ingest-w2.log").read_text()[-3000:]
                 time.sleep(0.5)
-        print(f"20,000 events sent in {sent_s:.1f}s, drained after {time.monotonic() - t0:.1f}s")
-        ref = reference_windows(traffic, world["cfg"]["scenarios"])
-        users = list(ref)
-        got = repo.online_sequences(users, world["cfg"]["scenarios"])
-        wrong = []
-        for s in world["cfg"]["scenarios"]:
-            for u, w in zip(users, got[s]):
-                have = list(zip(w["item_ids"], w["actions"], w["timestamps"])) if w else []
-                if have != ref[u][s]:
-                    wrong.append((u, s, have, ref[u][s]))
-        assert not wrong, (len(wrong), wrong[:2])
-        distinct = Counter(e["item_id"] for evs in traffic for e in {(e["scenario"], e["item_id"], e["action"], e["ts"]): e
-                                                                      for e in evs}.values())
-        pop = repo.online_popularity(items)
-        assert {i: pop[i] - pop0[i] for i in items} == {i: distinct[i] for i in items}
-        assert sum(distinct.values()) < 20_000  # the duplicates were there, and were not counted
+            print(f"20,000 events sent in {sent_s:.1f}s, drained after {time.monotonic() - t0:.1f}s")
+            ref = reference_windows(traffic, world["cfg"]["scenarios"])
+            users = list(ref)
+            got = repo.online_sequences(users, world["cfg"]["scenarios"])
+            wrong = []
+            for s in world["cfg"]["scenarios"]:
+                for u, w in zip(users, got[s]):
+                    have = list(zip(w["item_ids"], w["actions"], w["timestamps"])) if w else []
+                    if have != ref[u][s]:
+                        wrong.append((u, s, have, ref[u][s]))
+            assert not wrong, (len(wrong), wrong[:2])
+            distinct = Counter(e["item_id"] for evs in traffic for e in {(e["scenario"], e["item_id"], e["action"], e["ts"]): e
+                                                                          for e in evs}.values())
+            pop = repo.online_popularity(items)
+            assert {i: pop[i] - pop0[i] for i in items} == {i: distinct[i] for i in items}
+            assert sum(distinct.values()) < 20_000  # the duplicates were there, and were not counted
+            # the log down: an event cannot be accepted, so it is refused, never answered "accepted"
+            redis.stop()
+            r = httpx.post(a.url + "/record_events", headers=AUTH, timeout=60, json={"events": traffic[0][:1]})
+            assert r.status_code == 503 and "event log unavailable" in r.json()["error"], r.text
     finally:
         for p in procs:
             if p.poll() is None:

@@ -413,7 +413,7 @@ class Engine:
     # ---- validation -----------------------------------------------------------------------------
     def _check_common(self, user_id: str | None, scenario: str, k: int) -> None:
         if scenario not in self.scenarios:
-            raise BadRequest(f"scenario: unknown scenario {scenario!r}; use one of {self.scenarios}", "scenario")
+            raise BadRequest(f"scenario: unknown scenario {_short(scenario)}; use one of {self.scenarios}", "scenario")
         if not 1 <= k <= self.cfg.serving.max_k:
             raise BadRequest(f"k: must be between 1 and {self.cfg.serving.max_k} (serving.max_k), got {k}", "k")
         if user_id is not None:
@@ -588,7 +588,7 @@ class Engine:
         _, rt = self._arm_runtime(user_id) if user_id else (self.control, self.arms[self.control])
         idx = rt.vocab.item_index.get(item_id)
         if idx is None:
-            raise NotFound(f"item_id: unknown item {item_id!r} (not in the catalogue of model {rt.version})", "item_id")
+            raise NotFound(f"item_id: unknown item {_short(item_id)} (not in the catalogue of model {rt.version})", "item_id")
         try:
             q = Query(rt.item_emb[idx - 1], scenario, k, {item_id})
             res = (await asyncio.to_thread(self._milvus, self._search_many, rt, [q]))[0]
