@@ -1,10 +1,14 @@
 import os
+import sys
 import tempfile
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+# bentos/ and bench/ are not packages of the install: a test importing them must not depend on
+# another test module having put the checkout on the path first
+sys.path.insert(0, str(ROOT))
 os.environ.setdefault("BENTOML_DO_NOT_TRACK", "True")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")

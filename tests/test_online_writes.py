@@ -96,8 +96,8 @@ def test_a_ts_beyond_the_allowed_skew_is_refused_and_freezes_nothing(store, data
 
 def test_the_event_log_applies_in_order_once_and_survives_a_worker_that_died(tmp_path, data, redis_server):
     """RedisStreamLog + IngestWorker in process (the multi-process run is in test_serving.py): a
-    worker that read a batch and died before acknowledging it leaves it pending; the next worker
-    takes the partition, re-applies it, and nothing is counted twice."""
+    worker that read and counted a batch and died before its online write leaves it pending; the
+    next worker takes the partition, re-applies it, and nothing is counted twice."""
     from redrec.features.eventlog import EventLogConfig, RedisStreamLog
     from redrec.features.ingest import IngestWorker
 
@@ -112,10 +112,23 @@ def test_the_event_log_applies_in_order_once_and_survives_a_worker_that_died(tmp
     pop0 = repo.online_popularity(items[:4])
     log = RedisStreamLog(cfg)
     log.append(ev.iloc[:3])
-    dead = IngestWorker(cfg, repo, "dead")
-    dead.rebalance()
-    # it reads every entry and dies before applying or acknowledging any
-    assert dead.r.xreadgroup("ingest", "dead", {cfg.stream(p): ">" for p in dead.owned}, count=100)
+    class DiesAtTheWrite:
+        """The fault: the worker counts the batch's popularity, then dies before its online write."""
+
+        def __init__(self, repo):
+            self.repo = repo
+
+        def __getattr__(self, name):
+            return getattr(self.repo, name)
+
+        def write_windows(self, update):
+            raise RuntimeError("killed before the online write")
+
+    dead = IngestWorker(cfg, DiesAtTheWrite(repo), "dead")
+    with pytest.raises(RuntimeError, match="killed"):
+        for _ in range(5):
+            dead.step()
+    assert sum(int(v) for v in redis_server.client.hvals(cfg.key("pop:counts"))) == 3  # counted, never written
     log.append(ev.iloc[3:])
     live = IngestWorker(cfg, repo, "live")
     time.sleep(0.6)  # the dead worker's leases expire

@@ -28,8 +28,7 @@ from typing import Literal
 import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-EVENT_FIELDS = ("user_id", "item_id", "scenario", "action", "ts")
-
+from redrec.schema import EVENT_COLUMNS
 
 class EventLogConfig(BaseModel):
     """The serving config's ``events:`` section (also read by ``redrec features ingest``).
@@ -122,7 +121,7 @@ class RedisStreamLog:
     def append(self, events: pd.DataFrame) -> dict:
         # one round trip for the whole call; a user's events keep their order within its stream
         pipe = self.r.pipeline(transaction=False)
-        for e in events[list(EVENT_FIELDS)].itertuples(index=False):
+        for e in events[list(EVENT_COLUMNS)].itertuples(index=False):
             pipe.xadd(self.cfg.stream(self.cfg.partition_of(e.user_id)),
                       {"u": e.user_id, "i": e.item_id, "s": e.scenario, "a": e.action, "t": int(e.ts)})
         pipe.execute()

@@ -115,7 +115,7 @@ class IngestWorker:
         self.id = worker_id or f"{socket.gethostname()}-{os.getpid()}"
         self.r = client or cfg.client()
         self.ttl_ms = int(cfg.lease_ttl_s * 1000)
-        self.owned: dict[int, float] = {}  # partition -> monotonic time its lease was last renewed
+        self.owned: set[int] = set()  # partitions whose lease this worker holds
         self.backlog: set[int] = set()  # partitions whose pending entries (ours or claimed) come first
         self.stats = IngestStats()
         self.alive_at = time.monotonic()
@@ -140,9 +140,7 @@ class IngestWorker:
         live = max(1, pipe.execute()[-1])
         share = math.ceil(self.cfg.partitions / live)
         for p in list(self.owned):
-            if self._renew(keys=[self._lease(p)], args=[self.id, self.ttl_ms]):
-                self.owned[p] = time.monotonic()
-            else:
+            if not self._renew(keys=[self._lease(p)], args=[self.id, self.ttl_ms]):
                 self._drop(p, "lease lost")
         for p in sorted(self.owned, reverse=True)[: max(0, len(self.owned) - share)]:
             self._release(keys=[self._lease(p)], args=[self.id])
@@ -173,12 +171,12 @@ class IngestWorker:
             claimed += len(res[1])
             if start in ("0-0", b"0-0"):
                 break
-        self.owned[p] = time.monotonic()
+        self.owned.add(p)
         self.backlog.add(p)
         log.info("worker %s took partition %d (%d unacknowledged entries claimed)", self.id, p, claimed)
 
     def _drop(self, p: int, why: str) -> None:
-        self.owned.pop(p, None)
+        self.owned.discard(p)
         self.backlog.discard(p)
         log.info("worker %s left partition %d: %s", self.id, p, why)
 
@@ -317,7 +315,7 @@ class IngestWorker:
                 self.stats.errors += 1
                 self.stats.last_error = f"{type(e).__name__}: {str(e)[:300]}"
                 log.warning("ingest step failed (retrying in %.1fs): %s", backoff, self.stats.last_error)
-                self.backlog |= set(self.owned)  # what was read and not acknowledged is read again
+                self.backlog |= self.owned  # what was read and not acknowledged is read again
                 stop.wait(backoff)
                 backoff = min(backoff * 2, 5.0)
         try:

@@ -41,6 +41,7 @@ from redrec.experiments.assignment import HOLDOUT, assign
 from redrec.experiments.log import RECEIVED, AppendLog
 from redrec.features.eventlog import open_log
 from redrec.features.store import HistoryEvent
+from redrec.schema import EVENT_COLUMNS
 from redrec.index import exact
 from redrec.index.config import IndexConfig
 from redrec.index.search import NotPublished, PairedHits, Query, collection_info, paired_collection, search_paired_many
@@ -116,6 +117,14 @@ class _Answer:
         return self.history_len > 0
 
 
+class DeadlineExceeded(TimeoutError):
+    """A dependency's call ran past its deadline; ``dependency`` names it (feast, milvus, event log)."""
+
+    def __init__(self, dependency: str, message: str):
+        super().__init__(message)
+        self.dependency = dependency
+
+
 class _Deadline:
     """Calls to one dependency in a bounded pool, each under a deadline; remembers whether the
     last call timed out (for /readyz). The dependencies' own clients may retry for a minute
@@ -124,7 +133,7 @@ class _Deadline:
 
     def __init__(self, name: str, timeout_s: float, setting: str, workers: int = 4):
         self.name, self.timeout_s, self.setting = name, timeout_s, setting
-        self.pool = ThreadPoolExecutor(workers, thread_name_prefix=f"redrec-{name}")
+        self.pool = ThreadPoolExecutor(workers, thread_name_prefix="redrec-" + name.replace(" ", "-"))
         self.ok_at, self.stuck_at = 0.0, 0.0
 
     def __call__(self, fn, *args, timeout_s: float | None = None, setting: str | None = None):
@@ -134,7 +143,7 @@ class _Deadline:
             out = fut.result(timeout=timeout_s)
         except FutureTimeout:
             self.stuck_at = time.monotonic()
-            raise TimeoutError(f"{self.name}: no answer within {timeout_s:g}s ({setting or self.setting})") from None
+            raise DeadlineExceeded(self.name, f"{self.name}: no answer within {timeout_s:g}s ({setting or self.setting})") from None
         self.ok_at = time.monotonic()
         return out
 
@@ -145,6 +154,8 @@ class _Deadline:
 
 def _dependency(e: BaseException) -> str | None:
     """The dependency an exception comes from, if it is an outage rather than a bug."""
+    if isinstance(e, DeadlineExceeded):
+        return e.dependency
     mod = type(e).__module__ or ""
     if mod.startswith("redis"):
         return "event log"
@@ -199,7 +210,7 @@ class Engine:
         self.repo.max_future_skew_s = cfg.events.max_future_skew_s
         # where /record_events appends: the online store itself (embedded) or the Redis event log
         self.events = open_log(cfg.events, self.repo)
-        self._append = (_Deadline("event-log", cfg.events.append_timeout_s, "events.append_timeout_s")
+        self._append = (_Deadline("event log", cfg.events.append_timeout_s, "events.append_timeout_s")
                         if self.events.kind == "redis" else None)
         self._feast = _Deadline("feast", cfg.serving.feast_timeout_s, "serving.feast_timeout_s")
         self._milvus = _Deadline("milvus", cfg.milvus.timeout_s, "milvus.timeout_s")
@@ -627,7 +638,7 @@ class Engine:
                                  "send unix seconds, at most now + events.max_future_skew_s", f"events[{n}].ts")
             rows.append({"user_id": e["user_id"], "item_id": e["item_id"], "scenario": e["scenario"],
                          "action": e["action"], "ts": ts, "request_id": e.get("request_id"), RECEIVED: received})
-        df = pd.DataFrame(rows)[["user_id", "item_id", "scenario", "action", "ts"]]
+        df = pd.DataFrame(rows)[list(EVENT_COLUMNS)]
         deadline = self._append or self._feast
         try:
             rep = await asyncio.to_thread(deadline, self.events.append, df)
@@ -635,7 +646,6 @@ class Engine:
             dep = _dependency(e)
             if dep is None:
                 raise
-            dep = "event log" if self.events.kind == "redis" else dep
             late = " (a timed-out write may still land; a retry is deduplicated)" if isinstance(e, TimeoutError) else ""
             raise Unavailable(f"{dep} unavailable, events not recorded{late}: {type(e).__name__}: {str(e)[:200]}") from e
         self.feedback.append_many(rows)
