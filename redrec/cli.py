@@ -134,6 +134,7 @@ _PLUGIN_MODULES = (
     "redrec.drift.cli",
     "redrec.pipeline.cli",
     "redrec.release.cli",
+    "redrec.items.cli",
 )
 
 

@@ -37,6 +37,7 @@ from redrec.data.dataset import RecData
 from redrec.features.definitions import (
     ITEM_POP_PUSH,
     ITEM_POP_VIEW,
+    ITEM_TEXT_VIEW,
     PROJECT,
     SERVICE_TRAINING,
     SERVICE_TRAINING_USER,
@@ -538,6 +539,16 @@ class FeatureRepo:
             TIMESTAMP: pd.to_datetime([max(now_us, int(t or 0) + 1) for t in res[ITEM_POP_VIEW]], unit="us", utc=True),
             "popularity": [int(n) + (int(p or 0) if add else 0) for n, p in zip(counts.values(), stored)],
         }), to=PushMode.ONLINE)
+
+    def write_items(self, items: pd.DataFrame) -> int:
+        """Online ``item_text`` rows (title, body, tags, scenarios) of items onboarded after the last
+        materialisation, so serving's catalogue reads (eligibility, the popularity fallback) see them."""
+        now = pd.Timestamp.now(tz="UTC").floor("us")
+        df = pd.DataFrame({"item_id": items["item_id"].astype(str), TIMESTAMP: now, "title": items["title"],
+                           "body": items["body"], "tags": [list(t) for t in items["tags"]],
+                           "scenarios": [list(s) for s in items["scenarios"]]})
+        self.store.write_to_online_store(ITEM_TEXT_VIEW, df)
+        return len(df)
 
     def push_events(self, events: pd.DataFrame) -> PushReport:
         """Make fresh events visible to the next online read, without a rematerialisation: the

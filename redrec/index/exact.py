@@ -4,10 +4,12 @@ Milvus stays the index of record: publication writes, verifies and aliases colle
 serving resolves the alias there. But for a catalogue of a few thousand items a Milvus round trip
 costs far more than the search itself (ML-1M, 3.7k items, 2 cores: the search stage took a p50 of
 10 ms alone and 865 ms at 100 clients through Milvus Lite, against well under 1 ms for the dot
-product in process; bench/results/serving.json). A published version is immutable (it is written
-whole and marked ready before the alias may name it), so its rows read once ARE that collection for
-as long as it exists: collections of at most ``IndexConfig.exact_max_items`` rows are read once,
-in the background on first use, and then searched here, exactly (no recall loss at all).
+product in process; bench/results/serving.json). A published version is written whole and
+marked ready before the alias may name it, and afterwards only grows by onboarded items, whose
+arrival serving learns from the model store (``redrec.serving.added_items`` then drops the copy):
+so its rows read once ARE that collection until then. Collections of at most
+``IndexConfig.exact_max_items`` rows are read once, in the background on first use, and then
+searched here, exactly (no recall loss at all).
 """
 
 from __future__ import annotations
@@ -175,6 +177,13 @@ def _read(cfg: IndexConfig, info: CollectionInfo) -> ExactCopy | None:
     eligible = {f: np.fromiter((bool(r.get(f)) for r in rows), dtype=bool, count=len(rows)) for f in fields}
     return ExactCopy(info.name, info.version, info.metric or cfg.metric, ids, vectors, eligible,
                      {i: j for j, i in enumerate(ids)}, round(time.perf_counter() - t0, 3))
+
+
+def forget_collection(uri: str, collection: str) -> None:
+    """Drop the copy of one collection (items were added to it): the next search reads it again."""
+    with _lock:
+        for k in [k for k in _copies if k[0] == uri and k[1] == collection]:
+            del _copies[k]
 
 
 def forget(uri: str | None = None) -> None:

@@ -40,6 +40,12 @@ def collection_info(cfg: IndexConfig, collection: str) -> CollectionInfo:
     return hit
 
 
+def forget_collection(cfg: IndexConfig, collection: str) -> None:
+    """Describe ``collection`` afresh on its next search."""
+    with _info_lock:
+        _info_cache.pop((cfg.uri, collection), None)
+
+
 def search(
     cfg: IndexConfig,
     query_vectors: np.ndarray,

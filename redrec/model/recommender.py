@@ -1,5 +1,6 @@
-"""The two-tower model: item side (cached LLM reps, fine-tuned cache, item ids, or the item LLM end
-to end) and the user tower, joined by the shared projection head. One class, three variants:
+"""The two-tower model: item side (cached text reps: frozen, fine-tuned, or text plus a learned id
+residual; item ids; or the item LLM end to end) and the user tower, joined by the shared projection
+head. One class, three variants:
 
 - ``redrec``: dense mixing of all scenarios + scenario-aware queries (the method);
 - ``single-scenario``: one scenario's history only, last-state readout (HLLM-style baseline);
@@ -21,13 +22,22 @@ from redrec.model.loss import LogitScale, full_softmax_infonce, near_duplicate_t
 from redrec.model.user_tower import UserTower, UserTowerConfig
 
 Variant = Literal["redrec", "single-scenario", "sasrec"]
-ItemSource = Literal["cache-frozen", "cache-finetune", "id", "end-to-end"]
+# cache-residual: the cached text vector plus a learned per-item residual (zero for an item the model
+# never trained on), so an item onboarded after training is represented by its text alone
+ItemSource = Literal["cache-residual", "cache-frozen", "cache-finetune", "id", "end-to-end"]
+# item sources whose representation is a function of the text vector (``RecModel.text_reps``): a
+# new item's vector can be computed from its text without a retrain
+TEXT_SOURCES = ("cache-residual", "cache-finetune", "cache-frozen")
 
 
 class ModelConfig(BaseModel):
     variant: Variant = "redrec"
     item_source: ItemSource = "cache-finetune"
     item_tower: ItemTowerConfig = Field(default_factory=ItemTowerConfig)
+    # cache-residual only: the share of item occurrences (history, targets, the softmax
+    # denominator) whose residual is dropped in a training step, so the text path alone learns to
+    # place an item where its interactions would
+    residual_dropout: float = Field(0.2, ge=0, le=1)
     user_tower: UserTowerConfig = Field(default_factory=UserTowerConfig)
     dim: int = Field(64, ge=8)
     window: int = Field(5, ge=1, description="next-window size W: positives per sample")
@@ -82,13 +92,17 @@ class RecModel(nn.Module):
         self.cfg = cfg
         H = cfg.user_tower.hidden_size
         n = cfg.n_items + 1  # row 0 is padding
-        if cfg.item_source in ("cache-frozen", "cache-finetune"):
+        if cfg.item_source in TEXT_SOURCES:
             if item_cache is None or item_cache.shape[0] != cfg.n_items:
                 raise ValueError("item_source 'cache-*' needs item_cache with one row per catalogue item")
             table = torch.zeros(n, item_cache.shape[1])
             table[1:] = torch.as_tensor(item_cache, dtype=torch.float32)
             if cfg.item_source == "cache-frozen":
                 self.register_buffer("item_cache", table)
+            elif cfg.item_source == "cache-residual":
+                self.register_buffer("item_cache", table)
+                self.item_residual = nn.Embedding(n, table.shape[1], padding_idx=0)
+                nn.init.zeros_(self.item_residual.weight)  # training starts from the text path alone
             else:
                 self.item_table = nn.Embedding.from_pretrained(table, freeze=False, padding_idx=0)
             self.item_adapter = nn.Sequential(nn.LayerNorm(table.shape[1]), nn.Linear(table.shape[1], H))
@@ -115,6 +129,12 @@ class RecModel(nn.Module):
         src = self.cfg.item_source
         if src == "cache-frozen":
             return self.item_adapter(self.item_cache[idx])
+        if src == "cache-residual":
+            res = self.item_residual(idx)
+            p = self.cfg.residual_dropout
+            if self.training and p > 0:
+                res = res * (torch.rand(idx.shape, device=res.device) >= p).unsqueeze(-1).to(res.dtype)
+            return self.item_adapter(self.item_cache[idx] + res)
         if src in ("cache-finetune", "id"):
             return self.item_adapter(self.item_table(idx))
         flat = idx.reshape(-1)
@@ -124,6 +144,23 @@ class RecModel(nn.Module):
 
     def item_embeddings(self, idx: torch.Tensor) -> torch.Tensor:
         return self.head(self.item_reps(idx))
+
+    def text_reps(self, text_vecs: torch.Tensor) -> torch.Tensor:
+        """The representation of items known only by their text vectors: what ``item_reps`` gives an
+        item whose residual is zero (cache-residual), or whose table row is still its text vector."""
+        if self.cfg.item_source not in TEXT_SOURCES:
+            raise ValueError(f"item_source {self.cfg.item_source!r} has no text path: an item the model never "
+                             f"trained on cannot be represented (use one of {list(TEXT_SOURCES)})")
+        return self.item_adapter(text_vecs)
+
+    def text_vectors(self) -> torch.Tensor:
+        """[n_items + 1, D] the text encoder's vectors the item side was built from (row 0 padding)."""
+        src = self.cfg.item_source
+        if src in ("cache-frozen", "cache-residual"):
+            return self.item_cache
+        if src == "cache-finetune":
+            return self.dup_ref  # the table's starting point, unit length (the adapter's LayerNorm ignores scale)
+        raise ValueError(f"item_source {src!r} has no text vectors")
 
     @torch.no_grad()
     def all_item_embeddings(self, chunk: int = 4096) -> torch.Tensor:

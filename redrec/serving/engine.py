@@ -29,7 +29,7 @@ import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -45,7 +45,7 @@ from redrec.schema import EVENT_COLUMNS
 from redrec.index import exact
 from redrec.index.config import IndexConfig
 from redrec.index.search import NotPublished, PairedHits, Query, collection_info, paired_collection, search_paired_many
-from redrec.serving import registry
+from redrec.serving import added_items, registry
 from redrec.serving.batching import MicroBatcher
 from redrec.serving.config import ConfigError, ServingConfig
 from redrec.serving.features import item_catalogue, open_repo
@@ -88,6 +88,7 @@ class ArmRuntime:
     item_emb: np.ndarray  # [n_items, dim], row i-1 = item index i
     index: IndexConfig
     batcher: MicroBatcher | None = None
+    added: set[str] = field(default_factory=set)  # batches of onboarded items applied (redrec.items.added)
 
 
 @dataclass
@@ -232,7 +233,7 @@ class Engine:
         self.reload = {"config": config_path, "loaded": time.time(), "loaded_sha256": _sha(self._config_text),
                        "error": None, "error_sha256": None, "reloads": 0}
         self.refresh_popularity(raise_errors=False, startup=True)
-        if config_path and cfg.model_store.config_poll_s > 0:
+        if (config_path or self.models.store) and cfg.model_store.config_poll_s > 0:
             threading.Thread(target=self._watch_config, name="redrec-config-watch", daemon=True).start()
 
     # ---- models: load, install, reload -----------------------------------------------------------
@@ -260,6 +261,7 @@ class Engine:
                                       cfg.serving.batch_max_wait_ms, name=f"arm-{arm.name}",
                                       max_concurrent=cfg.serving.batch_max_concurrent)
             arms[arm.name] = rt
+        added_items.pick_up(self.models.store, arms)
         return arms
 
     def _install(self, cfg: ServingConfig, arms: dict[str, ArmRuntime]) -> None:
@@ -279,9 +281,24 @@ class Engine:
         while True:
             time.sleep(self.cfg.model_store.config_poll_s)
             try:
-                self.reload_config()
+                if self._config_path:
+                    self.reload_config()
             except Exception:  # noqa: BLE001 - the watcher must outlive any one bad config
                 log.exception("config reload failed")
+            try:
+                self.pick_up_items()
+            except Exception:  # noqa: BLE001 - a store hiccup: the next poll retries
+                log.exception("reading onboarded items failed")
+
+    def pick_up_items(self) -> int:
+        """Items onboarded since the arms were loaded (``redrec.serving.added_items``); the
+        catalogue, the known items and the popularity fallback grow with them."""
+        g = self._gen
+        n = added_items.pick_up(self.models.store, g.arms)
+        if n:
+            self._install(g.cfg, g.arms)
+            self._popular_at = 0.0  # the next fallback read refreshes the table with the new items
+        return n
 
     def reload_config(self) -> bool:
         """Load the config file again if it changed; True when new arms were swapped in. A config
