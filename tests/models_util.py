@@ -15,7 +15,7 @@ def tiny_model(data, out_dir: Path, seed: int, meta: dict | None = None) -> Path
 
     cfg = ExperimentConfig.model_validate({
         "dataset": "synthetic", "variants": ["redrec"],
-        "model": {"item_source": "cache-finetune", "user_tower": {"hidden_size": 32, "layers": 1, "heads": 2, "max_len": SEQ_LEN}},
+        "model": {"item_source": "cache-residual", "user_tower": {"hidden_size": 32, "layers": 1, "heads": 2, "max_len": SEQ_LEN}},
         "train": {"epochs": 1, "batch_size": 16, "negatives": 64, "progress": False, "warmup_steps": 2, "max_steps": 8, "seed": seed},
         "out_dir": str(out_dir),
     })

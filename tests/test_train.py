@@ -41,7 +41,7 @@ def run_cli(args, log, **kw):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("item_source", ["cache-finetune", "id"])
+@pytest.mark.parametrize("item_source", ["cache-residual", "cache-finetune", "id"])
 def test_short_training_beats_popularity_by_a_clear_margin(tmp_path, item_source):
     """Text-initialised items and plain id items both learn: with side-information tables at
     nn.Embedding's default std 1, an id-item RED-Rec stayed at popularity (0.049 vs 0.049 NDCG@10

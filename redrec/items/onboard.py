@@ -51,7 +51,8 @@ class OnboardReport:
 
 def encode_texts(tower: dict, items: pd.DataFrame, seed: int = 0, cache_root: str | Path | None = None) -> np.ndarray:
     """The item encoder's vectors for ``items`` (title, body, tags), built exactly as the training
-    cache is (``cached_item_reps``: same config, same seed before the tower is built)."""
+    cache's raw vectors are (``item_tower._raw_reps``: same config, same seed before the tower is
+    built, so a decoder's [ITEM] slot is the same), without caching them."""
     from redrec.model.item_tower import ItemTower, ItemTowerConfig
 
     torch.manual_seed(seed)
@@ -114,6 +115,9 @@ def onboard_items(cfg, items_file: str | Path, limits: ItemLimits | None = None,
         if model.item_adapter is None:
             raise OnboardingRefused(f"model {v} (item_source {info['model']['item_source']!r}) has no text path: a new item "
                                     "cannot be embedded without a retrain; train with item_source 'cache-residual'")
+        if info["model"]["item_tower"].get("whiten"):
+            raise OnboardingRefused(f"model {v} reads whitened text vectors, whose transform was fitted on its training "
+                                    "catalogue and is not carried by the checkpoint: onboarding supports unwhitened encoders")
         models[v] = (model, info)
         known |= set(info["item_ids"]) | added.added_ids(store, v)
     lim = limits or ItemLimits(max_id_len=cfg.serving.max_item_id_len)

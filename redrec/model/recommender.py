@@ -32,7 +32,7 @@ TEXT_SOURCES = ("cache-residual", "cache-finetune", "cache-frozen")
 
 class ModelConfig(BaseModel):
     variant: Variant = "redrec"
-    item_source: ItemSource = "cache-finetune"
+    item_source: ItemSource = "cache-residual"
     item_tower: ItemTowerConfig = Field(default_factory=ItemTowerConfig)
     # cache-residual only: the share of item occurrences (history, targets, the softmax
     # denominator) whose residual is dropped in a training step, so the text path alone learns to
