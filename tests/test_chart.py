@@ -1205,7 +1205,8 @@ def test_network_policies_default(render):
 @pytest.mark.parametrize("value_set", ["default", "production"])
 def test_feature_server_admits_only_serving_and_ingest_pods(render, value_set):
     """Whoever reaches the feature server can write any user's online rows: only the serving and
-    ingest pods of this release, by pod label, in the release namespace."""
+    ingest pods of this release, by pod label, in the release namespace (and the items onboarding
+    Job's, created outside the release: test_release_network_policies_admit_the_items_job)."""
     docs = render(value_set)
     feast = one(docs, "NetworkPolicy", f"{RELEASE}-redrec-feast")["spec"]
     assert feast["policyTypes"] == ["Ingress", "Egress"]
@@ -1930,3 +1931,95 @@ def test_rendered_config_loads_in_the_serving_service(render, value_set):
             del os.environ["FEAST_REGISTRY_PASSWORD"]
     else:
         assert cfg.feast.registry == ""
+
+
+ITEMS_STUBS = r'''
+set -euo pipefail
+record() { printf '%q ' "$@" >> "$CMD_LOG"; printf '\n' >> "$CMD_LOG"; }
+kubectl() {
+  record kubectl "$@"
+  case " $* " in
+    *" create -f - "*|*" apply -f - "*) cat > "$(mktemp "$OUT_DIR/created-XXXXXX")" ;;
+  esac
+}
+helm() {
+  record helm "$@"
+  case "${1:-} ${2:-}" in
+    "get values") cat "$RELEASE_VALUES" ;;
+    template\ *)
+      local args=() a
+      for a in "$@"; do
+        case "$a" in
+          ./charts/redrec|charts/redrec|./charts/redrec/) args+=("$CHART") ;;
+          *) args+=("$a") ;;
+        esac
+      done
+      "$REAL_HELM" "${args[@]}" ;;
+  esac
+}
+'''
+
+
+def test_documented_items_onboarding_commands(helm, tmp_path):
+    """docs/install-kubernetes.md "Onboarding new items", run as written against the values of
+    the README's install (what `helm get values` returns there), kubectl stubbed."""
+    section = _doc_section("Onboarding new items")
+    blocks = re.findall(r"^```bash\n(.*?)^```", section, re.M | re.S)
+    assert blocks, "expected the onboarding command block"
+    image = "registry.example.com/recsys/redrec:0.1.0"
+    release_values = values_file(tmp_path, {
+        "image": {"repository": image.rsplit(":", 1)[0], "tag": image.rsplit(":", 1)[1]},
+        "milvus": {"uri": "http://milvus.milvus.svc.cluster.local:19530", "tokenSecret": {"name": "redrec-milvus"}},
+        "events": {"redis": {"passwordSecret": {"name": "redrec-events-redis"}}},
+        "auth": {"tokensSecret": {"name": "redrec-api-tokens"}},
+        "modelStore": {"uri": "/var/lib/redrec/model-store", "existingClaim": "redrec-pipeline-workspace"},
+        "config": {"experiment": {"arms": [{"name": "control", "modelVersion": "20261202-0412-ab12cd",
+                                            "indexAlias": "", "share": 1.0}]}},
+        "kfp": {"pipelineId": PIPELINE_ID}}, "release-values.yaml")
+    log, out = tmp_path / "commands.log", tmp_path / "out"
+    out.mkdir()
+    ns = "kubeflow-recsys"
+    env = {**helm.env, "REAL_HELM": str(helm.path), "CHART": str(CHART), "CMD_LOG": str(log), "OUT_DIR": str(out),
+           "HOME": str(tmp_path), "RELEASE_VALUES": str(release_values), "REDREC_NS": ns}
+    proc = subprocess.run(["bash", "-c", ITEMS_STUBS + "\n".join(blocks)], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, f"documented commands failed:\n{proc.stderr}"
+    commands = [shlex.split(line) for line in log.read_text().splitlines() if line.strip()]
+
+    (created,) = out.glob("created-*")
+    docs = [d for d in yaml.safe_load_all(created.read_text()) if d]
+    assert [(d["kind"], d["metadata"]["name"]) for d in docs] == [("Job", "redrec-items-onboard")]
+    for kv in KUBE_VERSIONS:
+        assert validate_objects(docs, kv) == []
+    job = docs[0]
+    assert job["metadata"]["namespace"] == ns
+    (template,) = [c for c in commands if c[:2] == ["helm", "template"]]
+    assert template[2] == "redrec" and _opt(template, "--namespace", "-n") == ns
+    # rendered with the release's own values, as `helm get values` gave them
+    (get,) = [c for c in commands if c[:3] == ["helm", "get", "values"]]
+    assert get[3] == "redrec" and _opt(get, "-n", "--namespace") == ns
+    assert yaml.safe_load((tmp_path / _opt(template, "-f", "--values")).read_text()) == yaml.safe_load(release_values.read_text())
+    (create,) = [c for c in commands if c[:1] == ["kubectl"] and c[-2:] == ["-f", "-"]]
+    assert "create" in create and _opt(create, "-n", "--namespace") == ns  # create: a second Job is refused, not patched
+
+    # the file: the ConfigMap the documented command makes, under the key the Job reads
+    (cm,) = [c for c in commands if c[:1] == ["kubectl"] and "configmap" in c and "create" in c]
+    key, path = _opt(cm, "--from-file").split("=", 1)
+    assert path.endswith(".jsonl") and _opt(cm, "-n", "--namespace") == ns
+    c = container(job, "onboard")
+    volumes = {v["name"]: v for v in pod_template(job)["spec"]["volumes"]}
+    assert volumes["items"]["configMap"] == {"name": cm[cm.index("configmap") + 1], "items": [{"key": key, "path": key}]}
+    assert c["args"][:4] == ["items", "add", "--config", "/etc/redrec/config.yaml"] and c["args"][-1].endswith("/" + key)
+    # the release's image and model store; the pipeline's Milvus Secret (README step 3), which may write
+    assert c["image"] == image
+    assert volumes["model-store"]["persistentVolumeClaim"] == {"claimName": "redrec-pipeline-workspace"}
+    assert env_map(c)["MILVUS_TOKEN"]["valueFrom"]["secretKeyRef"] == {"name": "milvus-credentials", "key": "token"}
+    assert pod_template(job)["spec"]["serviceAccountName"] == "redrec-serving"
+    # every follow-up names this Job
+    refs = [m.group(1) for cmd in commands for a in cmd
+            for m in [re.fullmatch(r"(?:job/|batch\.kubernetes\.io/job-name=)(\S+)", a)] if m]
+    refs += [cmd[cmd.index("job") + 1] for cmd in commands if cmd[:1] == ["kubectl"] and "job" in cmd]
+    assert len(refs) == 3 and set(refs) == {job["metadata"]["name"]}, refs  # logs, status, exit code
+    assert any("logs" in cmd for cmd in commands if cmd[:1] == ["kubectl"])
+    # what exit 2 means is written next to the commands
+    assert "`2`: refused, nothing written" in section and "podFailurePolicy" in section
