@@ -17,13 +17,15 @@ from components.check_drift import check_drift
 from components.deploy import deploy
 from components.evaluate import evaluate
 from components.gate import gate
+from components.onboard_items import onboard_items
 from components.prepare_data import prepare_data
 from components.publish import publish
 from components.record_reference import record_reference
 from components.train import train
 
 DEFAULT_IMAGE = "ghcr.io/redrec/redrec:0.1.0"
-STEP_FUNCTIONS = (prepare_data, build_features, train, evaluate, gate, publish, deploy, record_reference, check_drift)
+STEP_FUNCTIONS = (prepare_data, build_features, train, evaluate, gate, publish, deploy, record_reference, check_drift,
+                  onboard_items)
 
 
 def build(image: str | None = None) -> SimpleNamespace:

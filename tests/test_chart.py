@@ -60,12 +60,12 @@ TOKENS_SECRET = {"name": "redrec-api-tokens", "key": "tokens"}
 EXPECTED_KINDS = {
     "default": {
         "ConfigMap": 2, "Deployment": 3, "Service": 2, "ServiceAccount": 4, "HorizontalPodAutoscaler": 1,
-        "PodDisruptionBudget": 3, "CronJob": 1, "Role": 1, "RoleBinding": 1, "NetworkPolicy": 4, "Pod": 1,
+        "PodDisruptionBudget": 3, "CronJob": 1, "Role": 1, "RoleBinding": 1, "NetworkPolicy": 5, "Pod": 1,
         "PersistentVolumeClaim": 1,
     },
     "production": {
         "ConfigMap": 2, "Deployment": 3, "Service": 2, "ServiceAccount": 4, "HorizontalPodAutoscaler": 1,
-        "PodDisruptionBudget": 3, "CronJob": 1, "Role": 1, "RoleBinding": 1, "NetworkPolicy": 4, "Pod": 1,
+        "PodDisruptionBudget": 3, "CronJob": 1, "Role": 1, "RoleBinding": 1, "NetworkPolicy": 5, "Pod": 1,
         "ServiceMonitor": 1, "PersistentVolumeClaim": 1, "PrometheusRule": 1,
     },
     "minimal": {"ConfigMap": 1, "Deployment": 1, "Service": 1, "ServiceAccount": 1},
@@ -1205,7 +1205,8 @@ def test_network_policies_default(render):
 @pytest.mark.parametrize("value_set", ["default", "production"])
 def test_feature_server_admits_only_serving_and_ingest_pods(render, value_set):
     """Whoever reaches the feature server can write any user's online rows: only the serving and
-    ingest pods of this release, by pod label, in the release namespace."""
+    ingest pods of this release, by pod label, in the release namespace (and the items onboarding
+    Job's, created outside the release: test_release_network_policies_admit_the_items_job)."""
     docs = render(value_set)
     feast = one(docs, "NetworkPolicy", f"{RELEASE}-redrec-feast")["spec"]
     assert feast["policyTypes"] == ["Ingress", "Egress"]
@@ -1303,6 +1304,176 @@ def test_serving_log_persistence(render, helm):
 
 
 # --------------------------------------------------------------------------------------------
+# items onboarding Job: rendered on demand (helm template --show-only templates/items-job.yaml
+# --set items.onboarding.enabled=true ...) and created outside the release
+
+
+ITEMS_JOB = "templates/items-job.yaml"
+ITEMS_JOB_NAME = f"{RELEASE}-redrec-items-onboard"
+WORKSPACE_STORE = {"modelStore": {"uri": "/var/lib/redrec/model-store", "existingClaim": "redrec-pipeline-workspace"}}
+ONBOARD_FROM_CONFIGMAP = {**WORKSPACE_STORE, "items": {"onboarding": {
+    "enabled": True, "configMap": {"name": "redrec-new-items", "key": "items.jsonl"}}}}
+ONBOARD_FROM_CLAIM = {**WORKSPACE_STORE, "items": {"onboarding": {
+    "enabled": True, "path": "/var/lib/redrec/items/batch-7.parquet"}}}
+# production: an S3 model store, serving's Milvus token (read-only), a SQL registry behind a CA
+ONBOARD_PRODUCTION = {"items": {"onboarding": {
+    "enabled": True, "configMap": {"name": "redrec-new-items", "key": "batch-7.csv"},
+    "milvusTokenSecret": {"name": "milvus-credentials", "key": "token"}}}}
+
+
+def _items_job_docs(helm, tmp_path, value_set: str, overlay: dict, *args: str, **kw) -> list[dict]:
+    return helm.template("-f", CI_VALUES / f"{value_set}-values.yaml", "-f", values_file(tmp_path, overlay, "items.yaml"),
+                         *args, **kw)
+
+
+def _assert_locked_down(w: dict) -> None:
+    spec = pod_template(w)["spec"]
+    where = f"{w['kind']}/{w['metadata']['name']}"
+    psc = spec["securityContext"]
+    assert psc["runAsNonRoot"] is True and psc["runAsUser"] > 0 and psc["runAsGroup"] > 0, where
+    assert psc["seccompProfile"] == {"type": "RuntimeDefault"}, where
+    assert spec["automountServiceAccountToken"] is False, where
+    assert not [v for v in spec.get("volumes", []) if "hostPath" in v], where
+    for c in spec["containers"]:
+        sc = c["securityContext"]
+        assert sc["runAsNonRoot"] is True and sc["privileged"] is False, where
+        assert sc["allowPrivilegeEscalation"] is False and sc["readOnlyRootFilesystem"] is True, where
+        assert sc["capabilities"] == {"drop": ["ALL"]}, where
+        res = c["resources"]
+        assert res["requests"]["cpu"] and res["requests"]["memory"] and res["limits"]["memory"] and res["limits"]["cpu"], where
+
+
+def test_items_job_is_absent_by_default(helm, render):
+    for value_set in VALUE_SETS:
+        assert not of_kind(render(value_set), "Job"), value_set
+    proc = helm.run("template", RELEASE, CHART, "--namespace", NAMESPACE, "-f", CI_VALUES / "default-values.yaml",
+                    "--show-only", ITEMS_JOB, check=False)
+    assert proc.returncode != 0 and f"could not find template {ITEMS_JOB}" in proc.stderr
+
+
+@pytest.mark.parametrize("kube_version", KUBE_VERSIONS)
+@pytest.mark.parametrize("value_set,overlay", [("default", ONBOARD_FROM_CONFIGMAP), ("default", ONBOARD_FROM_CLAIM),
+                                               ("production", ONBOARD_PRODUCTION)],
+                         ids=["configmap", "claim", "production"])
+def test_items_job_renders_valid_kubernetes(helm, tmp_path, value_set, overlay, kube_version):
+    """--show-only gives the Job alone (nothing `kubectl create` would find already there)."""
+    docs = _items_job_docs(helm, tmp_path, value_set, overlay, "--show-only", ITEMS_JOB, kube_version=kube_version)
+    assert [(d["kind"], d["metadata"]["name"]) for d in docs] == [("Job", ITEMS_JOB_NAME)]
+    assert validate_objects(docs, kube_version) == []
+    _assert_locked_down(docs[0])
+
+
+def test_items_job_runs_the_cli_with_servings_config_store_and_feature_server(helm, tmp_path):
+    docs = _items_job_docs(helm, tmp_path, "default", ONBOARD_FROM_CONFIGMAP)
+    job = one(docs, "Job", ITEMS_JOB_NAME)
+    spec = job["spec"]
+    # a refused file (exit 2) is bad input: failed at once, never retried; other failures once
+    assert spec["backoffLimit"] == 1
+    assert spec["podFailurePolicy"]["rules"] == [
+        {"action": "FailJob", "onExitCodes": {"containerName": "onboard", "operator": "In", "values": [2]}},
+        {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]}]
+    assert spec["activeDeadlineSeconds"] == 3600 and spec["ttlSecondsAfterFinished"] == 86400
+    pod = pod_template(job)["spec"]
+    assert pod["restartPolicy"] == "Never" and pod["automountServiceAccountToken"] is False
+    c = container(job, "onboard")
+    file = "/var/run/redrec/items/items.jsonl"
+    assert c["command"] + c["args"] == ["redrec", "items", "add", "--config", "/etc/redrec/config.yaml", file]
+    from redrec.cli import build_parser
+
+    args = build_parser().parse_args(c["args"])
+    assert args.config == "/etc/redrec/config.yaml" and args.file == file
+
+    dep = one(docs, "Deployment", f"{RELEASE}-redrec-serving")
+    serving = container(dep, "serving")
+    env, serving_env = env_map(c), env_map(serving)
+    for name in ("REDREC_CONFIG", "MILVUS_URI", "REDREC_FEATURE_SERVER_URL"):
+        assert env[name] == serving_env[name], name
+    assert "MILVUS_TOKEN" not in env  # no Milvus auth in these values, as for serving
+    assert env["REDREC_CACHE"]["value"].startswith("/tmp/")
+    assert c["image"] == serving["image"]
+    assert pod["serviceAccountName"] == pod_template(dep)["spec"]["serviceAccountName"]
+    one(docs, "ServiceAccount", pod["serviceAccountName"])
+
+    mounts = {m["name"]: m for m in c["volumeMounts"]}
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    serving_volumes = {v["name"]: v for v in pod_template(dep)["spec"]["volumes"]}
+    assert mounts["config"] == {"name": "config", "mountPath": "/etc/redrec", "readOnly": True}
+    assert volumes["config"] == serving_volumes["config"]
+    # the model store claim serving reads, here read-write: the batch is written beside the models
+    assert mounts["model-store"] == {"name": "model-store", "mountPath": "/var/lib/redrec"}
+    assert volumes["model-store"] == {"name": "model-store", "persistentVolumeClaim": {"claimName": "redrec-pipeline-workspace"}}
+    assert serving_volumes["model-store"]["persistentVolumeClaim"]["claimName"] == "redrec-pipeline-workspace"
+    assert config_yaml(docs)["model_store"]["uri"].startswith(mounts["model-store"]["mountPath"] + "/")
+    # the file: the ConfigMap's key, mounted read-only where the command reads it
+    assert mounts["items"] == {"name": "items", "mountPath": os.path.dirname(file), "readOnly": True}
+    assert volumes["items"]["configMap"] == {"name": "redrec-new-items", "items": [{"key": "items.jsonl", "path": "items.jsonl"}]}
+    assert {m["mountPath"] for m in c["volumeMounts"] if not m.get("readOnly")} == {"/tmp", "/var/lib/redrec"}
+    _assert_locked_down(job)
+    assert validate_objects(docs, KUBE_VERSIONS[0]) == []
+
+    claim = _items_job_docs(helm, tmp_path, "default", ONBOARD_FROM_CLAIM, "--show-only", ITEMS_JOB)[0]
+    assert container(claim, "onboard")["args"][-1] == "/var/lib/redrec/items/batch-7.parquet"
+    assert "items" not in {v["name"] for v in pod_template(claim)["spec"]["volumes"]}
+
+
+def test_items_job_production_token_registry_and_object_store(helm, tmp_path):
+    docs = _items_job_docs(helm, tmp_path, "production", ONBOARD_PRODUCTION)
+    job, dep = one(docs, "Job", ITEMS_JOB_NAME), one(docs, "Deployment", f"{RELEASE}-redrec-serving")
+    c, serving = container(job, "onboard"), container(dep, "serving")
+    env, serving_env = env_map(c), env_map(serving)
+    # its own token, one that may write the collections (serving's user only reads)
+    assert env["MILVUS_TOKEN"] == {"name": "MILVUS_TOKEN", "valueFrom": {"secretKeyRef": {"name": "milvus-credentials", "key": "token"}}}
+    assert serving_env["MILVUS_TOKEN"]["valueFrom"]["secretKeyRef"]["name"] == "redrec-milvus"
+    # the SQL registry the remote online store loads, and its CA, as serving has them
+    assert env["FEAST_REGISTRY_PASSWORD"] == serving_env["FEAST_REGISTRY_PASSWORD"]
+    ca = {m["name"]: m for m in c["volumeMounts"]}["postgres-ca"]
+    assert ca == {m["name"]: m for m in serving["volumeMounts"]}["postgres-ca"]
+    # S3 model store: no claim, the store reached over the network
+    assert "model-store" not in {v["name"] for v in pod_template(job)["spec"]["volumes"]}
+    assert config_yaml(docs)["model_store"]["uri"].startswith("s3://")
+    assert c["image"] == serving["image"] and c["args"][-1] == "/var/run/redrec/items/batch-7.csv"
+    assert pod_template(job)["spec"]["imagePullSecrets"] == [{"name": "regcred"}]
+    assert validate_objects(docs, KUBE_VERSIONS[-1]) == []
+
+
+@pytest.mark.parametrize("value_set,overlay,ports", [
+    ("default", ONBOARD_FROM_CONFIGMAP, {("TCP", 443)}),  # the file registry on S3
+    ("production", ONBOARD_PRODUCTION, {("TCP", 5432), ("TCP", 443)}),  # SQL registry, S3 model store
+])
+def test_release_network_policies_admit_the_items_job(helm, render, tmp_path, value_set, overlay, ports):
+    """The release is rendered without the Job (as installed); the Job, created later from
+    --show-only, must find a policy of its own and the feature server open to it."""
+    release = render(value_set)
+    (job,) = _items_job_docs(helm, tmp_path, value_set, overlay, "--show-only", ITEMS_JOB)
+    labels = pod_template(job)["metadata"]["labels"]
+    covering = [p for p in of_kind(release, "NetworkPolicy") if selects(p["spec"]["podSelector"], labels)]
+    assert [p["metadata"]["name"] for p in covering] == [ITEMS_JOB_NAME]
+    items = covering[0]["spec"]
+    assert items["policyTypes"] == ["Ingress", "Egress"] and items["ingress"] == []
+    assert all(r.get("ports") for r in items["egress"]), "a rule without ports opens every port"
+    assert _rules_ports(items["egress"]) == {("UDP", 53), ("TCP", 53), ("TCP", 19530), ("TCP", 6566)} | ports
+    assert not [w for w in workloads(release) if selects(items["podSelector"], pod_template(w)["metadata"]["labels"])]
+    # Milvus, the feature server and the registry through the same peers as serving
+    serving = one(release, "NetworkPolicy", f"{RELEASE}-redrec-serving")["spec"]
+    for port in {19530, 6566} | {p for _, p in ports}:
+        (mine,) = [r for r in items["egress"] if _rules_ports([r]) == {("TCP", port)}]
+        (theirs,) = [r for r in serving["egress"] if _rules_ports([r]) == {("TCP", port)}]
+        assert mine == theirs, port
+    (rule,) = one(release, "NetworkPolicy", f"{RELEASE}-redrec-feast")["spec"]["ingress"]
+    assert any(selects(peer["podSelector"], labels) for peer in rule["from"])
+    # another release's onboarding pods stay out
+    assert not any(selects(peer["podSelector"], {**labels, "app.kubernetes.io/instance": "other"}) for peer in rule["from"])
+
+
+def test_items_job_without_a_file_is_refused_naming_both_sources(helm):
+    err = helm.template_error("-f", CI_VALUES / "default-values.yaml", "--show-only", ITEMS_JOB,
+                              "--set", "items.onboarding.enabled=true")
+    assert SCHEMA_ERROR in err
+    assert "at '/items/onboarding/configMap/name': minLength: got 0, want 1" in err
+    assert "at '/items/onboarding/path': minLength: got 0, want 1" in err
+
+
+# --------------------------------------------------------------------------------------------
 # refused values
 
 
@@ -1358,6 +1529,19 @@ SCHEMA_CASES = [
      "/auth/tokensSecret", "additional properties 'value' not allowed"),
     ("api-tokens-in-values", {"auth": {"tokens": ["s3cret"]}}, "/auth", "additional properties 'tokens' not allowed"),
     ("auth-flag-as-string", {"auth": {"enabled": "yes"}}, "/auth/enabled", "got string, want boolean"),
+    ("items-job-without-a-file", {"items": {"onboarding": {"enabled": True}}}, "/items/onboarding/path", "minLength"),
+    ("items-job-with-two-files",
+     {"items": {"onboarding": {"enabled": True, "configMap": {"name": "a", "key": "items.jsonl"},
+                               "path": "/var/lib/redrec/items.jsonl"}}}, "/items/onboarding/path", "maxLength: got 27, want 0"),
+    ("items-file-of-unknown-type", {"items": {"onboarding": {"configMap": {"name": "a", "key": "items.txt"}}}},
+     "/items/onboarding/configMap/key", "does not match pattern"),
+    ("items-path-escaping-the-claim", {"items": {"onboarding": {"path": "/var/lib/redrec/../../etc/items.jsonl"}}},
+     "/items/onboarding/path", "'not' failed"),
+    ("relative-items-path", {"items": {"onboarding": {"path": "items/new.jsonl"}}}, "/items/onboarding/path",
+     "does not match pattern"),
+    ("items-job-retried-forever", {"items": {"onboarding": {"backoffLimit": 100}}}, "/items/onboarding/backoffLimit", "maximum"),
+    ("misspelt-items-key", {"items": {"onboarding": {"file": "new.jsonl"}}}, "/items/onboarding",
+     "additional properties 'file' not allowed"),
 ]
 
 
@@ -1427,6 +1611,19 @@ RULE_CASES = [
     ("drift-reports-into-the-reference",
      {"drift": {"reportDir": "/var/lib/redrec/drift/reference", "referenceDir": "/var/lib/redrec/drift/reference/"}},
      "reports must not be written into the reference"),
+    ("items-job-without-a-model-store", {"items": {"onboarding": {"enabled": True, "configMap": {"name": "a"}}}},
+     "items.onboarding needs modelStore.uri"),
+    ("items-job-store-path-without-its-claim",
+     {"modelStore": {"uri": "/var/lib/redrec/model-store"}, "items": {"onboarding": {"enabled": True, "configMap": {"name": "a"}}}},
+     "modelStore.uri /var/lib/redrec/model-store is a path, but modelStore.existingClaim is empty"),
+    ("items-file-off-the-claim", {**WORKSPACE_STORE, "items": {"onboarding": {"enabled": True, "path": "/srv/new.jsonl"}}},
+     "items.onboarding.path (/srv/new.jsonl) must be under modelStore.mountPath (/var/lib/redrec)"),
+    ("items-file-on-an-s3-store", {"modelStore": {"uri": "s3://models/store"},
+                                   "items": {"onboarding": {"enabled": True, "path": "/var/lib/redrec/new.jsonl"}}},
+     "on modelStore.existingClaim (none)"),
+    ("items-job-with-servings-read-only-token",
+     {**ONBOARD_FROM_CONFIGMAP, "milvus": {"tokenSecret": {"name": "redrec-milvus", "key": "token"}}},
+     "items.onboarding.milvusTokenSecret.name is required while milvus.tokenSecret is set"),
 ]
 
 
@@ -1734,3 +1931,95 @@ def test_rendered_config_loads_in_the_serving_service(render, value_set):
             del os.environ["FEAST_REGISTRY_PASSWORD"]
     else:
         assert cfg.feast.registry == ""
+
+
+ITEMS_STUBS = r'''
+set -euo pipefail
+record() { printf '%q ' "$@" >> "$CMD_LOG"; printf '\n' >> "$CMD_LOG"; }
+kubectl() {
+  record kubectl "$@"
+  case " $* " in
+    *" create -f - "*|*" apply -f - "*) cat > "$(mktemp "$OUT_DIR/created-XXXXXX")" ;;
+  esac
+}
+helm() {
+  record helm "$@"
+  case "${1:-} ${2:-}" in
+    "get values") cat "$RELEASE_VALUES" ;;
+    template\ *)
+      local args=() a
+      for a in "$@"; do
+        case "$a" in
+          ./charts/redrec|charts/redrec|./charts/redrec/) args+=("$CHART") ;;
+          *) args+=("$a") ;;
+        esac
+      done
+      "$REAL_HELM" "${args[@]}" ;;
+  esac
+}
+'''
+
+
+def test_documented_items_onboarding_commands(helm, tmp_path):
+    """docs/install-kubernetes.md "Onboarding new items", run as written against the values of
+    the README's install (what `helm get values` returns there), kubectl stubbed."""
+    section = _doc_section("Onboarding new items")
+    blocks = re.findall(r"^```bash\n(.*?)^```", section, re.M | re.S)
+    assert blocks, "expected the onboarding command block"
+    image = "registry.example.com/recsys/redrec:0.1.0"
+    release_values = values_file(tmp_path, {
+        "image": {"repository": image.rsplit(":", 1)[0], "tag": image.rsplit(":", 1)[1]},
+        "milvus": {"uri": "http://milvus.milvus.svc.cluster.local:19530", "tokenSecret": {"name": "redrec-milvus"}},
+        "events": {"redis": {"passwordSecret": {"name": "redrec-events-redis"}}},
+        "auth": {"tokensSecret": {"name": "redrec-api-tokens"}},
+        "modelStore": {"uri": "/var/lib/redrec/model-store", "existingClaim": "redrec-pipeline-workspace"},
+        "config": {"experiment": {"arms": [{"name": "control", "modelVersion": "20261202-0412-ab12cd",
+                                            "indexAlias": "", "share": 1.0}]}},
+        "kfp": {"pipelineId": PIPELINE_ID}}, "release-values.yaml")
+    log, out = tmp_path / "commands.log", tmp_path / "out"
+    out.mkdir()
+    ns = "kubeflow-recsys"
+    env = {**helm.env, "REAL_HELM": str(helm.path), "CHART": str(CHART), "CMD_LOG": str(log), "OUT_DIR": str(out),
+           "HOME": str(tmp_path), "RELEASE_VALUES": str(release_values), "REDREC_NS": ns}
+    proc = subprocess.run(["bash", "-c", ITEMS_STUBS + "\n".join(blocks)], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, f"documented commands failed:\n{proc.stderr}"
+    commands = [shlex.split(line) for line in log.read_text().splitlines() if line.strip()]
+
+    (created,) = out.glob("created-*")
+    docs = [d for d in yaml.safe_load_all(created.read_text()) if d]
+    assert [(d["kind"], d["metadata"]["name"]) for d in docs] == [("Job", "redrec-items-onboard")]
+    for kv in KUBE_VERSIONS:
+        assert validate_objects(docs, kv) == []
+    job = docs[0]
+    assert job["metadata"]["namespace"] == ns
+    (template,) = [c for c in commands if c[:2] == ["helm", "template"]]
+    assert template[2] == "redrec" and _opt(template, "--namespace", "-n") == ns
+    # rendered with the release's own values, as `helm get values` gave them
+    (get,) = [c for c in commands if c[:3] == ["helm", "get", "values"]]
+    assert get[3] == "redrec" and _opt(get, "-n", "--namespace") == ns
+    assert yaml.safe_load((tmp_path / _opt(template, "-f", "--values")).read_text()) == yaml.safe_load(release_values.read_text())
+    (create,) = [c for c in commands if c[:1] == ["kubectl"] and c[-2:] == ["-f", "-"]]
+    assert "create" in create and _opt(create, "-n", "--namespace") == ns  # create: a second Job is refused, not patched
+
+    # the file: the ConfigMap the documented command makes, under the key the Job reads
+    (cm,) = [c for c in commands if c[:1] == ["kubectl"] and "configmap" in c and "create" in c]
+    key, path = _opt(cm, "--from-file").split("=", 1)
+    assert path.endswith(".jsonl") and _opt(cm, "-n", "--namespace") == ns
+    c = container(job, "onboard")
+    volumes = {v["name"]: v for v in pod_template(job)["spec"]["volumes"]}
+    assert volumes["items"]["configMap"] == {"name": cm[cm.index("configmap") + 1], "items": [{"key": key, "path": key}]}
+    assert c["args"][:4] == ["items", "add", "--config", "/etc/redrec/config.yaml"] and c["args"][-1].endswith("/" + key)
+    # the release's image and model store; the pipeline's Milvus Secret (README step 3), which may write
+    assert c["image"] == image
+    assert volumes["model-store"]["persistentVolumeClaim"] == {"claimName": "redrec-pipeline-workspace"}
+    assert env_map(c)["MILVUS_TOKEN"]["valueFrom"]["secretKeyRef"] == {"name": "milvus-credentials", "key": "token"}
+    assert pod_template(job)["spec"]["serviceAccountName"] == "redrec-serving"
+    # every follow-up names this Job
+    refs = [m.group(1) for cmd in commands for a in cmd
+            for m in [re.fullmatch(r"(?:job/|batch\.kubernetes\.io/job-name=)(\S+)", a)] if m]
+    refs += [cmd[cmd.index("job") + 1] for cmd in commands if cmd[:1] == ["kubectl"] and "job" in cmd]
+    assert len(refs) == 3 and set(refs) == {job["metadata"]["name"]}, refs  # logs, status, exit code
+    assert any("logs" in cmd for cmd in commands if cmd[:1] == ["kubectl"])
+    # what exit 2 means is written next to the commands
+    assert "`2`: refused, nothing written" in section and "podFailurePolicy" in section

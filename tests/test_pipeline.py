@@ -146,8 +146,8 @@ def test_compiled_pipelines_carry_the_cluster_settings(tmp_path):
     cluster = ClusterConfig(gpu_limit=4, accelerator_type="nvidia.com/gpu", milvus_secret="milvus-auth",
                             train_node_selector={"pool": "a100"}, image="registry.example/redrec:1.2")
     paths = compile_pipelines(rc.params, cluster, tmp_path)
-    assert sorted(p.name for p in paths) == ["redrec-monitoring.yaml", "redrec-training.yaml"]
-    for path in paths:
+    assert sorted(p.name for p in paths) == ["redrec-monitoring.yaml", "redrec-onboarding.yaml", "redrec-training.yaml"]
+    for path in (p for p in paths if p.name != "redrec-onboarding.yaml"):
         docs = list(yaml.safe_load_all(path.read_text()))
         pipe, platform = docs[0], {"platform": docs[1]}
         execs = pipe["deploymentSpec"]["executors"]
@@ -184,6 +184,32 @@ def test_compiled_pipelines_carry_the_cluster_settings(tmp_path):
     mon = next(yaml.safe_load_all(next(p for p in paths if p.name == "redrec-monitoring.yaml").read_text()))
     assert "exec-check-drift" in mon["deploymentSpec"]["executors"]
     assert "drift-detected" in json.dumps(mon["root"]["dag"]["tasks"])
+
+    # onboarding: the items file as a Dataset artifact (imported from its URI), a Markdown report,
+    # the chart's serving config, the pipeline's Milvus token and the model store on the workspace
+    pipe, spec = list(yaml.safe_load_all(next(p for p in paths if p.name == "redrec-onboarding.yaml").read_text()))
+    comp = pipe["components"]["comp-onboard-items"]
+    assert comp["inputDefinitions"]["artifacts"]["items"]["artifactType"]["schemaTitle"] == "system.Dataset"
+    assert comp["inputDefinitions"]["parameters"] == {"config_path": {"parameterType": "STRING"}}
+    assert comp["outputDefinitions"]["artifacts"]["report"]["artifactType"]["schemaTitle"] == "system.Markdown"
+    assert comp["outputDefinitions"]["parameters"]["Output"]["parameterType"] == "NUMBER_INTEGER"
+    task = pipe["root"]["dag"]["tasks"]["onboard-items"]
+    assert task["inputs"]["artifacts"]["items"]["taskOutputArtifact"]["producerTask"] == "importer"
+    assert task["cachingOptions"] == {}  # writes Feast, Milvus and the model store: never cached
+    importer = pipe["deploymentSpec"]["executors"]["exec-importer"]["importer"]
+    assert importer["artifactUri"] == {"runtimeParameter": "uri"} and importer["reimport"] is True
+    assert pipe["root"]["dag"]["tasks"]["importer"]["inputs"]["parameters"]["uri"] == {"componentInputParameter": "items_uri"}
+    params = pipe["root"]["inputDefinitions"]["parameters"]
+    assert set(params) == {"items_uri", "config_path"} and "defaultValue" not in params["items_uri"]
+    assert params["config_path"]["defaultValue"] == "/etc/redrec/config.yaml"
+    container = pipe["deploymentSpec"]["executors"]["exec-onboard-items"]["container"]
+    assert container["image"] == "registry.example/redrec:1.2" and "onboard_from_config_path" in container["command"][-1]
+    ex = _executor({"platform": spec}, "onboard-items")
+    assert ex["configMapAsVolume"][0]["configMapName"] == cluster.serving_config_map == "redrec-config"
+    assert ex["configMapAsVolume"][0]["mountPath"] + "/config.yaml" == params["config_path"]["defaultValue"]
+    assert ex["secretAsEnv"][0]["secretName"] == "milvus-auth" and ex["secretAsEnv"][0]["keyToEnv"][0]["envVar"] == "MILVUS_TOKEN"
+    assert ex["pvcMount"][0]["mountPath"] == cluster.workspace_mount
+    assert ex["podMetadata"]["labels"] == {"redrec-feature-server-client": "true"}
 
 
 # ---- the pipeline, run locally -------------------------------------------------------------------

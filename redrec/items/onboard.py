@@ -168,3 +168,11 @@ def onboard_items(cfg, items_file: str | Path, limits: ItemLimits | None = None,
     report.finished_at = time.time()
     log.info("onboarded %d items into %s in %.1fs", len(df), versions, report.seconds["total"])
     return report
+
+
+def onboard_from_config_path(config_path: str | Path, items_path: str | Path) -> dict:
+    """``onboard_items`` for callers holding only paths (the KFP component): the serving config
+    file and the items file; the report as a dict. Refusals raise as in ``onboard_items``."""
+    from redrec.serving.config import ServingConfig
+
+    return onboard_items(ServingConfig.from_yaml(config_path), items_path).as_dict()

@@ -136,7 +136,8 @@ def register(subparsers) -> None:
 
     c = sub.add_parser("compile", help="write one KFP YAML per pipeline, with the cluster settings")
     common(c)
-    c.add_argument("--output", required=True, help="directory for redrec-training.yaml and redrec-monitoring.yaml")
+    c.add_argument("--output", required=True,
+                   help="directory for redrec-training.yaml, redrec-monitoring.yaml and redrec-onboarding.yaml")
     c.set_defaults(func=cmd_compile)
 
     s = sub.add_parser("submit", help="submit a run (or, with --schedule, a recurring run) to a KFP backend")

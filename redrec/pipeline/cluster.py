@@ -1,5 +1,7 @@
-"""The cluster side: compile both pipelines to YAML with their kfp-kubernetes settings, and
-submit a run (training) or a recurring run (monitoring) to a KFP backend with ``kfp.Client``."""
+"""The cluster side: compile the pipelines (training, monitoring, onboarding) to YAML with their
+kfp-kubernetes settings, and submit a run (training) or a recurring run (monitoring) to a KFP
+backend with ``kfp.Client``. The onboarding pipeline is compiled for upload only: its parameters
+(the items file) are not the run config's."""
 
 from __future__ import annotations
 
@@ -8,7 +10,7 @@ from pathlib import Path
 
 from redrec.pipeline.config import ClusterConfig, PipelineParams
 
-NAMES = {"training": "redrec-training", "monitoring": "redrec-monitoring"}
+NAMES = {"training": "redrec-training", "monitoring": "redrec-monitoring", "onboarding": "redrec-onboarding"}
 SA_TOKEN = "/var/run/secrets/kubeflow/pipelines/token"
 
 
@@ -16,12 +18,13 @@ def compile_pipelines(params: PipelineParams, cluster: ClusterConfig, out_dir: s
     """One YAML per pipeline under ``out_dir``; the run config's parameters become the defaults."""
     from kfp import compiler
 
-    from pipelines import make_monitoring_pipeline, make_training_pipeline
+    from pipelines import make_monitoring_pipeline, make_onboarding_pipeline, make_training_pipeline
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = []
-    for kind, make in (("training", make_training_pipeline), ("monitoring", make_monitoring_pipeline)):
+    for kind, make in (("training", make_training_pipeline), ("monitoring", make_monitoring_pipeline),
+                       ("onboarding", make_onboarding_pipeline)):
         path = out / f"{NAMES[kind]}.yaml"
         compiler.Compiler().compile(make(cluster, params), str(path))
         paths.append(path)

@@ -128,6 +128,8 @@ class ClusterConfig(BaseModel):
     feast_config_map: str = Field("redrec-feast-config", description="the chart's Feast ConfigMap (feature_store.yaml "
                                                                      "naming the online store serving reads)")
     feast_config_mount: str = "/etc/redrec/feast"
+    serving_config_map: str = Field("redrec-config", description="the chart's serving ConfigMap (config.yaml), which "
+                                                                 "the onboarding pipeline's step reads")
     feast_secret: str = Field("", description="Secret holding the ${VARS} of feature_store.yaml; empty: none")
     feast_secret_env: dict[str, str] = Field(default_factory=dict, description="its key -> environment variable, e.g. "
                                              "{redis-connection-string: REDIS_CONNECTION_STRING}")

@@ -501,3 +501,30 @@ online store loads (the SQL port, or object storage for a file registry on s3://
     {{- toYaml . | nindent 4 }}
   {{- end }}
 {{- end -}}
+
+{{/* Name of the items onboarding Job: one per release, so two runs never overlap. */}}
+{{- define "redrec.items.jobName" -}}{{ include "redrec.fullname" . }}-items-onboard{{- end -}}
+
+{{/*
+Checks of the onboarding Job the schema cannot express (it checks that exactly one file source
+is given). Included from items-job.yaml only: they bind only when the Job is rendered.
+*/}}
+{{- define "redrec.items.validate" -}}
+{{- $o := .Values.items.onboarding -}}
+{{- $ms := .Values.modelStore -}}
+{{- if not $ms.uri -}}
+{{- fail "items.onboarding needs modelStore.uri: the added items are written beside the served models in the model store, and a model bundled in the image cannot take them; serve from a model store (modelStore.uri and, for a path, modelStore.existingClaim)" -}}
+{{- end -}}
+{{- if and (hasPrefix "/" $ms.uri) (not $ms.existingClaim) -}}
+{{- fail (printf "items.onboarding: modelStore.uri %s is a path, but modelStore.existingClaim is empty: the Job writes the store on that claim; set modelStore.existingClaim (the pipeline workspace claim)" $ms.uri) -}}
+{{- end -}}
+{{- if $o.path -}}
+{{- $root := trimSuffix "/" $ms.mountPath -}}
+{{- if or (not $ms.existingClaim) (not (hasPrefix (printf "%s/" $root) $o.path)) -}}
+{{- fail (printf "items.onboarding.path (%s) must be under modelStore.mountPath (%s) on modelStore.existingClaim (%s), the only volume the Job has it from; copy the file there, or use items.onboarding.configMap.name" $o.path $ms.mountPath (default "none" $ms.existingClaim)) -}}
+{{- end -}}
+{{- end -}}
+{{- if and .Values.milvus.tokenSecret.name (not $o.milvusTokenSecret.name) -}}
+{{- fail (printf "items.onboarding.milvusTokenSecret.name is required while milvus.tokenSecret is set: the Job upserts into every arm's collection, and serving's token (%s) only reads in the documented install; name a Secret whose token may write them (e.g. milvus-credentials, the training pipeline's), or serving's own if its user may write" .Values.milvus.tokenSecret.name) -}}
+{{- end -}}
+{{- end -}}
