@@ -13,6 +13,7 @@ import sys
 
 
 def cmd_add(args) -> int:
+    from redrec.index.milvus import PublishRefused
     from redrec.items.onboard import OnboardingRefused, onboard_items
     from redrec.items.validate import ItemsRefused
     from redrec.serving.config import ConfigError, ServingConfig
@@ -23,7 +24,8 @@ def cmd_add(args) -> int:
     try:
         cfg = ServingConfig.from_yaml(path)
         report = onboard_items(cfg, args.file)
-    except (ItemsRefused, OnboardingRefused, ConfigError) as e:
+    # refusals are final (exit 2: a Job must not retry them); anything else may be transient
+    except (ItemsRefused, OnboardingRefused, PublishRefused, ConfigError) as e:
         print(f"refused: {e}", file=sys.stderr)
         return 2
     print(json.dumps(report.as_dict(), indent=2))
