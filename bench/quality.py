@@ -44,7 +44,7 @@ SYNTHETIC = {
     "dataset_args": {"n_users": 1000, "n_items": 800, "seed": 0},
     "model": {"item_source": "cache-finetune", "item_tower": {"backbone": "minilm"}, "cuts_per_sequence": 16,
               "user_tower": {"hidden_size": 64, "layers": 2, "heads": 2, "max_len": 50, "queries_per_scenario": 1, "dropout": 0.2}},
-    "train": {"max_steps": 20000, "batch_size": 64, "lr": 0.002, "patience": 5, "progress": False},
+    "train": {"max_steps": 20000, "batch_size": 64, "lr": 0.002, "patience_steps": 120, "min_steps": 150, "progress": False},
     "out_dir": "build/bench/quality/synthetic",
 }
 MAIN = ["sasrec", "single-scenario", "redrec"]
