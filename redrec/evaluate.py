@@ -190,12 +190,18 @@ def evaluate_popularity(enc: EncodedData, split: Split, on: str = "test", all_it
 
 
 def evaluate_new_item_popularity(enc: EncodedData, split: Split, cutoff: int, hours: float = 24.0, on: str = "test") -> EvalResult:
-    """What a cold-start fallback ranks by: each item's events in the first ``hours`` after the
-    cut-off T, over the whole catalogue. The test events themselves are not counted (new items
-    have few events, so a user's own target would lift it); other users' events in that window
+    """What a cold-start fallback ranks by: new items (first seen at or after the cut-off T; an
+    arrival date is catalogue metadata a server has) first, by their events in their first
+    ``hours`` (from max(T, their first event)), then warm items by their events in the ``hours``
+    after T, the whole catalogue ranked. The test events themselves are not counted (new items
+    have few events, so a user's own target would lift it); other users' events in those windows
     are, as a deployed fallback would have seen them. Ties fall back to training popularity."""
     n = enc.n_items + 1
-    window = (enc.ts >= cutoff) & (enc.ts < cutoff + int(hours * 3600))
+    first = np.full(n, np.iinfo(np.int64).max, dtype=np.int64)
+    np.minimum.at(first, enc.item, enc.ts)
+    is_new = (first >= cutoff) & (first < np.iinfo(np.int64).max)
+    since = np.maximum(first, cutoff)[enc.item]
+    window = (enc.ts >= since) & (enc.ts < since + int(hours * 3600))
     for u in split.users_with_test(enc):
         window[split.valid_end[u] : split.test_ends(enc)[u]] = False
     early = np.bincount(enc.item[window], minlength=n).astype(np.float64)
@@ -203,7 +209,8 @@ def evaluate_new_item_popularity(enc: EncodedData, split: Split, cutoff: int, ho
     for u in range(enc.n_users):
         keep[enc.offsets[u] : split.train_end[u]] = True
     train = np.bincount(enc.item[keep], minlength=n).astype(np.float64)
-    score = early + 0.5 * train / max(train.max(), 1.0) + 1e-9 * np.arange(n)[::-1]  # train counts < 1 early event
+    # new before warm whatever the counts; training counts only break ties (they sum to < 1 event)
+    score = is_new * (early.max() + 2.0) + early + 0.5 * train / max(train.max(), 1.0) + 1e-9 * np.arange(n)[::-1]
     tasks = eval_tasks(enc, split, on)
     rows = []
     for i in range(0, len(tasks), 256):

@@ -151,24 +151,24 @@ def test_content_vectors_follow_the_encoded_item_order(synthetic_small):
     assert vecs.shape == (enc.n_items + 1, reps.shape[1]) and not vecs[0].any() and np.array_equal(vecs[1:], reps)
 
 
-def test_new_item_popularity_counts_the_window_after_the_cutoff_without_the_test_events():
-    """Cut-off at hour 100, 24 h window. Item 20 has two events in the window (users 2, 3), item
-    21 one (user 4) plus one later (hour 200, outside), item 22 only user 1's own test event.
-    User 0's target 20 ranks first; user 1's target 22 counts nothing in the window (its own test
-    event does not count), so 20, 21 and every item above it in the tie-break outrank it."""
+def test_new_item_popularity_ranks_new_items_by_their_first_hours_without_the_test_events():
+    """Cut-off at hour 100, 24 h windows. New items (first event at/after hour 100): 20 (first at
+    100 h: user 0's test, then users 2 and 3 in its window), 21 (104 h, one more at 200 h, outside
+    its window), 22 (only user 1's test), 23 (one event) and 24 (first at 300 h, two events in its
+    own first day, none in the day after T). User 0's target 20 ranks first; user 1's target 22
+    counts nothing (its own test event does not count) and comes after 20, 24, 21 and 23."""
     h = 3600
-    enc = _log([[1, 2, 3, 4, 20], [1, 2, 3, 5, 22], [20], [20], [21], [21]], 30,
-               [[0, 1, 2, 3, 100 * h], [0, 1, 2, 3, 101 * h], [102 * h], [103 * h], [104 * h], [200 * h]])
-    start = enc.offsets[:-1]
-    test = np.array([4, 9, -1, -1, -1, -1])
+    enc = _log([[1, 2, 3, 4, 20], [1, 2, 3, 5, 22], [20], [20], [21, 21], [23], [24], [24]], 30,
+               [[0, 1, 2, 3, 100 * h], [0, 1, 2, 3, 101 * h], [102 * h], [103 * h], [104 * h, 200 * h], [105 * h], [300 * h], [301 * h]])
+    test = np.array([4, 9] + [-1] * 6)
     has = test >= 0
     valid_end = np.where(has, test, enc.offsets[1:])
-    split = Split(train_end=np.where(has, test - 1, enc.offsets[1:]), valid_end=valid_end, protocol="t",
-                  test_end=np.where(has, test + 1, valid_end))
-    assert (split.train_end >= start).all()
+    train_end = np.where(has, test - 1, enc.offsets[1:])
+    # the events of 23 and 24 are validation, not training: their training count (the tie-break) is 0, as 22's
+    train_end[5:] = enc.offsets[5:-1]
+    split = Split(train_end=train_end, valid_end=valid_end, protocol="t", test_end=np.where(has, test + 1, valid_end))
     res = evaluate_new_item_popularity(enc, split, cutoff=100 * h, hours=24)
     assert res.counts["overall"] == 2
-    # user 1 has seen 1, 2, 3, 5; ahead of 22: 20 (2), 21 (1), warm item 4 (trained once) and, on
-    # the deterministic tie-break, the 14 never-seen items below it (6..19): rank 18. Counting its
-    # own test event would have put it third.
-    assert res.overall["mrr"] == pytest.approx((1 + 1 / 18) / 2)
+    # counting user 1's own test would tie 22 with 23 and put it 4th (lower index first); a window
+    # of the 24 h after T for every item would leave 24 at 0 and 22 4th as well
+    assert res.overall["mrr"] == pytest.approx((1 + 1 / 5) / 2)
