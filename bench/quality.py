@@ -10,6 +10,7 @@ wall time and machine), and bench/results/quality.html renders the tables and cu
     python bench/quality.py                                   # everything (hours on 2 cores)
     python bench/quality.py --dataset movielens-1m --protocol loo --models sasrec
     python bench/quality.py --html-only                       # re-render the HTML
+    python bench/quality.py --baselines-only                  # popularity and content kNN rows only
     python bench/quality.py --to-history                      # move time-capped / unrunnable rows to
                                                               # "history" (every write does it too)
     python bench/quality.py --dataset synthetic --protocol new-items --models sasrec,sasrec-text,redrec --seeds 0,1,2
@@ -207,6 +208,8 @@ def main() -> int:
     ap.add_argument("--merge-as", metavar="LABEL",
                     help="with --merge-from: keep the merged runs as their own sections '<protocol>@LABEL' "
                          "(e.g. a rerun on another machine) instead of replacing same-named rows")
+    ap.add_argument("--baselines-only", action="store_true",
+                    help="only the untrained rows (popularity, new-item popularity, content kNN): seconds, no model trains")
     ap.add_argument("--max-minutes", type=float, help="cap each model's training (reported as stopped: 'time cap')")
     args = ap.parse_args()
 
@@ -232,7 +235,7 @@ def main() -> int:
         path.write_text(json.dumps(report, indent=2))
         print(f"written {path} and {write_html(report, path.with_suffix('.html'))}")
         return 0
-    models = args.models.split(",") if args.models else MAIN + ABLATIONS
+    models = [] if args.baselines_only else args.models.split(",") if args.models else MAIN + ABLATIONS
     try:
         seeds = [int(s) for s in args.seeds.split(",")]
     except ValueError:
@@ -251,7 +254,7 @@ def main() -> int:
             if same:
                 print(f"[{name}/{protocol}] skipped {same}: this config's redrec already is that")
                 todo = [m for m in todo if m not in same]
-            if not todo:
+            if not todo and not args.baselines_only:
                 continue
             if args.max_minutes:
                 raw = {**raw, "train": {**raw["train"], "max_minutes": args.max_minutes}}
@@ -276,6 +279,8 @@ def main() -> int:
             part = {"results": agg["results"], "models": {m: {**v, "machine": machine()} for m, v in agg["models"].items()},
                     "protocol": out["protocol"], "scenarios": out["scenarios"], "dataset": data.describe(), "config": run_raw,
                     **{k: out[k] for k in ("cutoff_ts", "new_items", "test_users", "new_items_hours") if k in out}}
+            if args.baselines_only:
+                part.pop("config")  # the section's trained rows keep the config they were trained with
             merge_report(report, {"datasets": {name: {protocol: part}}})
             to_history(report)
             report["machine"] = machine()
