@@ -4,6 +4,8 @@ For every dataset and protocol the page shows a results table (NDCG@10 / HR@10 /
 and overall, NDCG@10 ratio to SASRec, steps, stopping reason, best step, train minutes; best
 NDCG@10 per column in bold), inline-SVG charts of validation NDCG@10 and of training loss against
 training minutes, and a calibration line against the published references and our targets.
+A row trained over several seeds reads "mean ± sd (n)". Rows moved out of the tables (a model the
+bench can no longer run, a time-capped run) are listed under "history" with the reason.
 Only inline CSS and SVG: the page is read from CI artefacts and laptops with no network.
 """
 
@@ -16,10 +18,11 @@ import jinja2
 
 from redrec.reports.charts import finite, line_chart
 
-ORDER = ["popularity", "sasrec", "single-scenario", "redrec", "redrec-no-mixing", "redrec-no-side-info",
+ORDER = ["popularity", "new-item-popularity", "content-knn", "sasrec", "sasrec-text", "single-scenario", "redrec", "redrec-no-mixing", "redrec-no-side-info",
          "redrec-no-queries", "redrec-k2", "redrec-id-items", "redrec-frozen-items", "redrec-query-tokens",
          "redrec-next-item", "redrec-next-window"]
-COLORS = ["#000000", "#aec7e8", "#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf", "#7f7f7f", "#bcbd22", "#dbdb8d"]
+COLORS = ["#000000", "#aec7e8", "#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf", "#7f7f7f", "#bcbd22", "#dbdb8d", "#9edae5",
+          "#c5b0d5", "#f7b6d2"]
 METRICS = [("ndcg@10", "NDCG@10"), ("hr@10", "HR@10"), ("mrr", "MRR")]
 # published MovieLens-1M leave-one-out SASRec NDCG@10, and the targets this project holds itself to
 REFERENCES = {"RecBole 1.2.1 SASRec": 0.1494, "gSASRec paper": 0.1726}
@@ -53,6 +56,12 @@ svg text{font:11px system-ui,sans-serif} ul.cal{margin:.3em 0}
 <div class="charts">{{ chart(s.valid_chart) }}{{ chart(s.loss_chart) }}</div>
 <p><b>Calibration</b></p><ul class="cal">{% for line in s.calibration %}<li>{% for text, cls in line %}<span{% if cls %} class="{{ cls }}"{% endif %}>{{ text }}</span>{% endfor %}</li>{% endfor %}</ul>
 {% else %}<p>No results yet.</p>{% endfor %}
+{% if history %}<h2>history</h2>
+<p class="muted">Rows kept for the record but out of the tables above: not comparable to them (see the reason).</p>
+<table><thead><tr><th>dataset</th><th>protocol</th><th>model</th><th>reason</th>{% for m in metrics %}<th>{{ m[1] }}</th>{% endfor %}<th>steps</th><th>stopped</th><th>train min</th><th>machine</th></tr></thead><tbody>
+{% for h in history %}<tr><td class="name">{{ h.dataset }}</td><td class="name">{{ h.protocol }}</td><td class="name">{{ h.model }}</td><td class="name">{{ h.reason }}</td>
+{% for c in h.cells %}<td>{{ c }}</td>{% endfor %}<td>{{ h.steps }}</td><td>{{ h.stopped }}</td><td>{{ h.minutes }}</td><td class="muted">{{ h.machine }}</td></tr>
+{% endfor %}</tbody></table>{% endif %}
 </body></html>
 """
 # the reports' environment: its macros draw the charts
@@ -66,6 +75,25 @@ _num = finite
 def _fmt(x, digits: int = 4) -> str:
     x = _num(x)
     return "—" if x is None else f"{x:.{digits}f}"
+
+
+def _cell_text(result: dict, col: str, key: str) -> str:
+    """The metric, or "mean ± sd (n)" for a row averaged over training seeds."""
+    src = result.get("overall") if col == "overall" else (result.get("per_scenario") or {}).get(col)
+    v = _num((src or {}).get(key))
+    sd_src = (result.get("sd") or {}).get("overall") if col == "overall" else ((result.get("sd") or {}).get("per_scenario") or {}).get(col)
+    sd = _num((sd_src or {}).get(key))
+    if v is None or sd is None:
+        return _fmt(v)
+    return f"{_fmt(v)} ± {_fmt(sd)} ({result.get('n', '?')})"
+
+
+def _per_seed(m: dict, key: str):
+    """Steps of a multi-seed row: every seed's, "a/b/c"; else the single run's."""
+    runs = m.get("per_seed")
+    if runs:
+        return "/".join(str(r.get(key, "—")) for r in runs)
+    return m.get(key, "—")
 
 
 def _ordered(names) -> list[str]:
@@ -85,6 +113,10 @@ def base_protocol(key: str) -> str:
 
 
 def _calibration(dataset: str, protocol: str, entry: dict, nd) -> list[list[tuple[str, str]]]:
+    if base_protocol(protocol) == "new-items":
+        line = f"{entry.get('new_items', '?')} new items, {entry.get('test_users', '?')} test users; no published reference. "
+        line += "Cold-start bars: " + ", ".join(f"{n} {_fmt(nd(n, 'overall'))}" for n in ("new-item-popularity", "content-knn"))
+        return [[(line, "muted")]]
     if base_protocol(protocol) == "loo":
         if "movielens" not in dataset.lower():
             return [[("published references and targets are MovieLens-1M figures; none apply here", "muted")]]
@@ -127,7 +159,7 @@ def _section(dataset: str, protocol: str, entry: dict) -> dict:
         for col in cols:
             for key, _ in METRICS:
                 v = _num(metrics(name, col).get(key))
-                cell = {"text": _fmt(v), "best": False, "ratio": None}
+                cell = {"text": _cell_text(results.get(name) or {}, col, key), "best": False, "ratio": None}
                 if key == "ndcg@10" and v is not None:
                     cell["best"] = v == best[col]
                     base = nd("sasrec", col)
@@ -136,7 +168,7 @@ def _section(dataset: str, protocol: str, entry: dict) -> dict:
                 cells.append(cell)
         m = models.get(name) or {}
         rows.append({"name": name, "cells": cells, "ablation": name.startswith("redrec-"),
-                     "steps": m.get("steps", "—"), "best_step": m.get("best_step", "—"),
+                     "steps": _per_seed(m, "steps"), "best_step": _per_seed(m, "best_step"),
                      "stopped": (m.get("stopped") or "epochs") if m else "—",
                      "minutes": _fmt(_num(m.get("train_s")) / 60, 1) if _num(m.get("train_s")) is not None else "—",
                      "machine": machine_label(m.get("machine"), short=True) or "—"})
@@ -183,7 +215,15 @@ def render(report: dict) -> str:
         for protocol, entry in (protocols or {}).items():
             if isinstance(entry, dict):
                 sections.append(_section(dataset, protocol, entry))
-    return _PAGE.render(machine=machine or "machine unknown", sections=sections, metrics=METRICS)
+    history = []
+    for h in report.get("history") or []:
+        res, m = h.get("result") or {}, h.get("run") or {}
+        history.append({"dataset": h.get("dataset"), "protocol": h.get("protocol"), "model": h.get("model"), "reason": h.get("reason"),
+                        "cells": [_cell_text(res, "overall", k) for k, _ in METRICS], "steps": m.get("steps", "—"),
+                        "stopped": m.get("stopped") or "—",
+                        "minutes": _fmt(_num(m.get("train_s")) / 60, 1) if _num(m.get("train_s")) is not None else "—",
+                        "machine": machine_label(m.get("machine"), short=True) or "—"})
+    return _PAGE.render(machine=machine or "machine unknown", sections=sections, metrics=METRICS, history=history)
 
 
 def write_html(report: dict, path: Path | str) -> Path:

@@ -79,9 +79,10 @@ def eval_users(enc: EncodedData, max_users: int | None = None) -> np.ndarray:
 
 def eval_tasks(enc: EncodedData, split: Split, on: str = "test", max_users: int | None = None) -> list[EvalTask]:
     tasks = []
+    test_ends = split.test_ends(enc)
     for u in eval_users(enc, max_users):
-        start, end = int(enc.offsets[u]), int(enc.offsets[u + 1])
-        h, stop = (int(split.valid_end[u]), end) if on == "test" else (int(split.train_end[u]), int(split.valid_end[u]))
+        start = int(enc.offsets[u])
+        h, stop = (int(split.valid_end[u]), int(test_ends[u])) if on == "test" else (int(split.train_end[u]), int(split.valid_end[u]))
         if stop <= h:
             continue
         seen = np.unique(enc.item[start:h])
@@ -184,6 +185,62 @@ def evaluate_popularity(enc: EncodedData, split: Split, on: str = "test", all_it
     for i in range(0, len(tasks), 256):
         chunk = tasks[i : i + 256]
         scores = torch.from_numpy(pop[[t.scenario for t in chunk]] + tie[None, :])
+        rows += _rows(scores, chunk, None if all_items else enc.eligible)
+    return aggregate(rows, enc.scenarios)
+
+
+def evaluate_new_item_popularity(enc: EncodedData, split: Split, cutoff: int, hours: float = 24.0, on: str = "test") -> EvalResult:
+    """What a cold-start fallback ranks by: new items (first seen at or after the cut-off T; an
+    arrival date is catalogue metadata a server has) first, by their events in their first
+    ``hours`` (from max(T, their first event)), then warm items by their events in the ``hours``
+    after T, the whole catalogue ranked. The test events themselves are not counted (new items
+    have few events, so a user's own target would lift it); other users' events in those windows
+    are, as a deployed fallback would have seen them. Ties fall back to training popularity."""
+    n = enc.n_items + 1
+    first = np.full(n, np.iinfo(np.int64).max, dtype=np.int64)
+    np.minimum.at(first, enc.item, enc.ts)
+    is_new = (first >= cutoff) & (first < np.iinfo(np.int64).max)
+    since = np.maximum(first, cutoff)[enc.item]
+    window = (enc.ts >= since) & (enc.ts < since + int(hours * 3600))
+    for u in split.users_with_test(enc):
+        window[split.valid_end[u] : split.test_ends(enc)[u]] = False
+    early = np.bincount(enc.item[window], minlength=n).astype(np.float64)
+    keep = np.zeros(len(enc.item), dtype=bool)
+    for u in range(enc.n_users):
+        keep[enc.offsets[u] : split.train_end[u]] = True
+    train = np.bincount(enc.item[keep], minlength=n).astype(np.float64)
+    # new before warm whatever the counts; training counts only break ties (they sum to < 1 event)
+    score = is_new * (early.max() + 2.0) + early + 0.5 * train / max(train.max(), 1.0) + 1e-9 * np.arange(n)[::-1]
+    tasks = eval_tasks(enc, split, on)
+    rows = []
+    for i in range(0, len(tasks), 256):
+        chunk = tasks[i : i + 256]
+        rows += _rows(torch.from_numpy(np.broadcast_to(score, (len(chunk), n)).copy()), chunk, None)
+    return aggregate(rows, enc.scenarios)
+
+
+def evaluate_content_knn(enc: EncodedData, split: Split, item_vecs: np.ndarray, on: str = "test", all_items: bool = False,
+                         last_n: int = 50) -> EvalResult:
+    """Content kNN, the no-training text baseline: a user's score for item i is the cosine between
+    the mean of the unit text vectors of their last ``last_n`` history events and item i's unit
+    vector. ``item_vecs`` is [n_items + 1, D] in encoded index order (row 0 padding), e.g. the
+    cached item-tower representations with a zero row prepended. Repeated items count per event,
+    and the history mixes every scenario (as RED-Rec's does)."""
+    if item_vecs.shape[0] != enc.n_items + 1:
+        raise ValueError(f"item_vecs has {item_vecs.shape[0]} rows; want n_items + 1 = {enc.n_items + 1} (row 0 padding)")
+    vecs = torch.from_numpy(np.asarray(item_vecs, dtype=np.float64))
+    unit = torch.nn.functional.normalize(vecs, dim=-1)
+    tasks = eval_tasks(enc, split, on)
+    rows = []
+    for i in range(0, len(tasks), 256):
+        chunk = tasks[i : i + 256]
+        users = torch.zeros(len(chunk), unit.shape[1], dtype=torch.float64)
+        for b, t in enumerate(chunk):
+            start = int(enc.offsets[t.user])
+            hist = enc.item[max(start, t.history_end - last_n) : t.history_end]
+            if len(hist):
+                users[b] = unit[torch.from_numpy(hist)].mean(0)
+        scores = torch.nn.functional.normalize(users, dim=-1) @ unit.T
         rows += _rows(scores, chunk, None if all_items else enc.eligible)
     return aggregate(rows, enc.scenarios)
 

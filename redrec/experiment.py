@@ -2,33 +2,44 @@
 
 This is what ``redrec quality`` and ``bench/quality.py`` call. Every model shares the data, split,
 loss, trainer, stopping rule and full-ranking evaluation; they differ only where the model must
-(``MODELS`` and ``ModelConfig.for_variant``). Two protocols (DESIGN.md, "Evaluation"):
+(``MODELS`` and ``ModelConfig.for_variant``). Three protocols (DESIGN.md, "Evaluation"):
 
 - ``multi-scenario``: chronological last-``test_events`` split; every model ranks the eligible pool
   of the target's scenario, history masked;
 - ``loo``: the standard single-scenario leave-one-out protocol that published numbers use:
-  scenarios collapsed into one, train to n-2, validate on n-1, test on n, whole catalogue.
+  scenarios collapsed into one, train to n-2, validate on n-1, test on n, whole catalogue;
+- ``new-items``: item cold start. Items first seen in the last ``new_items_frac`` of the log
+  are never trained on (nor are they softmax negatives or validation candidates); each user's
+  test is their first event on one, ranked against the whole catalogue. Scenarios are collapsed
+  as in ``loo``: the test is one event per user, so a per-scenario pool would tell the model
+  the target's scenario, and ``loo`` is then the same models' warm-item reference.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
 from pathlib import Path
 from typing import Literal
 
+import numpy as np
 from pydantic import BaseModel, Field, field_validator
 
 from redrec.data import RecData, chronological_split, encode, leave_one_out_split, load_dataset
-from redrec.evaluate import EvalResult, evaluate_model, evaluate_popularity, format_table
-from redrec.model.item_tower import cached_item_reps
+from redrec.data.split import new_items_split
+from redrec.evaluate import (EvalResult, evaluate_content_knn, evaluate_model, evaluate_new_item_popularity, evaluate_popularity,
+                             format_table)
+from redrec.model.item_tower import ItemTowerConfig, cached_item_reps
 from redrec.model.recommender import ModelConfig
 from redrec.train.trainer import TrainConfig, Trainer
 
 # name -> (variant, ModelConfig overrides). The ablations remove one part of RED-Rec each.
 MODELS: dict[str, tuple[str, dict]] = {
     "sasrec": ("sasrec", {}),
+    # SASRec whose item table starts from RED-Rec's cached text vectors (see POST_VARIANT)
+    "sasrec-text": ("sasrec", {}),
     "single-scenario": ("single-scenario", {}),
     "redrec": ("redrec", {}),
     "redrec-no-mixing": ("redrec", {"mixing": False}),
@@ -45,8 +56,21 @@ MODELS: dict[str, tuple[str, dict]] = {
     "redrec-frozen-items": ("redrec", {"item_source": "cache-frozen"}),
 }
 ABLATIONS = [m for m in MODELS if m.startswith("redrec-")]
-Protocol = Literal["multi-scenario", "loo"]
+
+
+def _text_items(template: ModelConfig) -> dict:
+    # RED-Rec's own item source where it reads the text, else the fine-tuned text table
+    return {"item_source": template.item_source if template.item_source != "id" else "cache-finetune"}
+
+
+# name -> overrides applied after ``for_variant``, for what a variant would otherwise force: here
+# sasrec's "id" items, kept out of recommender.py so SASRec's textbook definition stays the one
+# place that says what SASRec is. Read from the template, so sasrec-text follows RED-Rec's config.
+POST_VARIANT = {"sasrec-text": _text_items}
+Protocol = Literal["multi-scenario", "loo", "new-items"]
 COLLAPSED = "all"
+CONTENT_KNN = "content-knn"
+NEW_ITEM_POPULARITY = "new-item-popularity"
 
 
 class ExperimentConfig(BaseModel):
@@ -61,6 +85,9 @@ class ExperimentConfig(BaseModel):
     train: TrainConfig = Field(default_factory=TrainConfig)
     test_events: int = Field(5, ge=1)
     valid_events: int = Field(5, ge=1)
+    new_items_frac: float = Field(0.1, gt=0, lt=1, description="new-items protocol: items first seen in this last share of events (by count) are new")
+    new_items_hours: float = Field(24.0, gt=0, description="new-item popularity: events counted in this many hours after the cut-off")
+    content_knn: bool = Field(True, description="report the content-kNN baseline over cached MiniLM vectors (no training)")
     out_dir: Path = Path("build/experiment")
 
     @field_validator("variants")
@@ -83,7 +110,10 @@ def build_model_config(template: ModelConfig, name: str, data: RecData, n_items:
     variant, over = MODELS.get(name, (name, {}))
     raw = _merge(_merge(template.model_dump(), over), overrides or {})
     raw.update(variant=variant, scenarios=list(data.scenarios), actions=list(data.actions), n_items=n_items)
-    return ModelConfig.model_validate(raw).for_variant()
+    mcfg = ModelConfig.model_validate(raw).for_variant()
+    if name in POST_VARIANT:
+        mcfg = ModelConfig.model_validate(_merge(mcfg.model_dump(), POST_VARIANT[name](template)))
+    return mcfg
 
 
 def is_redrec_itself(template: ModelConfig, name: str) -> bool:
@@ -123,19 +153,42 @@ def training_record(trainer, fit: dict, enc, split) -> dict:
             "valid": valid.as_dict()}
 
 
+def content_vectors(data: RecData) -> np.ndarray:
+    """[n_items + 1, D] cached MiniLM vectors in encoded order (``encode`` numbers ``data.items``
+    rows 1..n in order, as the trainer's item table does), row 0 the padding."""
+    reps = cached_item_reps(data.items, ItemTowerConfig(backbone="minilm"), Path(os.environ.get("REDREC_CACHE", "build/cache")))
+    return np.concatenate([np.zeros((1, reps.shape[1]), reps.dtype), reps])
+
+
 def run_protocol(cfg: ExperimentConfig, protocol: Protocol, data: RecData, log=print) -> dict:
     t0 = time.time()
-    if protocol == "loo":
+    if protocol in ("loo", "new-items"):
         data = collapse_scenarios(data)
     enc = encode(data)
-    split = leave_one_out_split(enc) if protocol == "loo" else chronological_split(enc, cfg.test_events, cfg.valid_events)
-    whole = protocol == "loo"
+    train_enc, info = enc, {}
+    if protocol == "new-items":
+        split, cutoff, is_new = new_items_split(enc, cfg.new_items_frac)
+        # new items are no one's softmax negative nor validation candidate: no gradient reaches
+        # them; the test below ranks the whole catalogue (all_items), new items included
+        train_enc = dataclasses.replace(enc, eligible=enc.eligible & ~is_new[None, :])
+        info = {"cutoff_ts": cutoff, "new_items": int(is_new.sum()), "test_users": int(len(split.users_with_test(enc))),
+                "new_items_hours": cfg.new_items_hours}
+        log(f"[new-items] cut-off ts {cutoff}: {info['new_items']} new items, {info['test_users']} test users")
+    elif protocol == "loo":
+        split = leave_one_out_split(enc)
+    else:
+        split = chronological_split(enc, cfg.test_events, cfg.valid_events)
+    whole = protocol != "multi-scenario"
     results: dict[str, EvalResult] = {"popularity": evaluate_popularity(enc, split, all_items=whole)}
+    if protocol == "new-items":
+        results[NEW_ITEM_POPULARITY] = evaluate_new_item_popularity(enc, split, cutoff, cfg.new_items_hours)
+    if cfg.content_knn:
+        results[CONTENT_KNN] = evaluate_content_knn(enc, split, content_vectors(data), all_items=whole)
     models: dict[str, dict] = {}
     for name in cfg.variants:
         tv = time.time()
         log(f"[{protocol}] training {name}")
-        trainer, fit = train_variant(cfg, name, data, enc, split, cfg.out_dir / protocol / name, log, resume=False)
+        trainer, fit = train_variant(cfg, name, data, train_enc, split, cfg.out_dir / protocol / name, log, resume=False)
         results[name] = evaluate_model(trainer.module, trainer.builder, enc, split, all_items=whole)
         models[name] = {"train_s": fit["seconds"], "total_s": time.time() - tv, "steps": fit["steps"], "stopped": fit["stopped"],
                         "best_step": fit["best_step"], "best_valid": fit["best_valid"], "curve": fit["history"],
@@ -143,8 +196,11 @@ def run_protocol(cfg: ExperimentConfig, protocol: Protocol, data: RecData, log=p
         log(f"[{protocol}] {name}: {fit['steps']} steps in {fit['seconds']:.0f}s ({fit['stopped']}); "
             f"test ndcg@10 {results[name].overall['ndcg@10']:.4f}")
     ref = "sasrec" if "sasrec" in results else "popularity"
+    described = {"multi-scenario": split.protocol, "loo": "leave-one-out (scenarios collapsed, whole catalogue)",
+                 "new-items": f"{split.protocol}: first new-item event per user, scenarios collapsed, whole catalogue"}
     return {
-        "protocol": split.protocol if protocol == "multi-scenario" else "leave-one-out (scenarios collapsed, whole catalogue)",
+        "protocol": described[protocol],
+        **info,
         "scenarios": list(data.scenarios) if protocol == "multi-scenario" else [],
         "results": {k: v.as_dict() for k, v in results.items()},
         "models": models,

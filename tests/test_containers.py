@@ -18,7 +18,7 @@ TINY = {
     "dataset": "synthetic",
     "dataset_args": {"n_users": 300, "n_items": 160, "seed": 5},
     "experiment": {"model": {"item_source": "cache-residual", "user_tower": {"hidden_size": 32, "layers": 1, "heads": 2, "max_len": 20}},
-                   "train": {"epochs": 20, "batch_size": 16, "warmup_steps": 2, "patience": 5, "lr": 0.003}},
+                   "train": {"epochs": 20, "batch_size": 16, "warmup_steps": 2, "patience_steps": 40, "lr": 0.003}},
 }
 
 

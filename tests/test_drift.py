@@ -607,7 +607,7 @@ def deployed(world, tmp_path_factory):
     params = PipelineParams(
         dataset="parquet", dataset_args={"events": str(base / "events.parquet"), "items": str(base / "items.parquet")},
         experiment={"model": {"item_source": "cache-finetune", "user_tower": {"hidden_size": 32, "layers": 1, "heads": 2, "max_len": 20}},
-                    "train": {"epochs": 4, "batch_size": 64, "warmup_steps": 2, "patience": 2, "lr": 0.003}},
+                    "train": {"epochs": 4, "batch_size": 64, "warmup_steps": 2, "patience_steps": 16, "lr": 0.003}},
         drift_reference_at="events",  # the live half are users arriving, not returning
         workspace=str(ws), milvus_uri=ensure_milvus(ws), serving_port=free_port())
     try:

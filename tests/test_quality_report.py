@@ -127,3 +127,79 @@ def test_a_run_from_another_machine_merges_as_its_own_section(tmp_path):
     for bad in ("", " ", "gpu@run"):
         with pytest.raises(ValueError, match="--merge-as"):
             merge_report(copy.deepcopy(REPORT), part, label=bad)
+
+
+def _seed_run(seed: int, sasrec: float, steps: int) -> dict:
+    """One run_protocol output of a seed: popularity (seed-independent) and a trained sasrec."""
+    entry = _entry("multi-scenario")
+    results = {"popularity": entry["results"]["popularity"], "sasrec": copy.deepcopy(entry["results"]["sasrec"])}
+    results["sasrec"]["overall"]["ndcg@10"] = sasrec
+    results["sasrec"]["per_scenario"]["search"]["ndcg@10"] = sasrec / 2
+    model = {**_model(0.1), "steps": steps, "best_step": steps - 50, "train_s": 60.0 * (seed + 1)}
+    return {"results": results, "models": {"sasrec": model}}
+
+
+def test_seeds_aggregate_to_mean_and_sample_sd_and_keep_every_seed():
+    from bench.quality import aggregate_seeds
+
+    agg = aggregate_seeds({0: _seed_run(0, 0.10, 200), 1: _seed_run(1, 0.12, 300), 2: _seed_run(2, 0.17, 250)})
+    sas = agg["results"]["sasrec"]
+    assert sas["overall"]["ndcg@10"] == pytest.approx(0.13)
+    assert sas["sd"]["overall"]["ndcg@10"] == pytest.approx(0.036055512754639895)  # ddof 1: sqrt(0.0026 / 2)
+    assert sas["per_scenario"]["search"]["ndcg@10"] == pytest.approx(0.065)
+    assert sas["sd"]["per_scenario"]["search"]["ndcg@10"] == pytest.approx(0.036055512754639895 / 2)
+    assert sas["n"] == 3 and sas["seeds"] == [0, 1, 2]
+    assert [sas["per_seed"][s]["overall"]["ndcg@10"] for s in ("0", "1", "2")] == [0.10, 0.12, 0.17]
+    assert sas["overall"]["hr@10"] == pytest.approx(0.30)  # the other metrics average as well
+    run = agg["models"]["sasrec"]
+    assert run["steps"] == pytest.approx(250) and run["train_s"] == pytest.approx(120)
+    assert [r["steps"] for r in run["per_seed"]] == [200, 300, 250] and [r["seed"] for r in run["per_seed"]] == [0, 1, 2]
+    # popularity does not depend on the training seed: one run's row, no sd
+    assert agg["results"]["popularity"] == _seed_run(0, 0.1, 1)["results"]["popularity"]
+    # one seed: that run's rows as they were
+    one = _seed_run(5, 0.11, 200)
+    assert aggregate_seeds({5: one}) == {"results": one["results"], "models": one["models"]}
+
+
+def test_a_multi_seed_row_renders_mean_sd_and_n(tmp_path):
+    from bench.quality import aggregate_seeds
+
+    agg = aggregate_seeds({0: _seed_run(0, 0.10, 200), 1: _seed_run(1, 0.12, 300), 2: _seed_run(2, 0.17, 250)})
+    report = copy.deepcopy(REPORT)
+    entry = report["datasets"]["movielens-1m"]["multi-scenario"]
+    entry["results"].update(agg["results"])
+    entry["models"].update(agg["models"])
+    html = write_html(report, tmp_path / "s.html").read_text()
+    row = re.search(r'<td class="name">sasrec</td>.*?</tr>', html, re.S).group(0)
+    assert "0.1300 ± 0.0361 (3)" in row and "0.0650 ± 0.0180 (3)" in row and "200/300/250" in row
+    pop = re.search(r'<td class="name">popularity</td>.*?</tr>', html, re.S).group(0)
+    assert "±" not in pop
+
+
+def test_unrunnable_and_time_capped_rows_move_to_history_and_stay_on_the_page(tmp_path):
+    from bench.quality import to_history
+
+    report = copy.deepcopy(REPORT)
+    loo = report["datasets"]["movielens-1m"]["loo"]
+    loo["results"]["redrec-previous"] = copy.deepcopy(loo["results"]["redrec"])
+    loo["results"]["redrec-previous"]["overall"]["ndcg@10"] = 0.1348
+    loo["models"]["redrec-previous"] = _model(0.11)
+    loo["results"]["redrec-frozen-items"] = copy.deepcopy(loo["results"]["redrec"])
+    loo["results"]["redrec-frozen-items"]["overall"]["ndcg@10"] = 0.1508
+    loo["models"]["redrec-frozen-items"] = {**_model(0.12), "stopped": "time cap"}
+    loo["ndcg@10_ratio_to_sasrec"] = {"redrec-previous": {"overall": 0.9}}
+    to_history(report)
+    assert set(loo["results"]) == {"popularity", "sasrec", "redrec"} and set(loo["models"]) == {"sasrec", "redrec"}
+    assert "redrec-previous" not in loo["ndcg@10_ratio_to_sasrec"]
+    reasons = {h["model"]: h["reason"] for h in report["history"]}
+    assert reasons["redrec-frozen-items"] == "time cap" and "MODELS" in reasons["redrec-previous"]
+    kept = {h["model"]: h for h in report["history"]}
+    assert kept["redrec-previous"]["result"]["overall"]["ndcg@10"] == 0.1348 and kept["redrec-previous"]["run"]["steps"] == 300
+    again = copy.deepcopy(report)
+    assert to_history(again) == report  # idempotent: nothing left to move, nothing duplicated
+    html = write_html(report, tmp_path / "h.html").read_text()
+    tables, history = html.split("<h2>history</h2>")
+    assert "redrec-previous" not in tables and "0.1348" not in tables and "0.1508" not in tables
+    assert "redrec-previous" in history and "0.1348" in history and "0.1508" in history and "time cap" in history
+    # a row that trains to convergence stays in its table
+    assert "history" not in to_history(copy.deepcopy(REPORT))

@@ -234,7 +234,7 @@ async def test_train_step_on_a_trainjob_writes_the_in_process_checkpoint_layout(
 
     monkeypatch.setattr(kube_config, "KUBE_CONFIG_DEFAULT_LOCATION", str(kubeconfig))  # read once, at import
     exp = {"model": {"item_source": "cache-finetune", "user_tower": {"hidden_size": 16, "layers": 1, "heads": 2, "max_len": 20}},
-           "train": {"max_steps": 12, "batch_size": 16, "warmup_steps": 2, "patience": 2, "lr": 0.003}}
+           "train": {"max_steps": 12, "batch_size": 16, "warmup_steps": 2, "patience_steps": 16, "lr": 0.003}}
     base = PipelineParams(dataset="synthetic", dataset_args={"n_users": 80, "n_items": 60, "seed": 2}, experiment=exp,
                           workspace=str(tmp_path / "ws"))
     data, ts = tmp_path / "data", tmp_path / "ts"

@@ -35,6 +35,12 @@ class SyntheticConfig(BaseModel):
     intent_persistence: float = Field(0.9, ge=0, le=1)
     seed: int = 0
     start_ts: int = 1_700_000_000
+    # Item arrivals, for the new-items protocol: this share of the catalogue is released at a
+    # uniform time in the last ``1 - new_item_release`` of the 30-day window and is never drawn
+    # before. Without it every item is live from day one and the catalogue's "new" items are only
+    # its rarest ones (0 of 800 on the bench's synthetic set). 0 keeps the data as it always was.
+    new_item_share: float = Field(0.0, ge=0, lt=1)
+    new_item_release: float = Field(0.8, ge=0, lt=1)
 
 
 def _vocab(rng: np.random.Generator, n_topics: int, words: int = 30) -> list[list[str]]:
@@ -84,9 +90,23 @@ def generate(cfg: SyntheticConfig | None = None) -> RecData:
             pools[(sname, t)] = (ids, np.cumsum(w) / w.sum())
     global_pool = {s: (np.flatnonzero(m), np.cumsum(popularity[m]) / popularity[m].sum()) for s, m in in_scen.items()}
 
-    def draw(pool: tuple[np.ndarray, np.ndarray], u: float) -> int:
+    # its own generator: the main stream, hence the data, is unchanged where nothing is late
+    late_rng = np.random.default_rng([cfg.seed, 1])
+    release = np.full(N, np.iinfo(np.int64).min, dtype=np.int64)
+    if cfg.new_item_share > 0:
+        late = late_rng.random(N) < cfg.new_item_share
+        span = 86400 * 30
+        release[late] = cfg.start_ts + (span * late_rng.uniform(cfg.new_item_release, 1.0, size=int(late.sum()))).astype(np.int64)
+
+    def draw(pool: tuple[np.ndarray, np.ndarray], u: float, now: int | None = None, scen: str | None = None) -> int:
         ids, cdf = pool
-        return int(ids[min(np.searchsorted(cdf, u), len(ids) - 1)])
+        item = int(ids[min(np.searchsorted(cdf, u), len(ids) - 1)])
+        for attempt in range(200):  # rejection of items not yet released; a pool of late items only falls back to the scenario's
+            if now is None or release[item] <= now:
+                break
+            src = pool if attempt < 100 else global_pool[scen]
+            item = int(src[0][min(np.searchsorted(src[1], late_rng.random()), len(src[0]) - 1)])
+        return item
 
     rows_u, rows_i, rows_s, rows_a, rows_t = [], [], [], [], []
     mix = np.asarray(cfg.scenario_mix, dtype=float)
@@ -105,16 +125,18 @@ def generate(cfg: SyntheticConfig | None = None) -> RecData:
             if us[e, 0] > cfg.intent_persistence:
                 intent = int(rng.choice(interests, p=weights)) if us[e, 1] < 0.85 else int(rng.integers(0, T))
             sname = SCENARIOS[scen_draws[e]]
+            # the previous event's time: availability is decided before this event's time is drawn
+            at = (ts, sname)
             if sname == "search":
-                item = draw(pools[("search", intent)], us[e, 2])
+                item = draw(pools[("search", intent)], us[e, 2], *at)
             elif sname == "homefeed":
                 if us[e, 1] < 0.25:
-                    item = draw(global_pool["homefeed"], us[e, 2])
+                    item = draw(global_pool["homefeed"], us[e, 2], *at)
                 else:
                     t = intent if us[e, 3] < 0.6 else int(rng.choice(interests, p=weights))
-                    item = draw(pools[("homefeed", t)], us[e, 2])
+                    item = draw(pools[("homefeed", t)], us[e, 2], *at)
             else:
-                item = draw(pools[("ads", intent)], us[e, 2]) if us[e, 1] < 0.85 else draw(global_pool["ads"], us[e, 2])
+                item = draw(pools[("ads", intent)], us[e, 2], *at) if us[e, 1] < 0.85 else draw(global_pool["ads"], us[e, 2], *at)
             affinity = (topic[item] == intent) + 0.5 * (topic[item] in interests)
             r = us[e, 3]
             action = "share" if affinity >= 1 and r < 0.1 else "like" if affinity >= 1 and r < 0.4 else "skip" if affinity == 0 and r < 0.5 else "click"

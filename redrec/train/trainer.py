@@ -23,7 +23,7 @@ from typing import Callable, Literal
 
 import numpy as np
 import torch
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, model_validator
 
 from redrec.data.dataset import EncodedData
 from redrec.data.split import Split
@@ -42,7 +42,12 @@ class TrainConfig(BaseModel):
     warmup_frac: float = Field(0.01, ge=0, lt=1, description="linear warmup over this fraction of max_steps")
     warmup_steps: int | None = Field(None, ge=0, description="explicit warmup length; overrides warmup_frac")
     eval_every: int | None = Field(None, ge=1, description="validate every this many steps; None = once per epoch")
-    patience: int = Field(5, ge=1, description="stop after this many validations without a new best")
+    # Patience in optimizer steps, not validations: an epoch is 47 steps on ML-1M and 16 on the
+    # synthetic bench, so "5 validations" meant a different amount of training per dataset and
+    # per eval_every, and starved the slow starters (an id table from random init plateaus early
+    # and climbs again); min_steps keeps every model training at least that long.
+    patience_steps: int = Field(500, ge=1, description="stop once this many steps passed since the best validation (and step >= min_steps)")
+    min_steps: int = Field(0, ge=0, description="never stop early before this many optimizer steps")
     valid_metric: str = Field("ndcg@10", description="overall validation metric that early stopping maximises")
     valid_max_users: int | None = Field(20000, ge=1, description="validate on at most this many users (a fixed sample)")
     zero_stage: int = Field(0, ge=0, le=3)
@@ -53,6 +58,19 @@ class TrainConfig(BaseModel):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     checkpoint_every: int = Field(500, ge=1)
     progress: bool = True
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_validation_patience(cls, raw):
+        # an unknown key is otherwise dropped silently: an old config would lose its patience
+        if isinstance(raw, dict) and "patience" in raw:
+            raise ValueError("train.patience (validations) is gone: set patience_steps (optimizer steps since the best "
+                             "validation) and min_steps instead, e.g. patience 5 at one validation per epoch = 5 epochs of steps")
+        return raw
+
+    def should_stop(self, step: int, best_step: int) -> bool:
+        """The early-stopping rule, checked after each validation."""
+        return step >= self.min_steps and step - best_step >= self.patience_steps
 
     @property
     def warmup(self) -> int:
@@ -138,7 +156,7 @@ class Trainer:
         self.eligible = self.eligible.to(self.dev)
         self.gather = _gather_with_grad(self.world)
         self.state = {"epoch": 0, "batch_in_epoch": 0, "global_step": 0, "micro_steps": 0,
-                      "best": None, "best_step": 0, "bad_evals": 0, "stopped": None}
+                      "best": None, "best_step": 0, "bad_evals": 0, "stopped": None}  # bad_evals: informative only
         self.full_softmax = model_cfg.full_softmax
         # training frequency per item: the logQ correction of in-batch negatives (sampled softmax)
         counts = np.bincount(np.concatenate([enc.item[enc.offsets[u]:split.train_end[u]] for u in range(enc.n_users)] or [np.zeros(0, np.int64)]),
@@ -213,7 +231,7 @@ class Trainer:
             self.state["bad_evals"] += 1
         self.log(f"step {step} (epoch {point['epoch']:.1f}): loss {loss if loss is None else round(loss, 4)} valid {self.cfg.valid_metric} "
                  f"{value:.4f} (best {self.state['best']:.4f} at step {self.state['best_step']}; {time.time() - t0:.0f}s)")
-        return self.state["bad_evals"] >= self.cfg.patience
+        return self.cfg.should_stop(step, self.state["best_step"])
 
     def _restore_best(self) -> None:
         if self.world > 1:
@@ -230,8 +248,9 @@ class Trainer:
         return torch.from_numpy(rng.integers(1, self.enc.n_items + 1, size=self.cfg.negatives)).to(self.dev)
 
     def fit(self, resume: bool = True) -> dict:
-        """Train until the validation metric stops improving (``patience`` validations), the step
-        budget, the optional epoch or time cap; the best validated weights are restored."""
+        """Train until ``patience_steps`` steps pass without a better validation (once past
+        ``min_steps``), the step budget, the optional epoch or time cap; the best validated
+        weights are restored."""
         from tqdm import tqdm
 
         cfg = self.cfg
