@@ -103,18 +103,15 @@ def minilm_timing(items, cache: Path, log=print) -> dict:
 
 
 # ---- content kNN -------------------------------------------------------------------------------
-# TO BE REPLACED at merge by the library's redrec.evaluate.evaluate_content_knn (same signature and
-# meaning, being added on the evaluation branch); this copy only exists until that lands.
 def evaluate_content_knn(enc, split, item_vecs, on: str = "test", all_items: bool = False, last_n: int = 50):
-    """Content kNN under a split: a user's score for an item is the cosine between the mean of the
-    L2-normalised vectors of the user's last ``last_n`` history items and the item's vector; full
-    ranking (the scenario's eligible pool, or the whole catalogue with ``all_items``), history
-    masked, ties against the target. ``item_vecs``: catalogue row order ([n_items, d]) or with a
-    padding row 0 ([n_items + 1, d])."""
-    from redrec.evaluate import aggregate, eval_tasks
+    """The library's content kNN (``redrec.evaluate.evaluate_content_knn``) over vectors in
+    catalogue row order ([n_items, d]) or with the padding row 0 ([n_items + 1, d])."""
+    from redrec.evaluate import evaluate_content_knn as knn
 
-    return aggregate(_knn_rows(enc, split, item_vecs, eval_tasks(enc, split, on), last_n, None if all_items else enc.eligible),
-                     enc.scenarios)
+    v = np.asarray(item_vecs)
+    if v.shape[0] == enc.n_items:
+        v = np.concatenate([np.zeros((1, v.shape[1]), v.dtype), v])
+    return knn(enc, split, v, on=on, all_items=all_items, last_n=last_n)
 
 
 def _item_table(enc, item_vecs) -> torch.Tensor:

@@ -18,7 +18,7 @@ import jinja2
 
 from redrec.reports.charts import finite, line_chart
 
-ORDER = ["popularity", "new-item-popularity", "content-knn", "sasrec", "sasrec-text", "single-scenario", "redrec", "redrec-no-mixing", "redrec-no-side-info",
+ORDER = ["popularity", "new-item-popularity", "content-knn", "content-knn-whitened", "sasrec", "sasrec-text", "single-scenario", "redrec", "redrec-no-mixing", "redrec-no-side-info",
          "redrec-no-queries", "redrec-k2", "redrec-id-items", "redrec-frozen-items", "redrec-query-tokens",
          "redrec-next-item", "redrec-next-window"]
 COLORS = ["#000000", "#aec7e8", "#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf", "#7f7f7f", "#bcbd22", "#dbdb8d", "#9edae5",
@@ -115,7 +115,7 @@ def base_protocol(key: str) -> str:
 def _calibration(dataset: str, protocol: str, entry: dict, nd) -> list[list[tuple[str, str]]]:
     if base_protocol(protocol) == "new-items":
         line = f"{entry.get('new_items', '?')} new items, {entry.get('test_users', '?')} test users; no published reference. "
-        line += "Cold-start bars: " + ", ".join(f"{n} {_fmt(nd(n, 'overall'))}" for n in ("new-item-popularity", "content-knn"))
+        line += "Cold-start bars: " + ", ".join(f"{n} {_fmt(nd(n, 'overall'))}" for n in ("new-item-popularity", "content-knn", "content-knn-whitened"))
         return [[(line, "muted")]]
     if base_protocol(protocol) == "loo":
         if "movielens" not in dataset.lower():
