@@ -24,7 +24,7 @@ def residual_model(n_items=20, text_dim=12, dropout=0.2, seed=0):
     cache = np.random.default_rng(seed).normal(size=(n_items, text_dim)).astype(np.float32)
     model = RecModel(cfg, item_cache=cache)
     with torch.no_grad():  # a trained model: some items learned a residual, others (item 5 on) none
-        model.item_residual.weight[1:5] = torch.randn(4, text_dim)
+        model.item_residual.weight[1:5] = torch.randn(4, model.cfg.user_tower.hidden_size)
     return model, cache
 
 
@@ -37,7 +37,7 @@ def test_an_unseen_item_is_its_text_path_and_a_warm_item_differs_by_its_residual
     assert torch.allclose(reps[4:], text[4:])  # zero residual: exactly the text path
     assert not torch.allclose(reps[:4], text[:4], atol=1e-3)
     with torch.no_grad():
-        shifted = model.text_reps(torch.from_numpy(cache[:4]) + model.item_residual.weight[1:5])
+        shifted = model.text_reps(torch.from_numpy(cache[:4])) + model.item_residual.weight[1:5]
     assert torch.allclose(reps[:4], shifted, atol=1e-6)
 
     # training drops residuals per occurrence: with dropout 1 every item is its text path

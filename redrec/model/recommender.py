@@ -101,7 +101,9 @@ class RecModel(nn.Module):
                 self.register_buffer("item_cache", table)
             elif cfg.item_source == "cache-residual":
                 self.register_buffer("item_cache", table)
-                self.item_residual = nn.Embedding(n, table.shape[1], padding_idx=0)
+                # in the user tower's space, after the adapter: the text path's input never changes
+                # with the residual, so a new item's adapter(text) is what training fed it
+                self.item_residual = nn.Embedding(n, H, padding_idx=0)
                 nn.init.zeros_(self.item_residual.weight)  # training starts from the text path alone
             else:
                 self.item_table = nn.Embedding.from_pretrained(table, freeze=False, padding_idx=0)
@@ -134,7 +136,7 @@ class RecModel(nn.Module):
             p = self.cfg.residual_dropout
             if self.training and p > 0:
                 res = res * (torch.rand(idx.shape, device=res.device) >= p).unsqueeze(-1).to(res.dtype)
-            return self.item_adapter(self.item_cache[idx] + res)
+            return self.item_adapter(self.item_cache[idx]) + res
         if src in ("cache-finetune", "id"):
             return self.item_adapter(self.item_table(idx))
         flat = idx.reshape(-1)
