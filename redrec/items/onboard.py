@@ -74,14 +74,14 @@ def _probe_texts(repo, item_ids: list[str]) -> pd.DataFrame:
     return df
 
 
-def check_encoder(model, info: dict, vectors_of) -> float:
-    """The lowest cosine between the model's probe and this encoder's vectors of the same items."""
+def check_encoder(model, info: dict, got: np.ndarray) -> float:
+    """The lowest cosine between the model's probe and ``got``, this encoder's vectors of the
+    probe items."""
     probe = getattr(model, "text_probe", None)
     ids = (info.get("item_text") or {}).get("probe_items")
     if probe is None or not ids:
         raise OnboardingRefused(f"model {info['model_version']} carries no text probe (exported before onboarding "
                                 "existed): re-export or retrain it to onboard items")
-    got = vectors_of(ids)
     got = got / np.linalg.norm(got, axis=1, keepdims=True).clip(1e-12)
     cos = float((got * probe).sum(1).min())
     if cos < MIN_PROBE_COSINE:
@@ -140,9 +140,15 @@ def onboard_items(cfg, items_file: str | Path, limits: ItemLimits | None = None,
         tower = info["model"]["item_tower"]
         key = json.dumps(tower, sort_keys=True)
         seed = int((info.get("item_text") or {}).get("encoder_seed", 0))
-        if key not in vecs:
-            vecs[key] = encode_texts(tower, df, seed, cache_root)
-        cos = check_encoder(model, info, lambda ids: encode_texts(tower, _probe_texts(repo, ids), seed, cache_root))
+        ids = (info.get("item_text") or {}).get("probe_items") or []
+        probe = _probe_texts(repo, ids) if ids else df.iloc[:0]
+        if key not in vecs:  # the items and the probe in one pass: the encoder loads once
+            cols = ["title", "body", "tags"]
+            both = encode_texts(tower, pd.concat([df[cols], probe[cols]], ignore_index=True), seed, cache_root)
+            vecs[key], got = both[: len(df)], both[len(df):]
+        else:
+            got = encode_texts(tower, probe, seed, cache_root)
+        cos = check_encoder(model, info, got)
         report.versions[v] = {"probe_cosine": round(cos, 6)}
     report.seconds["encode"] = time.perf_counter() - t
 
