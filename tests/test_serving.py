@@ -10,6 +10,7 @@ import secrets
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -455,6 +456,19 @@ def test_two_workers_answer_alike_and_lose_no_pushed_event(world, tmp_path):
             both += sum(n > before.get(f, 0) for f, n in lines("feedback").items()) == 2
             if both:
                 break
+        # a release is served once every worker serves it, not the one that answered the deployer
+        from redrec.pipeline.deploy import wait_serving
+
+        cfg = yaml.safe_load(path.read_text())
+        cfg["experiment"]["name"] = "exp1-reloaded"
+        text = yaml.safe_dump(cfg, sort_keys=False)
+        path.write_text(text)
+        status = wait_serving(srv.url, text, 60)
+        assert len(status["config"]["workers"]) == 2
+        want = status["config"]["pod_loaded_sha256"]
+        with httpx.Client(base_url=srv.url, timeout=30, limits=httpx.Limits(max_keepalive_connections=0)) as c:
+            seen = {c.get("/ops/release").json()["config"]["loaded_sha256"] for _ in range(20)}
+        assert seen == {want}
     assert both, "no burst of pushes reached both workers"
 
 
@@ -782,3 +796,134 @@ def test_two_pods_and_two_ingest_workers_lose_nothing_through_the_event_log(worl
         if fs is not None:
             fs.stop()
         redis.stop()
+
+
+def _metric(text: str, name: str, **labels) -> float:
+    """A counter's value on /metrics (BentoML's multiprocess registry: one line per label set)."""
+    import re
+
+    total = 0.0
+    for line in text.splitlines():
+        m = re.match(rf"{name}\{{(.*)\}} ([0-9.e+]+)$", line)
+        if m and all(f'{k}="{v}"' in m.group(1) for k, v in labels.items()):
+            total += float(m.group(2))
+    return total
+
+
+def test_a_full_log_volume_costs_the_log_line_not_the_response(world, tmp_path):
+    """The serving log's volume (a small tmpfs) filled to the last byte: /recommend still answers
+    200 with items, redrec_log_write_failures_total rises, /readyz stays 200 and says why; once
+    space is freed lines are logged again, and what is on disk reads back whole."""
+    from redrec.experiments.log import read_log
+    from redrec.serving.local import LocalServer
+
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root (CI and this machine run as root)")
+    logfs = tmp_path / "logfs"
+    logfs.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(logfs)], check=True)
+    try:
+        path = fallback_config(world, tmp_path)
+        cfg = yaml.safe_load(path.read_text())
+        cfg["serving"]["serving_log"]["dir"] = str(logfs)
+        path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+        users = warm_users(world, 5)
+        with LocalServer(path) as srv:
+            before = [rec(srv, u, "homefeed")["request_id"] for u in users]
+            filler = logfs / "filler"
+            with open(filler, "wb", buffering=0) as f:
+                try:
+                    while True:
+                        f.write(b"\0" * 4096)
+                except OSError:
+                    pass
+            during = []
+            for u in users * 4:
+                out = rec(srv, u, "homefeed")  # asserts the 200
+                assert len(out["items"]) == 10
+                during.append(out["request_id"])
+            metrics = httpx.get(srv.url + "/metrics", timeout=30).text
+            lost = _metric(metrics, "redrec_log_write_failures_total", log="serving")
+            assert lost >= len(during) - 2, metrics[-2000:]  # the log file's last page may hold a line or two
+            ready = httpx.get(srv.url + "/readyz", timeout=30)
+            assert ready.status_code == 200
+            assert "degraded, serving log not written" in ready.text and "No space left on device" in ready.text
+            status = httpx.get(srv.url + "/ops/release", timeout=30).json()
+            assert status["serving_log"]["serving"]["failed"] == lost
+            filler.unlink()
+            after = [rec(srv, u, "homefeed")["request_id"] for u in users]
+        lr = read_log(logfs)
+        assert lr.n_skipped == 0, lr.problems()
+        logged = list(lr.requests["request_id"])
+        assert logged[:len(before)] == before and logged[-len(after):] == after
+        assert len(logged) == len(before) + len(during) - int(lost) + len(after)
+    finally:
+        subprocess.run(["umount", "-l", str(logfs)], check=False)
+
+
+def test_sigterm_under_load_fails_no_request(world, tmp_path):
+    """Two servers behind a balancer that routes to the backends whose /readyz answers 200 (what
+    a Service's endpoints do); clients in a closed loop on keep-alive connections. SIGTERM to one
+    server's process group (its supervisor and workers, as a pod deletion sends): it drains
+    (unready at once, Connection: close, still answering) and exits; no request fails."""
+    import random
+    import signal
+
+    from redrec.serving.local import LocalServer
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    paths = [fallback_config(world, tmp_path / n, drain_s=2.0) for n in ("a", "b")]
+    users = warm_users(world, 8)
+    with LocalServer(paths[0]) as a, LocalServer(paths[1]) as b:
+        backends = {a.url: True, b.url: True}
+        stop, results, lock = threading.Event(), [], threading.Lock()
+
+        def probe():
+            with httpx.Client(timeout=2) as c:
+                while not stop.is_set():
+                    for url in backends:
+                        try:
+                            backends[url] = c.get(url + "/readyz").status_code == 200
+                        except httpx.HTTPError:
+                            backends[url] = False
+                    time.sleep(0.2)
+
+        def client(n):
+            pools = {url: httpx.Client(base_url=url, timeout=30) for url in backends}
+            rnd = random.Random(n)
+            while not stop.is_set():
+                ready = [u for u, ok in backends.items() if ok]
+                url = rnd.choice(ready)
+                try:
+                    r = pools[url].post("/recommend", json={"user_id": rnd.choice(users), "scenario": "search", "k": 10})
+                    out = (url, r.status_code, r.headers.get("connection"))
+                except httpx.HTTPError as e:
+                    out = (url, type(e).__name__, None)
+                with lock:
+                    results.append(out)
+            for p in pools.values():
+                p.close()
+
+        threads = [threading.Thread(target=probe)] + [threading.Thread(target=client, args=(n,)) for n in range(6)]
+        for t in threads:
+            t.start()
+        try:
+            time.sleep(3)
+            n_before = len(results)
+            os.killpg(a.proc.pid, signal.SIGTERM)
+            # while it drains: unready, still answering, and asking each client to reconnect
+            with httpx.Client(base_url=a.url, timeout=10) as c:
+                probe_a = c.get("/readyz")
+                direct = c.post("/recommend", json={"user_id": users[0], "scenario": "search", "k": 10})
+            assert probe_a.status_code == 503 and "draining" in probe_a.text, probe_a.text
+            assert direct.status_code == 200 and direct.headers.get("connection") == "close"
+            a.proc.wait(timeout=60)
+            time.sleep(1)
+        finally:
+            stop.set()
+            for t in threads:
+                t.join(timeout=60)
+    failed = [r for r in results if r[1] != 200]
+    assert not failed, f"{len(failed)} of {len(results)} requests failed: {failed[:5]}"
+    assert n_before > 20 and len(results) > n_before + 20

@@ -67,6 +67,7 @@ class AppendLog:
         self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         self._opened = time.time()
         self._size = os.fstat(self._fd).st_size
+        self._torn = False
 
     @classmethod
     def for_process(cls, log_dir: str | Path, kind: str = "serving", fsync: bool = False, **rotation) -> "AppendLog":
@@ -104,12 +105,31 @@ class AppendLog:
             if self._fd < 0:
                 raise ValueError(f"{self.path}: the log is closed")
             self._maybe_rotate(len(data))
-            n = os.write(self._fd, data)
-            while n < len(data):  # short writes happen only on full disks/signals; finish the line
-                n += os.write(self._fd, data[n:])
+            if self._torn:
+                # a fragment we could not cut off ends the file: end it, so this line starts on its own
+                data = b"\n" + data
+            try:
+                n = os.write(self._fd, data)
+                while n < len(data):  # short writes happen only on full disks/signals; finish the line
+                    n += os.write(self._fd, data[n:])
+            except OSError:
+                self._cut_back()
+                raise
             self._size += len(data)
+            self._torn = False
             if self.fsync:
                 os.fsync(self._fd)
+
+    def _cut_back(self) -> None:
+        """After a failed write (a full disk, EIO) cut the file back to its last whole line: a line
+        half on disk would otherwise be read as data (or glue the next line to it)."""
+        try:
+            if os.fstat(self._fd).st_size > self._size:
+                os.ftruncate(self._fd, self._size)
+        except OSError:
+            # the next line that gets through starts with a newline, ending the fragment as one
+            # unparseable line the reader skips and counts
+            self._torn = True
 
     def append(self, record: dict) -> None:
         self._write((json.dumps(record, separators=(",", ":"), allow_nan=False) + "\n").encode())

@@ -142,8 +142,10 @@ def _running(state: dict | None) -> bool:
 
 
 def wait_serving(url: str, config_text: str, timeout_s: float) -> dict:
-    """Poll ``/ops/release`` until the server serves ``config_text`` (it reports the SHA-256 of the
-    config it loaded, and of one it refused); raises when it refuses this one."""
+    """Poll ``/ops/release`` until every worker of the server serves ``config_text`` (a worker
+    reports the SHA-256 of the config all its pod's workers loaded, and of one any refused);
+    raises when it refuses this one. Waiting on the worker that answered would call a release
+    done while its siblings, each on its own poll, still serve the old pair."""
     import hashlib
 
     import httpx
@@ -157,11 +159,12 @@ def wait_serving(url: str, config_text: str, timeout_s: float) -> dict:
         except (httpx.HTTPError, ValueError) as e:
             last = {"error": str(e)}
         cfg = last.get("config") or {}
-        if cfg.get("loaded_sha256") == want:
+        if cfg.get("pod_loaded_sha256") == want:
             return last
-        if cfg.get("error_sha256") == want:
+        if want in (cfg.get("error_sha256"), cfg.get("pod_error_sha256")):
             serving = sorted({a["model_version"] for a in (last.get("arms") or {}).values()})
-            raise RuntimeError(f"the server at {url} refused the new config and still serves {serving}: {cfg['error']}")
+            err = cfg.get("error") or next((w["error"] for w in (cfg.get("workers") or {}).values() if w.get("error")), "")
+            raise RuntimeError(f"the server at {url} refused the new config and still serves {serving}: {err}")
         time.sleep(0.3)
     raise TimeoutError(f"the server at {url} did not load the new config within {timeout_s:.0f}s: {last}")
 

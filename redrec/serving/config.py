@@ -82,8 +82,9 @@ class ServingSection(_Strict):
     # server processes (BentoML workers), each with its own models, micro-batcher and Feast client.
     # One process is held to about one core by the GIL (2 idle cores, ML-1M, 100 clients: 1 worker
     # 416 rps at 113% CPU, 2 workers 586 rps at 164%, wrk on the same cores). With more than
-    # one, a config reload reaches each within model_store.config_poll_s of the others, and
-    # /ops/release answers for the worker the request reached
+    # one, a config reload reaches each within model_store.config_poll_s of the others;
+    # /ops/release reports every worker of the pod (``config.pod_loaded_sha256``: the config all
+    # of them serve), which is what a deployer waits on
     workers: int = Field(1, ge=1, le=64)
     # a request body over this is refused (413) before it is read in full or parsed. A full call
     # (max_events_per_call, 1000) of the largest events (user and item ids at max_user_id_len and
@@ -92,6 +93,11 @@ class ServingSection(_Strict):
     # escaped as \uXXXX) and a typical one 13 times (tests/test_auth.py computes both)
     max_body_bytes: int = Field(2 * 2**20, ge=1024)
     max_item_id_len: int = Field(256, ge=1, le=4096)  # item_id in /similar_items and /record_events
+    # on SIGTERM a worker keeps answering this long before it stops: /readyz fails at once (no
+    # new traffic) and every response asks the client to close its connection, so keep-alive
+    # clients reconnect to another pod instead of meeting a closed socket; then in-flight requests
+    # finish. The chart's preStop sleep comes first (the endpoints' removal reaching every node)
+    drain_s: float = Field(5.0, ge=0, le=300)
 
     @field_validator("feature_server_url")
     @classmethod

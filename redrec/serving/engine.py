@@ -38,7 +38,7 @@ import torch
 from threadpoolctl import threadpool_info, threadpool_limits
 
 from redrec.experiments.assignment import HOLDOUT, assign
-from redrec.experiments.log import RECEIVED, AppendLog
+from redrec.experiments.log import RECEIVED
 from redrec.features.eventlog import open_log
 from redrec.features.store import HistoryEvent
 from redrec.schema import EVENT_COLUMNS
@@ -47,6 +47,8 @@ from redrec.index.config import IndexConfig
 from redrec.index.search import NotPublished, PairedHits, Query, collection_info, paired_collection, search_paired_many
 from redrec.serving import added_items, registry
 from redrec.serving.batching import MicroBatcher
+from redrec.serving.servinglog import ServingLogs
+from redrec.serving.workers import WorkerBoard
 from redrec.serving.config import ConfigError, ServingConfig
 from redrec.serving.features import item_catalogue, open_repo
 from redrec.serving.history import Vocab, collate, encode_row
@@ -219,8 +221,7 @@ class Engine:
         self._gen: _Generation | None = None
         self._install(cfg, self._load_arms(cfg))
         sl = cfg.serving.serving_log
-        self.log = AppendLog.for_process(sl.dir, "serving", **sl.writer_args())
-        self.feedback = AppendLog.for_process(sl.dir, "feedback", **sl.writer_args())
+        self.logs = ServingLogs(sl.dir, sl.writer_args())
         self._popular: dict[str, list[tuple[str, float]]] | None = None
         self._popular_at = 0.0
         self._pop_lock = threading.Lock()
@@ -232,6 +233,9 @@ class Engine:
         # which config text is served and which was refused: a deployer waits for its own text
         self.reload = {"config": config_path, "loaded": time.time(), "loaded_sha256": _sha(self._config_text),
                        "error": None, "error_sha256": None, "reloads": 0}
+        self.draining = None  # the service's Drain: set once SIGTERM handling is in place
+        self.board = WorkerBoard(cfg.serving.workers)
+        self._publish_status()
         self.refresh_popularity(raise_errors=False, startup=True)
         if (config_path or self.models.store) and cfg.model_store.config_poll_s > 0:
             threading.Thread(target=self._watch_config, name="redrec-config-watch", daemon=True).start()
@@ -322,6 +326,7 @@ class Engine:
         except Exception as e:  # noqa: BLE001
             self.reload.update(error=f"{type(e).__name__}: {e}", error_sha256=_sha(text))
             self._config_text = text  # report once, retry on the next change
+            self._publish_status()
             log.error("config %s not loaded, still serving %s: %s", self._config_path,
                       {a: rt.version for a, rt in self.arms.items()}, self.reload["error"])
             return False
@@ -334,8 +339,15 @@ class Engine:
         self.reload.update(loaded=time.time(), loaded_sha256=_sha(text), error=None, error_sha256=None,
                            reloads=self.reload["reloads"] + 1)
         self._ready_cache = (0.0, False, "reloaded")
+        self._publish_status()
         log.info("config reloaded: arms %s", {a: rt.version for a, rt in arms.items()})
         return True
+
+    def _publish_status(self) -> None:
+        try:
+            self.board.publish(self.reload, {a: rt.version for a, rt in self.arms.items()})
+        except OSError as e:  # a full /tmp: the pod's status goes stale, the requests are unaffected
+            log.warning("worker status not written to %s: %s", self.board.dir, e)
 
     # ---- popularity (cold start and fallback) ---------------------------------------------------
     def refresh_popularity(self, raise_errors: bool = True, startup: bool = False) -> None:
@@ -372,6 +384,17 @@ class Engine:
         from its own model (the alias' collection, or its own previous one) and the popularity
         table is loaded. With ``on_dependency_error: popularity`` a Milvus outage leaves the pod
         ready (degraded): the fallback serves. Cached for 2 s: probes must stay cheap."""
+        ok, why = self._dependencies_ready()
+        if self.draining is not None and self.draining.since is not None:
+            # the pod is going away: the Service (or any balancer probing) stops sending here while
+            # the requests already on their way are still answered
+            return False, f"draining: shutting down ({self.draining.left_s():.0f}s of drain left)"
+        lost = self.logs.degraded()
+        if lost:  # a full log volume loses analysis, not answers: the pod stays in the Service
+            why = f"{why}; degraded, {lost}" if why.startswith("degraded") else (f"degraded, {lost}" if ok else f"{why}; {lost}")
+        return ok, why
+
+    def _dependencies_ready(self) -> tuple[bool, str]:
         t, ok, why = self._ready_cache
         if time.monotonic() - t < 2.0:
             return ok, why
@@ -435,7 +458,8 @@ class Engine:
             except Exception as e:  # noqa: BLE001 - reported, not raised: this is a status page
                 arms[name] = {"model_version": rt.version, "alias": rt.alias,
                               "error": f"{type(e).__name__}: {str(e)[:300]}"}
-        return {"arms": arms, "config": dict(self.reload), "model_source": self.models.name,
+        return {"arms": arms, "config": {**self.reload, **self.board.pod()}, "model_source": self.models.name,
+                "serving_log": self.logs.stats(),
                 "readiness": self.ready()[1], "threads": compute_threads()}
 
     # ---- validation -----------------------------------------------------------------------------
@@ -596,7 +620,7 @@ class Engine:
         if vec is not None and self.cfg.serving.log_user_embedding:
             m = vec.mean(0)
             record["user_embedding"] = [round(float(x), 5) for x in m / max(np.linalg.norm(m), 1e-12)]
-        self.log.append(record)  # before returning: an acknowledged response is on the log
+        self.logs.append("serving", [record])  # before returning: an acknowledged response is on the log
         return resp
 
     def _check_context(self, context: dict | None) -> None:
@@ -665,7 +689,7 @@ class Engine:
                 raise
             late = " (a timed-out write may still land; a retry is deduplicated)" if isinstance(e, TimeoutError) else ""
             raise Unavailable(f"{dep} unavailable, events not recorded{late}: {type(e).__name__}: {str(e)[:200]}") from e
-        self.feedback.append_many(rows)
+        self.logs.append("feedback", rows)
         return rep
 
     def stats(self) -> dict:

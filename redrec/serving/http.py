@@ -158,3 +158,38 @@ def _contract_400(body: bytes) -> dict | None:
     detail = data.get("detail") if isinstance(data, dict) else None
     msg = data.get("error", "bad request") if isinstance(data, dict) else "bad request"
     return {"error": _message(detail, str(msg)), "field": _field(detail)}
+
+
+class ReadyzReason:
+    """``/readyz``'s 200 carries why the pod is ready: "ready", or "degraded, ..." (a dependency
+    down and the fallback serving, the serving log not written). BentoML answers a bare newline,
+    so an on-call engineer probing a pod could not tell a healthy one from a degraded one."""
+
+    def __init__(self, app, reason: Callable[[], str | None], path: str = "/readyz"):
+        self.app = app
+        self.reason = reason
+        self.path = path
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope.get("path") != self.path or scope.get("method") != "GET":
+            return await self.app(scope, receive, send)
+        held: dict = {}
+
+        async def capture(message):
+            if message["type"] == "http.response.start":
+                if message["status"] != 200:
+                    held["pass"] = True
+                    return await send(message)
+                held["start"] = message
+                return None
+            if held.get("pass") or message["type"] != "http.response.body":
+                return await send(message)
+            if message.get("more_body"):  # BentoML's body is one newline; a longer one is replaced whole
+                return None
+            body = ((self.reason() or "ready") + "\n").encode()
+            hdrs = [(k, v) for k, v in held["start"].get("headers", []) if k.lower() not in (b"content-length", b"content-type")]
+            await send({**held["start"], "headers": [*hdrs, (b"content-type", b"text/plain; charset=utf-8"),
+                                                     (b"content-length", str(len(body)).encode())]})
+            await send({"type": "http.response.body", "body": body})
+
+        await self.app(scope, receive, capture)
