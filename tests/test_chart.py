@@ -742,6 +742,42 @@ def test_topology_spread_defaults_to_the_serving_pods(render):
     assert tsc["labelSelector"]["matchLabels"] == dep["spec"]["selector"]["matchLabels"]
 
 
+def test_rollouts_drain_and_spread_by_default(render, helm, tmp_path):
+    """Zero-error rollouts: a preStop sleep (endpoint propagation), the workers' drain
+    (serving.drain_s) and a grace period covering both plus the longest request; two workers with
+    one batch each (2-core pods); serving pods spread over zones and nodes and kept off one node."""
+    dep = one(render("default"), "Deployment", f"{RELEASE}-redrec-serving")
+    spec = dep["spec"]["template"]["spec"]
+    (c,) = spec["containers"]
+    assert c["lifecycle"]["preStop"] == {"exec": {"command": ["sleep", "10"]}}
+    cfg = config_yaml(render("default"))["serving"]
+    assert (cfg["workers"], cfg["batch_max_concurrent"], cfg["drain_s"]) == (2, 1, 5)
+    assert spec["terminationGracePeriodSeconds"] == 45 >= 10 + 5 + 30
+    assert dep["spec"]["strategy"]["rollingUpdate"]["maxUnavailable"] == 0
+    selector = dep["spec"]["selector"]["matchLabels"]
+    (pref,) = spec["affinity"]["podAntiAffinity"]["preferredDuringSchedulingIgnoredDuringExecution"]
+    assert pref["podAffinityTerm"] == {"topologyKey": "kubernetes.io/hostname", "labelSelector": {"matchLabels": selector}}
+    spread = spec["topologySpreadConstraints"]
+    assert [(t["topologyKey"], t["whenUnsatisfiable"]) for t in spread] == [
+        ("topology.kubernetes.io/zone", "ScheduleAnyway"), ("kubernetes.io/hostname", "ScheduleAnyway")]
+    assert all(t["labelSelector"]["matchLabels"] == selector and t["matchLabelKeys"] == ["pod-template-hash"] for t in spread)
+
+    hard = helm.template("-f", CI_VALUES / "default-values.yaml", "-f", values_file(tmp_path, {"serving": {"podAntiAffinity": "hard"}}))
+    spec = one(hard, "Deployment", f"{RELEASE}-redrec-serving")["spec"]["template"]["spec"]
+    (req,) = spec["affinity"]["podAntiAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
+    assert req["topologyKey"] == "kubernetes.io/hostname"
+    off = helm.template("-f", CI_VALUES / "default-values.yaml", "-f", values_file(tmp_path, {"serving": {"podAntiAffinity": "off"}}))
+    assert "affinity" not in one(off, "Deployment", f"{RELEASE}-redrec-serving")["spec"]["template"]["spec"]
+
+
+def test_log_and_disk_alerts(helm, tmp_path):
+    docs = helm.template("-f", CI_VALUES / "default-values.yaml", "-f", values_file(tmp_path, {"prometheusRule": {"enabled": True}}))
+    rules = {r["alert"]: r for g in one(docs, "PrometheusRule")["spec"]["groups"] for r in g["rules"]}
+    assert "redrec_log_write_failures_total" in rules["RedRecServingLogWriteFailures"]["expr"]
+    disk = rules["RedRecServingLogVolumeFilling"]["expr"]
+    assert f'persistentvolumeclaim="{RELEASE}-redrec-serving-log"' in disk and "< 0.15" in disk and "predict_linear" in disk
+
+
 def test_image_references(render, helm):
     docs = render("default")
     images = {c["image"] for w in workloads(docs) for c in pod_template(w)["spec"]["containers"]}
@@ -1621,6 +1657,11 @@ RULE_CASES = [
     ("items-file-on-an-s3-store", {"modelStore": {"uri": "s3://models/store"},
                                    "items": {"onboarding": {"enabled": True, "path": "/var/lib/redrec/new.jsonl"}}},
      "on modelStore.existingClaim (none)"),
+    ("grace-shorter-than-the-stop", {"serving": {"terminationGracePeriodSeconds": 30}},
+     "serving.terminationGracePeriodSeconds (30) is shorter than serving.preStopSleepSeconds + "
+     "config.serving.drainSeconds + 30 (the longest request) = 45"),
+    ("more-workers-than-cores", {"serving": {"resources": {"limits": {"cpu": "1500m"}}}},
+     "config.serving.workers (2) is above the serving pod's CPU limit (1500m)"),
     ("items-job-with-servings-read-only-token",
      {**ONBOARD_FROM_CONFIGMAP, "milvus": {"tokenSecret": {"name": "redrec-milvus", "key": "token"}}},
      "items.onboarding.milvusTokenSecret.name is required while milvus.tokenSecret is set"),

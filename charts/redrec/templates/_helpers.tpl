@@ -333,6 +333,18 @@ inconsistency stops rendering with a message naming the values to fix.
 {{- fail (printf "config.experiment.arms: the arm shares sum to %v, they must sum to 1 (the holdout is taken out first, by config.experiment.holdoutShare)" $sum) -}}
 {{- end -}}
 {{- $min := include "redrec.serving.minReplicas" . | int -}}
+{{- $grace := int .Values.serving.terminationGracePeriodSeconds -}}
+{{- $stop := add (int .Values.serving.preStopSleepSeconds) (ceil .Values.config.serving.drainSeconds | int) 30 -}}
+{{- if lt $grace $stop -}}
+{{- fail (printf "serving.terminationGracePeriodSeconds (%d) is shorter than serving.preStopSleepSeconds + config.serving.drainSeconds + 30 (the longest request) = %d: a pod would be killed with requests in flight; raise it to %d or shorten the sleep or the drain" $grace $stop $stop) -}}
+{{- end -}}
+{{- $cpu := dig "limits" "cpu" "" .Values.serving.resources | toString -}}
+{{- if $cpu -}}
+{{- $cores := ternary (divf (trimSuffix "m" $cpu | float64) 1000.0) ($cpu | float64) (hasSuffix "m" $cpu) -}}
+{{- if gt (float64 .Values.config.serving.workers) (maxf 1.0 $cores) -}}
+{{- fail (printf "config.serving.workers (%d) is above the serving pod's CPU limit (%s): each worker needs about a core, so the extra ones only add latency and memory; lower config.serving.workers (1 on a 1-core pod) or raise serving.resources.limits.cpu" (int .Values.config.serving.workers) $cpu) -}}
+{{- end -}}
+{{- end -}}
 {{- if and .Values.serving.pdb.enabled (lt $min 2) -}}
 {{- fail (printf "serving.pdb.enabled=true with %d serving replica(s) would block node drains; raise serving.replicaCount / serving.autoscaling.minReplicas to 2 or more, or set serving.pdb.enabled=false" $min) -}}
 {{- end -}}
