@@ -60,12 +60,12 @@ TOKENS_SECRET = {"name": "redrec-api-tokens", "key": "tokens"}
 EXPECTED_KINDS = {
     "default": {
         "ConfigMap": 2, "Deployment": 3, "Service": 2, "ServiceAccount": 4, "HorizontalPodAutoscaler": 1,
-        "PodDisruptionBudget": 3, "CronJob": 1, "Role": 1, "RoleBinding": 1, "NetworkPolicy": 5, "Pod": 1,
+        "PodDisruptionBudget": 3, "CronJob": 1, "Role": 2, "RoleBinding": 2, "NetworkPolicy": 5, "Pod": 1,
         "PersistentVolumeClaim": 1,
     },
     "production": {
         "ConfigMap": 2, "Deployment": 3, "Service": 2, "ServiceAccount": 4, "HorizontalPodAutoscaler": 1,
-        "PodDisruptionBudget": 3, "CronJob": 1, "Role": 1, "RoleBinding": 1, "NetworkPolicy": 5, "Pod": 1,
+        "PodDisruptionBudget": 3, "CronJob": 1, "Role": 2, "RoleBinding": 2, "NetworkPolicy": 5, "Pod": 1,
         "ServiceMonitor": 1, "PersistentVolumeClaim": 1, "PrometheusRule": 1,
     },
     "minimal": {"ConfigMap": 1, "Deployment": 1, "Service": 1, "ServiceAccount": 1},
@@ -398,7 +398,8 @@ def test_rendered_objects_are_valid_kubernetes(render, value_set, kube_version):
     for d in docs:
         name = d["metadata"]["name"]
         assert re.fullmatch(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?", name) and len(name) <= 63, name
-        assert d["metadata"]["namespace"] == (kfp_ns if d["kind"] in ("Role", "RoleBinding") else NAMESPACE)
+        kfp_side = d["kind"] in ("Role", "RoleBinding") and name.endswith("-kfp-runs")  # the deploy step's: release ns
+        assert d["metadata"]["namespace"] == (kfp_ns if kfp_side else NAMESPACE)
 
 
 def test_validation_catches_a_broken_object(render):
@@ -939,7 +940,8 @@ def test_drift_service_account_may_start_kfp_runs(render, value_set, kfp_ns):
     cj = one(docs, "CronJob")
     sa = pod_template(cj)["spec"]["serviceAccountName"]
     assert one(docs, "ServiceAccount", sa)["automountServiceAccountToken"] is False
-    role, binding = one(docs, "Role"), one(docs, "RoleBinding")
+    kfp_runs = f"{RELEASE}-redrec-drift-kfp-runs"
+    role, binding = one(docs, "Role", kfp_runs), one(docs, "RoleBinding", kfp_runs)
     assert role["metadata"]["namespace"] == binding["metadata"]["namespace"] == kfp_ns
     assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": role["metadata"]["name"]}
     assert binding["subjects"] == [{"kind": "ServiceAccount", "name": sa, "namespace": NAMESPACE}]
@@ -958,7 +960,8 @@ def test_missing_pipeline_id_is_refused_only_while_drift_is_on(helm):
     err = helm.template_error(*secret)
     assert "kfp.pipelineId is required while drift.enabled=true" in err
     docs = helm.template("--set", "drift.enabled=false", *secret)
-    assert not of_kind(docs, "CronJob") and not of_kind(docs, "Role")
+    assert not of_kind(docs, "CronJob")
+    assert [r["metadata"]["name"] for r in of_kind(docs, "Role")] == [f"{RELEASE}-redrec-deploy"]  # the pipeline's
 
 
 # --------------------------------------------------------------------------------------------

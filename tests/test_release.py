@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -88,6 +89,92 @@ def test_remote_model_store_fetches_a_verified_copy(tmp_path):
     with pytest.raises(LookupError, match="does not match its manifest"):
         store.path("v2")
     assert not any(p.name == "v2" for p in (tmp_path / "cache").rglob("v2"))
+
+
+def _flip_last_byte(path: Path) -> None:
+    """A one-bit flip at the end of the file: same size, so only the digest can tell."""
+    raw = bytearray(path.read_bytes())
+    raw[-1] ^= 0x01
+    path.write_bytes(bytes(raw))
+
+
+def test_every_read_of_a_stored_model_checks_its_sha256(tmp_path, synthetic_small):
+    """A local store (the workspace PVC serving mounts) is read in place: a file altered after
+    publication must be refused by every reader, naming the file, both digests and the fix."""
+    import hashlib
+
+    from redrec.release.model_store import ModelStore, ModelStoreError
+    from redrec.serving.registry import ModelSource
+
+    ck = tiny_model(synthetic_small, tmp_path / "m", seed=0)
+    store = ModelStore(str(tmp_path / "store"))
+    store.put(ck, "v1")
+    store.put(ck, "v2")
+    source = ModelSource(store.uri)
+    model, info = source.load("v1")  # intact: loads
+    assert Path(info["model_dir"]) == tmp_path / "store" / "models" / "v1"
+    stored = tmp_path / "store" / "models" / "v1" / "item_embeddings.npy"
+    _flip_last_byte(stored)
+    want = store.manifest("v1")["files"]["item_embeddings.npy"]["sha256"]
+    got = hashlib.sha256(stored.read_bytes()).hexdigest()
+    readers = {"store.path": lambda: store.path("v1"), "store.verify": lambda: store.verify("v1"),
+               "ModelSource.load": lambda: source.load("v1"), "ModelSource.path": lambda: source.path("v1")}
+    for name, read in readers.items():
+        with pytest.raises(ModelStoreError) as e:
+            read()
+        msg = str(e.value)
+        assert "v1/item_embeddings.npy" in msg and want in msg and got in msg, (name, msg)
+        assert "rollback" in msg and "new version" in msg, (name, msg)
+    source.load("v2")  # the other version is untouched and still loads
+    # a truncated file is refused by its size, before any hashing
+    stored.write_bytes(stored.read_bytes()[:-10])
+    with pytest.raises(ModelStoreError, match="item_embeddings.npy.*bytes"):
+        store.path("v1")
+
+
+def test_a_corrupted_cached_copy_of_a_remote_version_is_fetched_again(tmp_path):
+    """A remote store's local copy is checked on every read too (a disk or a process may damage
+    it after the fetch): a damaged copy is dropped and fetched again from the store."""
+    from redrec.release.model_store import ModelStore
+
+    store = ModelStore("memory://redrec-test-cache-store", cache_dir=str(tmp_path / "cache"))
+    store.put(_fake_checkpoint(tmp_path / "ck"), "v1")
+    local = store.path("v1")
+    (local / "serving.safetensors").write_bytes(b"weightz")  # same size, other bytes
+    again = store.path("v1")
+    assert (again / "serving.safetensors").read_bytes() == b"weights"
+
+
+def test_a_corrupted_added_items_batch_is_refused(tmp_path):
+    """Onboarded items live beside the model (``items-added/<time>-<sha256 prefix>.npz``): a batch
+    whose bytes no longer match the digest in its name is refused, naming it."""
+    from redrec.items import added
+    from redrec.release.model_store import ModelStore, ModelStoreError
+
+    store = ModelStore(str(tmp_path / "store"))
+    store.put(_fake_checkpoint(tmp_path / "ck"), "v1")
+    vecs = np.ones((2, 4), dtype=np.float32)
+    name = added.write_batch(store, "v1", ["n1", "n2"], [["ads"], ["ads"]], vecs, vecs, vecs)
+    assert added.read_batch(store, "v1", name).item_ids == ["n1", "n2"]
+    _flip_last_byte(tmp_path / "store" / "models" / "v1" / "items-added" / f"{name}.npz")
+    with pytest.raises(ModelStoreError, match=f"items-added/{name}.npz.*SHA-256"):
+        added.read_batch(store, "v1", name)
+
+
+def test_drift_reads_of_a_stored_version_check_its_sha256(tmp_path, synthetic_small):
+    """The drift reference's model side (``serve_like``) given a model store version directory
+    verifies it against its manifest before loading."""
+    import pandas as pd
+
+    from redrec.drift.model_side import serve_like
+    from redrec.release.model_store import ModelStore, ModelStoreError
+
+    store = ModelStore(str(tmp_path / "store"))
+    store.put(_fake_checkpoint(tmp_path / "ck"), "v1")
+    d = tmp_path / "store" / "models" / "v1"
+    _flip_last_byte(d / "serving.safetensors")
+    with pytest.raises(ModelStoreError, match="v1/serving.safetensors.*SHA-256"):
+        serve_like(d, synthetic_small.events, synthetic_small.items, pd.DataFrame(), top_k=5)
 
 
 # ---- model + index under load -------------------------------------------------------------------
@@ -274,6 +361,25 @@ def test_no_response_ever_pairs_a_model_with_another_models_index(world):
         _wait_answers(load, n + 10)
         assert _models(load.since(n)) == {"v2"}
         cfg_path.write_text(good)
+
+        # a stored model damaged after publication is refused before it is loaded: v2 serves on
+        store = ModelStore(p.model_store_uri())
+        store.put(models["v2"], "v3")
+        _flip_last_byte(Path(store._dir("v3")) / "serving.safetensors")
+        time.sleep(1.5)  # the server has read the good config back
+        bad["experiment"]["arms"][0]["model_version"] = "v3"
+        cfg_path.write_text(yaml.safe_dump(bad, sort_keys=False))
+        deadline = time.monotonic() + 30
+        while "v3" not in (_status(url)["config"]["error"] or "") and time.monotonic() < deadline:
+            time.sleep(0.2)
+        err = _status(url)["config"]["error"]
+        assert "v3/serving.safetensors does not match its manifest: SHA-256" in err, err
+        n = len(load.answers)
+        _wait_answers(load, n + 10)
+        assert _models(load.since(n)) == {"v2"}
+        assert _status(url)["arms"]["control"]["model_version"] == "v2"
+        cfg_path.write_text(good)
+        shutil.rmtree(store._dir("v3"))  # the next test lists the releases
 
     answers = load.answers
     assert not load.errors, load.errors[:5]

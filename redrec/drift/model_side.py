@@ -16,6 +16,7 @@ import torch
 
 from redrec.data.dataset import RecData, encode
 from redrec.model.checkpoint import load_for_serving
+from redrec.release.model_store import verify_dir
 from redrec.train.batches import BatchBuilder
 
 
@@ -106,6 +107,7 @@ def serve_like(model_dir: str | Path, events: pd.DataFrame, items: pd.DataFrame,
     items not eligible in the scenario are masked. Returns serving-log records (contract 1) and
     the checkpoint info. The reference uses it; tests and the benchmark use it to write a
     serving log from a real model without the HTTP service."""
+    verify_dir(model_dir)  # a model store version (or its cached copy) is checked against its manifest
     model, info = load_for_serving(model_dir)
     cfg = model.cfg
     item_ids = info["item_ids"]

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from redrec.release.model_store import ModelStore
+from redrec.release.model_store import CorruptModelError, ModelStore
 
 FOLDER = "items-added"
 
@@ -50,8 +50,18 @@ def list_batches(store: ModelStore, version: str) -> list[str]:
 
 
 def read_batch(store: ModelStore, version: str, name: str) -> AddedBatch:
-    with store.fs.open(f"{_folder(store, version)}/{name}.npz", "rb") as f:
-        z = np.load(io.BytesIO(f.read()), allow_pickle=False)
+    """The batch, its bytes checked against the SHA-256 prefix its name carries (batches are not
+    in the version's manifest, which is written once)."""
+    path = f"{_folder(store, version)}/{name}.npz"
+    with store.fs.open(path, "rb") as f:
+        data = f.read()
+    want, got = name.rsplit("-", 1)[-1], hashlib.sha256(data).hexdigest()
+    if not got.startswith(want):
+        raise CorruptModelError(
+            f"model store {store.uri}: {version}/{FOLDER}/{name}.npz does not match the digest in its name: SHA-256 "
+            f"{got}, the name records {want}...; the batch is damaged and its items are not served: delete the file and "
+            f"onboard the same items again (`redrec items add`; every write is an upsert)")
+    z = np.load(io.BytesIO(data), allow_pickle=False)
     return AddedBatch(name, [str(i) for i in z["item_ids"]], json.loads(str(z["scenarios"])), z["text_vectors"],
                       z["reps"], z["embeddings"])
 

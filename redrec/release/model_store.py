@@ -8,7 +8,13 @@ a local directory. Versions are immutable: putting an existing complete version 
 
 The URI is anything fsspec opens: a local path (the default, ``<workspace>/models``), the
 workspace PVC on a cluster, or ``s3://bucket/prefix`` / ``gs://...`` with s3fs / gcsfs installed.
-Readers on a remote store fetch a version once into a local cache directory and verify it there.
+Readers on a remote store fetch a version once into a local cache directory.
+
+Every read checks the files against the manifest (size, then SHA-256) before anything uses them:
+``path`` does, on a local store (read in place) and on a remote store's cached copy alike (a
+damaged copy is dropped and fetched again), so a model is hashed once per load, never per request.
+A file that does not match raises ``CorruptModelError`` naming it and both digests; serving then
+keeps the models it has.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ import json
 import os
 import re
 import shutil
+import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,10 +34,19 @@ import fsspec
 MANIFEST = "MANIFEST.json"
 SERVED_FILES = ("config.json", "serving.safetensors", "item_ids.json", "item_embeddings.npy")
 _VERSION_RE = re.compile(r"[A-Za-z0-9_]{1,64}")
+_FIX = ("the stored model is damaged or was altered after publication and must not be served: roll back to the "
+        "previous release (`redrec release rollback`) or re-publish the model as a new version (versions are "
+        "immutable: rerun the pipeline's deploy step)")
+
+log = logging.getLogger(__name__)
 
 
 class ModelStoreError(LookupError):
     pass
+
+
+class CorruptModelError(ModelStoreError):
+    """A stored file differs from what its manifest (or its name) records."""
 
 
 def _sha256(path: Path) -> str:
@@ -39,6 +55,33 @@ def _sha256(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
+
+
+def verify_files(d: Path, manifest: dict, where: str) -> None:
+    """Every file ``manifest`` lists is in ``d`` with its recorded size and SHA-256; ``where``
+    (``<store>: <version>``) names them in the error."""
+    for name, want in manifest["files"].items():
+        p = d / name
+        if not p.is_file():
+            raise CorruptModelError(f"{where}/{name} is missing; {_FIX}")
+        size = p.stat().st_size
+        if size != want["bytes"]:
+            raise CorruptModelError(f"{where}/{name} does not match its manifest: {size} bytes, the manifest "
+                                    f"records {want['bytes']} bytes (SHA-256 {want['sha256']}); {_FIX}")
+        got = _sha256(p)
+        if got != want["sha256"]:
+            raise CorruptModelError(f"{where}/{name} does not match its manifest: SHA-256 {got}, the manifest "
+                                    f"records {want['sha256']}; {_FIX}")
+
+
+def verify_dir(d: str | Path) -> bool:
+    """Check a version directory against its own manifest, if it has one (a model store version or
+    its cached copy, handed to a reader as a plain directory); False when there is none."""
+    d = Path(d)
+    if not (d / MANIFEST).is_file():
+        return False
+    verify_files(d, json.loads((d / MANIFEST).read_text()), str(d))
+    return True
 
 
 def check_version(version: str) -> str:
@@ -113,24 +156,33 @@ class ModelStore:
             return json.loads(f.read())
 
     def path(self, version: str) -> Path:
-        """A local directory holding ``version``'s files (the store's own on a local store,
-        else a verified copy in the cache)."""
+        """A local directory holding ``version``'s files, checked against the manifest (the store's
+        own directory on a local store, else a copy in the cache). Raises ``CorruptModelError``."""
         man = self.manifest(version)
+        where = f"model store {self.uri}: {version}"
         if self.local:
-            return Path(self._dir(version))
+            d = Path(self._dir(version))
+            verify_files(d, man, where)
+            return d
         cache = Path(self.cache_dir or Path(os.environ.get("REDREC_CACHE", Path.home() / ".cache" / "redrec")) / "model-store")
         dest = cache / hashlib.sha256(self.uri.encode()).hexdigest()[:12] / version
         if (dest / MANIFEST).is_file():
-            return dest
+            try:
+                verify_files(dest, man, f"{where} (cached copy {dest})")
+                return dest
+            except CorruptModelError as e:  # the store is the truth: fetch it again
+                log.warning("%s; fetching it again", e)
+                shutil.rmtree(dest, ignore_errors=True)
         tmp = dest.with_name(f".{version}.{os.getpid()}.tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        for name, want in man["files"].items():
-            self.fs.get_file(f"{self._dir(version)}/{name}", str(tmp / name))
-            if _sha256(tmp / name) != want["sha256"]:
-                shutil.rmtree(tmp, ignore_errors=True)
-                raise ModelStoreError(f"model store {self.uri}: {version}/{name} does not match its manifest "
-                                      "(corrupt or overwritten); re-publish the version")
+        try:
+            for name in man["files"]:
+                self.fs.get_file(f"{self._dir(version)}/{name}", str(tmp / name))
+            verify_files(tmp, man, where)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
         (tmp / MANIFEST).write_text(json.dumps(man, indent=2))
         try:
             tmp.rename(dest)
@@ -139,9 +191,5 @@ class ModelStore:
         return dest
 
     def verify(self, version: str) -> None:
-        """Every file of ``version`` matches its manifest (size and SHA-256)."""
-        man, d = self.manifest(version), self.path(version)
-        for name, want in man["files"].items():
-            p = d / name
-            if not p.is_file() or p.stat().st_size != want["bytes"] or _sha256(p) != want["sha256"]:
-                raise ModelStoreError(f"model store {self.uri}: {version}/{name} does not match its manifest")
+        """Every file of ``version`` matches its manifest (size and SHA-256); ``path`` checks the same."""
+        self.path(version)

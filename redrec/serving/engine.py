@@ -254,7 +254,7 @@ class Engine:
             if missing:
                 raise ValueError(f"experiment.arms[{arm.name}].model_version {arm.model_version}: the model has no "
                                  f"queries for scenario(s) {missing} (it knows {info['model']['scenarios']})")
-            emb = np.load(self.models.path(arm.model_version) / "item_embeddings.npy")
+            emb = np.load(Path(info["model_dir"]) / "item_embeddings.npy")  # checked with the model
             alias = cfg.alias_for(arm.name)
             idx = IndexConfig(uri=cfg.milvus.uri, token=cfg.milvus.token, name=alias, dim=int(emb.shape[1]),
                               timeout_s=cfg.milvus.timeout_s, alias_ttl_s=cfg.milvus.alias_ttl_s,

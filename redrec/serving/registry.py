@@ -75,8 +75,9 @@ def resolve(version: str) -> str:
 
 
 def load_model(version: str, device: str = "cpu") -> tuple[ServingModel, dict]:
-    model, info = load_for_serving(model_path(version), device=device)
-    info["model_version"] = resolve(version)
+    d = model_path(version)
+    model, info = load_for_serving(d, device=device)
+    info["model_version"], info["model_dir"] = resolve(version), str(d)
     return model, info
 
 
@@ -99,8 +100,11 @@ class ModelSource:
         return self.store.path(version) if self.store else model_path(version)
 
     def load(self, version: str, device: str = "cpu") -> tuple[ServingModel, dict]:
+        """The model and its info; ``info["model_dir"]`` is where its files were read, checked
+        against the store's manifest (read the other files from there: no second check)."""
         if self.store is None:
             return load_model(version, device)
-        model, info = load_for_serving(self.store.path(version), device=device)
-        info["model_version"] = version
+        d = self.store.path(version)  # raises CorruptModelError before anything is loaded
+        model, info = load_for_serving(d, device=device)
+        info["model_version"], info["model_dir"] = version, str(d)
         return model, info
