@@ -5,7 +5,8 @@ server, which kmock (an in-memory store that merges what it is sent) leaves out:
   sets ``uid``, ``creationTimestamp`` and ``namespace``;
 - PUT (replace_*) replaces the object; kmock does not serve PUT at all;
 - a PUT or PATCH that carries ``metadata.resourceVersion``, or a DELETE whose ``preconditions``
-  carry one, answers 409 Conflict when the object's is another, as the API server does.
+  carry one, answers 409 Conflict when the object's is another, as the API server does;
+- a LIST with an equality-based ``labelSelector`` returns only the matching objects.
 
 Like test_trainjob's controller, this fills in what the server does; the code under test talks
 to it over HTTP with the official client.
@@ -59,6 +60,9 @@ class ApiServer(kmock.KubernetesEmulator):
             meta.setdefault("namespace", request.namespace)
             meta.pop("deletionTimestamp", None)
             return await super()._handle(request)
+        if method == kmock.method.GET and request.name is None and request.params.get("labelSelector") \
+                and request.params.get("watch") != "true":
+            return await self._list_selected(request)
         if request.name is None or method not in (kmock.method.PUT, kmock.method.PATCH, kmock.method.DELETE):
             return await super()._handle(request)
         async with self._lock:
@@ -84,6 +88,24 @@ class ApiServer(kmock.KubernetesEmulator):
         if method == kmock.method.PATCH:
             data.setdefault("metadata", {})["resourceVersion"] = str(next(_rv))
         return await super()._handle(request)
+
+
+    async def _list_selected(self, request):
+        """LIST with an equality-based ``labelSelector`` (``k=v,k2=v2``); kmock ignores selectors."""
+        want = {}
+        for term in request.params["labelSelector"].split(","):
+            k, sep, v = term.partition("==") if "==" in term else term.partition("=")
+            if not sep or "!" in k:
+                return aiohttp.web.json_response({"kind": "Status", "code": 400, "status": "Failure",
+                                                  "message": f"selector term {term!r} not emulated"}, status=400)
+            want[k.strip()] = v.strip()
+        async with self._lock:
+            items = [obj.raw for (res, ns, _), obj in self.objects.items()
+                     if res == request.resource and (request.namespace is None or ns == request.namespace)
+                     and not obj.deleted and all(((obj.get("metadata") or {}).get("labels") or {}).get(k) == v
+                                                 for k, v in want.items())]
+        return aiohttp.web.json_response({"apiVersion": "v1", "kind": "List", "metadata": {"resourceVersion": "0"},
+                                          "items": items})
 
 
 def kubeconfig(path, api, namespace: str) -> str:
