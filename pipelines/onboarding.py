@@ -2,7 +2,8 @@
 (``redrec items add`` as a step: checked, embedded by the served models' encoder, written to
 Feast, each arm's Milvus collection and the model store). ``onboarding_pipeline`` is the local form.
 
-On a cluster the step reads the chart's serving config (its ConfigMap, ``cluster.serving_config_map``),
+On a cluster the step reads the chart's serving config (its ConfigMap, ``cluster.serving_config_map``)
+with the release laid over it (``cluster.release_config_map``, optional),
 writes the model store on the workspace claim, upserts Milvus with the pipeline's token and carries
 the pod label ``FEATURE_SERVER_CLIENT``: the chart's feature server admits it only when
 ``networkPolicy.feastIngressFrom`` names that label (docs/install-kubernetes.md).
@@ -15,6 +16,7 @@ from pipelines.wiring import components_for, pipeline_kwargs
 from redrec.pipeline.config import ClusterConfig, PipelineParams
 
 CONFIG_MOUNT = "/etc/redrec"  # where the chart mounts the same ConfigMap in its pods
+RELEASE_MOUNT = "/etc/redrec-release"  # and the release ConfigMap (redrec.pipeline.k8s_deploy)
 FEATURE_SERVER_CLIENT = ("redrec-feature-server-client", "true")
 
 
@@ -42,6 +44,10 @@ def _cluster_settings(task, cluster: ClusterConfig) -> None:
     from kfp import kubernetes
 
     kubernetes.use_config_map_as_volume(task, config_map_name=cluster.serving_config_map, mount_path=CONFIG_MOUNT)
+    # the models the release serves (absent before the first deploy: the config's own versions)
+    kubernetes.use_config_map_as_volume(task, config_map_name=cluster.release_config_map, mount_path=RELEASE_MOUNT,
+                                        optional=True)
+    task.set_env_variable("REDREC_RELEASE_OVERLAY", f"{RELEASE_MOUNT}/release.yaml")
     kubernetes.use_secret_as_env(task, secret_name=cluster.milvus_secret,
                                  secret_key_to_env={cluster.milvus_secret_key: "MILVUS_TOKEN"}, optional=False)
     kubernetes.mount_pvc(task, pvc_name=cluster.workspace_pvc, mount_path=cluster.workspace_mount)

@@ -36,12 +36,16 @@ def training_steps(c, a: dict, cluster: ClusterConfig | None) -> dict:
     g = c.gate(metrics=ev.outputs["metrics"], gate_metrics=a["gate_metrics"], gate_margin=a["gate_margin"])
     # kfp.local resolves a condition only on a task's single output, hence a separate gate task
     with dsl.If(g.outputs["Output"] == True, name="candidate-beats-production"):  # noqa: E712
-        pub = c.publish(data=prep.outputs["data"], model=tr.outputs["model"], milvus_uri=a["milvus_uri"],
-                        index_alias=a["index_alias"], inject_fault=a["inject_fault"])
+        # publish and deploy hold one release lease, handed from one to the other by the run's id
+        pub = c.publish(data=prep.outputs["data"], model=tr.outputs["model"], metrics=ev.outputs["metrics"],
+                        workspace=a["workspace"], milvus_uri=a["milvus_uri"], index_alias=a["index_alias"],
+                        deploy_target=a["deploy_target"], run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
+                        inject_fault=a["inject_fault"])
         dep = c.deploy(model=tr.outputs["model"], metrics=ev.outputs["metrics"], previous_collection=pub.outputs["Output"],
                        dataset=a["dataset"], workspace=a["workspace"], milvus_uri=a["milvus_uri"],
                        index_alias=a["index_alias"], model_store=a["model_store"], deploy_target=a["deploy_target"],
-                       serving_port=a["serving_port"], inject_fault=a["inject_fault"])
+                       serving_port=a["serving_port"], run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
+                       inject_fault=a["inject_fault"])
         ref = c.record_reference(data=prep.outputs["data"], model=tr.outputs["model"], metrics=ev.outputs["metrics"],
                                  dataset=a["dataset"], experiment=a["experiment"], workspace=a["workspace"],
                                  requests_at=a["drift_reference_at"]).after(dep)
@@ -67,7 +71,8 @@ def _cluster_settings(tasks: dict, cluster: ClusterConfig) -> None:
     for name in ("evaluate", "publish", "deploy"):
         kubernetes.use_secret_as_env(tasks[name], secret_name=cluster.milvus_secret,
                                      secret_key_to_env={cluster.milvus_secret_key: "MILVUS_TOKEN"}, optional=False)
-    for name in ("build-features", "train", "evaluate", "deploy", "record-reference", "check-drift"):
+    # publish too: off Kubernetes (deploy_target none) its release lease is a file in the workspace
+    for name in ("build-features", "train", "evaluate", "publish", "deploy", "record-reference", "check-drift"):
         if name in tasks:
             kubernetes.mount_pvc(tasks[name], pvc_name=cluster.workspace_pvc, mount_path=cluster.workspace_mount)
     # the features step fills the online store serving reads: the chart's Feast config and its secrets

@@ -2067,3 +2067,66 @@ def test_documented_items_onboarding_commands(helm, tmp_path):
     assert any("logs" in cmd for cmd in commands if cmd[:1] == ["kubectl"])
     # what exit 2 means is written next to the commands
     assert "`2`: refused, nothing written" in section and "podFailurePolicy" in section
+
+
+def test_the_release_is_the_pipelines_object_so_helm_upgrade_cannot_revert_it(helm, render, tmp_path, monkeypatch):
+    """The chart never renders the release ConfigMap the pipeline writes; the serving pods (and the
+    items Job) mount it, optional; the real loader serves its versions over a freshly rendered
+    config.yaml, also after a helm upgrade re-renders it; with no release the values' versions serve."""
+    from redrec.pipeline.k8s_deploy import RELEASE_KEY, _names
+    from redrec.serving.config import ReleaseOverlay, ServingConfig
+
+    docs = render("default")
+    release_cm = f"{RELEASE}-redrec-release"
+    assert release_cm not in {d["metadata"]["name"] for d in of_kind(docs, "ConfigMap")}
+    assert "redrec-release" not in json.dumps([d for d in docs if d["kind"] == "ConfigMap"])
+    monkeypatch.setenv("REDREC_RELEASE_FULLNAME", f"{RELEASE}-redrec")
+    assert _names().release == release_cm  # the object the deploy step writes
+
+    dep = one(docs, "Deployment", f"{RELEASE}-redrec-serving")
+    c = container(dep, "serving")
+    vols = {v["name"]: v for v in pod_template(dep)["spec"]["volumes"]}
+    mounts = {m["name"]: m for m in c["volumeMounts"]}
+    assert vols["release"]["configMap"] == {"name": release_cm, "optional": True}
+    assert mounts["release"]["readOnly"] is True and mounts["release"]["mountPath"] != "/etc/redrec"
+    overlay_path = env_map(c)["REDREC_RELEASE_OVERLAY"]["value"]
+    assert overlay_path == f"{mounts['release']['mountPath']}/{RELEASE_KEY}"
+    # a release change is loaded in place: it must not roll the pods (checksum/config is config.yaml's only)
+    assert "release" not in json.dumps(pod_template(dep)["metadata"].get("annotations", {}))
+
+    job = one(helm.template("-f", CI_VALUES / "default-values.yaml", "--set", "items.onboarding.enabled=true",
+                            "--set", "items.onboarding.configMap.name=new-items", "--set", "modelStore.uri=s3://models/redrec"),
+              "Job")
+    jc = container(job, "onboard")
+    assert env_map(jc)["REDREC_RELEASE_OVERLAY"]["value"] == overlay_path
+    assert {v["name"]: v for v in pod_template(job)["spec"]["volumes"]}["release"]["configMap"] == vols["release"]["configMap"]
+
+    # the real loader: rendered config.yaml (the values' versions) + the release (a promoted one)
+    monkeypatch.setenv("MILVUS_URI", "http://milvus:19530")
+    cfg = tmp_path / "config.yaml"
+    cfg.write_text(one(docs, "ConfigMap", f"{RELEASE}-redrec-config")["data"]["config.yaml"])
+    overlay = tmp_path / "release" / RELEASE_KEY
+    fresh = ServingConfig.from_yaml(cfg, overlay=overlay)  # a fresh install: no release yet
+    values_arms = {a.name: a.model_version for a in fresh.experiment.arms}
+    control = fresh.experiment.arms[0].name
+    assert values_arms[control] == config_yaml(docs)["experiment"]["arms"][0]["model_version"]
+    overlay.parent.mkdir()
+    overlay.write_text(ReleaseOverlay(arms={control: "20991231000000_beef"}, release={"by": "pipeline"}).dump())
+    served = {a.name: a.model_version for a in ServingConfig.from_yaml(cfg, overlay=overlay).experiment.arms}
+    assert served == {**values_arms, control: "20991231000000_beef"}
+
+    # helm upgrade with another value: config.yaml is re-rendered, the release still serves
+    upgraded = helm.template("-f", CI_VALUES / "default-values.yaml", "--set", "config.serving.maxK=100")
+    cfg.write_text(one(upgraded, "ConfigMap", f"{RELEASE}-redrec-config")["data"]["config.yaml"])
+    monkeypatch.setenv("REDREC_RELEASE_OVERLAY", str(overlay))  # as the chart sets it
+    after = ServingConfig.from_yaml(cfg)
+    assert after.serving.max_k == 100 and after.experiment.arms[0].model_version == "20991231000000_beef"
+
+    # a release naming an arm the values renamed away is ignored; a malformed one names the file
+    overlay.write_text("arms: {gone: v9}\n")
+    assert {a.name: a.model_version for a in ServingConfig.from_yaml(cfg).experiment.arms} == values_arms
+    overlay.write_text("arms: [v9]\n")
+    from redrec.serving.config import ConfigError
+
+    with pytest.raises(ConfigError, match=f"{overlay}: invalid release overlay"):
+        ServingConfig.from_yaml(cfg)

@@ -180,6 +180,12 @@ def test_compiled_pipelines_carry_the_cluster_settings(tmp_path):
         assert feats["configMapAsVolume"][0]["mountPath"] == cluster.feast_config_mount
         # evaluate reads production from the model store on the workspace PVC
         assert _executor(platform, "evaluate")["pvcMount"][0]["mountPath"] == cluster.workspace_mount
+        # publish hands the release lease to deploy: both hold it as the run (its KFP job id)
+        release_tasks = [t for c in pipe["components"].values() for n, t in c.get("dag", {}).get("tasks", {}).items()
+                         if n in ("publish", "deploy")]
+        assert len(release_tasks) == 2, path.name
+        for t in release_tasks:
+            assert t["inputs"]["parameters"]["run_id"] == {"runtimeValue": {"constant": "{{$.pipeline_job_uuid}}"}}
         assert pipe["defaultPipelineRoot"] == cluster.pipeline_root
     mon = next(yaml.safe_load_all(next(p for p in paths if p.name == "redrec-monitoring.yaml").read_text()))
     assert "exec-check-drift" in mon["deploymentSpec"]["executors"]
@@ -206,6 +212,10 @@ def test_compiled_pipelines_carry_the_cluster_settings(tmp_path):
     assert container["image"] == "registry.example/redrec:1.2" and "onboard_from_config_path" in container["command"][-1]
     ex = _executor({"platform": spec}, "onboard-items")
     assert ex["configMapAsVolume"][0]["configMapName"] == cluster.serving_config_map == "redrec-config"
+    # new items go to the models the release serves: the release ConfigMap over config.yaml (absent: none)
+    rel = ex["configMapAsVolume"][1]
+    assert (rel["configMapName"], rel["optional"]) == (cluster.release_config_map, True) == ("redrec-release", True)
+    assert {"name": "REDREC_RELEASE_OVERLAY", "value": rel["mountPath"] + "/release.yaml"} in container["env"]
     assert ex["configMapAsVolume"][0]["mountPath"] + "/config.yaml" == params["config_path"]["defaultValue"]
     assert ex["secretAsEnv"][0]["secretName"] == "milvus-auth" and ex["secretAsEnv"][0]["keyToEnv"][0]["envVar"] == "MILVUS_TOKEN"
     assert ex["pvcMount"][0]["mountPath"] == cluster.workspace_mount
@@ -453,6 +463,8 @@ def test_failed_train_and_evaluate_leave_no_output_and_change_nothing(world, fir
 @pytest.mark.slow
 def test_failed_deploy_moves_the_alias_back(world, first_run):
     """Publish moved the alias; the deploy that follows fails: the alias returns to the served version."""
+    import shutil
+
     from redrec.index.config import IndexConfig
     from redrec.index.milvus import publish
     from redrec.pipeline.deploy import deployed_version
@@ -462,7 +474,11 @@ def test_failed_deploy_moves_the_alias_back(world, first_run):
 
     run = first_run.run_dir
     before, deployed = _served(world), deployed_version(world.workspace)
-    model = run / "train" / "model"
+    # the first run's model under a new version: deploy refuses a model whose collection the alias does not name
+    model = Path(world.workspace) / "fault" / "deployfault-model"
+    shutil.copytree(run / "train" / "model", model)
+    info = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**info, "version": "deployfault"}))
     ids = json.loads((model / "item_ids.json").read_text())
     vecs = np.load(model / "item_embeddings.npy")
     items = steps.load_prepared(run / "prepare-data" / "data").items.set_index("item_id")

@@ -166,16 +166,17 @@ def _deploy_role(docs: list[dict]) -> dict:
 
 def test_a_verb_removed_from_the_role_fails(chart, deploy_needs):
     docs = copy.deepcopy(chart["default"])
-    _deploy_role(docs)["rules"][1]["verbs"].remove("patch")  # apps/deployments
-    missing = r"not granted by the chart:\s+apps/deployments: patch  <- redrec.pipeline.k8s_deploy:\d+"
+    (pods,) = [r for r in _deploy_role(docs)["rules"] if r["resources"] == ["pods"]]
+    pods["verbs"].remove("list")
+    missing = r"not granted by the chart:\s+core/pods: list  <- redrec.pipeline.k8s_deploy:\d+"
     with pytest.raises(AssertionError, match=missing):
         check_service_account(docs, "redrec-pipeline", NAMESPACE, deploy_needs, NAMESPACE, "deploy step")
 
 
 def test_a_verb_granted_without_a_call_fails(chart, deploy_needs):
     docs = copy.deepcopy(chart["default"])
-    _deploy_role(docs)["rules"][0]["verbs"].append("update")
-    with pytest.raises(AssertionError, match=r"called nowhere:\s+core/configmaps: update"):
+    _deploy_role(docs)["rules"][0]["verbs"].append("patch")
+    with pytest.raises(AssertionError, match=r"called nowhere:\s+core/configmaps: patch"):
         check_service_account(docs, "redrec-pipeline", NAMESPACE, deploy_needs, NAMESPACE, "deploy step")
 
 
@@ -192,9 +193,9 @@ def test_a_call_added_anywhere_in_reach_fails(chart):
     src = (REPO / "redrec" / "pipeline" / "k8s_deploy.py").read_text()
     added = src + (
         "\n\ndef _lease(core, coord, custom, ns):\n"
-        "    coord.create_namespaced_lease(ns, {})\n"
-        "    coord.replace_namespaced_lease('redrec-release', ns, {})\n"
-        "    core.list_namespaced_pod(ns, label_selector='app.kubernetes.io/component=serving')\n"
+        "    coord.delete_namespaced_lease('redrec-release', ns)\n"
+        "    coord.list_namespaced_lease(ns)\n"
+        "    core.list_namespaced_service(ns, label_selector='app.kubernetes.io/component=serving')\n"
         "    custom.get_namespaced_custom_object(group='trainer.kubeflow.org', version='v1alpha1', namespace=ns,\n"
         "                                       plural='trainjobs', name='x')\n"
         "    from redrec.pipeline import extra_helper\n")
@@ -203,7 +204,7 @@ def test_a_call_added_anywhere_in_reach_fails(chart):
     with pytest.raises(AssertionError) as e:
         check_service_account(chart["default"], "redrec-pipeline", NAMESPACE, needs, NAMESPACE, "deploy step")
     msg = str(e.value)
-    for line in ("coordination.k8s.io/leases: create", "coordination.k8s.io/leases: update", "core/pods: list",
+    for line in ("coordination.k8s.io/leases: delete", "coordination.k8s.io/leases: list", "core/services: list",
                  "trainer.kubeflow.org/trainjobs: get", "core/configmaps: watch  <- redrec.pipeline.extra_helper:4"):
         assert line in msg, (line, msg)
 

@@ -8,9 +8,12 @@ always be the same."""
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import threading
@@ -22,6 +25,7 @@ import numpy as np
 import pytest
 import yaml
 
+from kube_util import ApiServer
 from models_util import SEQ_LEN, tiny_model, warm_users
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -221,12 +225,17 @@ def _deploy(params, model_dir, previous, kill_at: str | None = None) -> subproce
     """The pipeline's deploy step in its own process (as kfp runs it), optionally SIGKILLed at a point."""
     code = ("import json, sys\nfrom redrec.pipeline.config import PipelineParams\nfrom redrec.pipeline import steps\n"
             "p = PipelineParams(**json.loads(sys.argv[1]))\nsteps.deploy(p, sys.argv[2], sys.argv[3] or None)\n")
-    env = {**os.environ, "REDREC_TEST_KILL_AT": kill_at or ""}
+    # the server watches a release overlay, as the chart's pods do (absent until the Kubernetes test writes it)
+    env = {**os.environ, "REDREC_TEST_KILL_AT": kill_at or "", "REDREC_RELEASE_OVERLAY": str(_overlay_path(params))}
     res = subprocess.run([sys.executable, "-c", code, params.model_dump_json(), str(model_dir), previous or ""],
                          env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
     if kill_at is None:
         assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     return res
+
+
+def _overlay_path(params) -> Path:
+    return Path(params.workspace) / "serving" / "release" / "release.yaml"
 
 
 class Load:
@@ -426,3 +435,299 @@ def test_release_promote_and_rollback_move_model_and_index_together(world):
     listed = {r["model_version"]: r for r in json.loads(out.stdout)}
     assert listed["v2"]["alias"] and listed["v2"]["deployed"] and listed["v1"]["index_status"] == "ready"
     release_milvus_connections()
+
+
+# ---- one release at a time (redrec.release.lease) -------------------------------------------------
+
+RELEASE_RUN = """
+import json, sys
+from redrec.pipeline.config import PipelineParams
+from redrec.pipeline import steps
+p = PipelineParams(**json.loads(sys.argv[1]))
+data_dir, model, metrics, run = sys.argv[2:6]
+out = steps.publish(p, data_dir, model, metrics, run_id=run)
+steps.deploy(p, model, out["previous_collection"], metrics, run_id=run)
+print("released", run, flush=True)
+"""
+
+
+def _candidate(world, version: str) -> tuple[Path, Path]:
+    """A candidate model (v2's weights under a new version) and its evaluation against production."""
+    import shutil
+
+    d = world["ws"].parent / f"cand-{version}"
+    shutil.copytree(world["models"]["v2"], d / "model")
+    cfg = json.loads((d / "model" / "config.json").read_text())
+    cfg["version"] = version
+    (d / "model" / "config.json").write_text(json.dumps(cfg))
+    (d / "metrics.json").write_text(json.dumps({"candidate_version": version, "production_version": "v2",
+                                                "results": {"candidate": {"overall": {"ndcg@10": 0.5}}}}))
+    return d / "model", d / "metrics.json"
+
+
+def _release_run(world, data_dir: Path, version: str, wait_s: float) -> subprocess.Popen:
+    """The pipeline's publish and deploy steps of run ``run-<version>``, in their own process."""
+    model, metrics = _candidate(world, version)
+    env = {**os.environ, "REDREC_RELEASE_WAIT_S": str(wait_s)}
+    return subprocess.Popen([sys.executable, "-c", RELEASE_RUN, world["params"].model_dump_json(), str(data_dir),
+                             str(model), str(metrics), f"run-{version}"], env=env, cwd=ROOT, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+
+def _serve_v2(world) -> None:
+    """v2 released and served, whatever the tests before left (or did not run)."""
+    from redrec.index.config import IndexConfig
+    from redrec.index.milvus import client
+    from redrec.pipeline.localrun import release_milvus_connections
+    from redrec.release.model_store import ModelStore
+    from redrec.release.releases import promote
+    from redrec.serving.stack import publish_checkpoint
+
+    p = world["params"]
+    if not ModelStore(p.model_store_uri()).has("v2"):
+        try:
+            if not client(IndexConfig(uri=p.milvus_uri, name=p.index_alias)).has_collection(f"{p.index_alias}_vv2"):
+                publish_checkpoint(world["models"]["v2"], world["data"], p.milvus_uri, p.index_alias, "v2")
+        finally:
+            release_milvus_connections()
+        _deploy(p, world["models"]["v2"], f"{p.index_alias}_vv1")
+    promote(p, "v2")
+    release_milvus_connections()
+
+
+def _pair(p, url: str) -> tuple[str | None, str, str | None]:
+    """(alias' model version, the model the server serves, the model the serving config names)."""
+    from redrec.index.config import IndexConfig
+    from redrec.index.milvus import current_version
+    from redrec.pipeline.deploy import deployed_version
+    from redrec.pipeline.localrun import release_milvus_connections
+
+    try:
+        alias = current_version(IndexConfig(uri=p.milvus_uri, name=p.index_alias))
+    finally:
+        release_milvus_connections()
+    return alias, _status(url)["arms"]["control"]["model_version"], deployed_version(p.workspace)
+
+
+@pytest.mark.slow
+def test_releases_are_serialised_and_one_lands_whole(world):
+    """A release waits for the lease and names its holder; two releases started together on one
+    workspace: one lands, the other waited and then refused (production is no longer what its gate
+    compared with); alias, served model and serving config name the same release after both."""
+    from redrec.data.parquet import save_parquet
+    from redrec.release.lease import FileLease
+
+    p = world["params"]
+    url = json.loads((Path(p.workspace) / "serving" / "server.json").read_text())["url"]
+    _serve_v2(world)
+    assert _pair(p, url) == ("v2", "v2", "v2")
+    data_dir = world["ws"].parent / "prepared"
+    save_parquet(world["data"], data_dir)
+
+    # someone holds the lease (an operator's promote in progress): a release waits, then fails naming it
+    op = FileLease(Path(p.workspace) / "release.lock", "operator-promote", wait_s=1)
+    op.acquire()
+    try:
+        run = _release_run(world, data_dir, "v5", wait_s=1)
+        out = run.communicate(timeout=300)[0]
+        assert run.returncode != 0
+        assert f"held by operator-promote (pid {os.getpid()} on {socket.gethostname()}), acquired 20" in out, out[-3000:]
+        assert "waited 1s" in out
+        assert _pair(p, url) == ("v2", "v2", "v2")  # nothing moved
+    finally:
+        op.release()
+
+    runs = {v: _release_run(world, data_dir, v, wait_s=120) for v in ("v3", "v4")}
+    outs = {v: r.communicate(timeout=600)[0] for v, r in runs.items()}
+    landed = [v for v, r in runs.items() if r.returncode == 0]
+    assert len(landed) == 1, {v: o[-2000:] for v, o in outs.items()}
+    won = landed[0]
+    lost = next(v for v in runs if v != won)
+    assert f"released run-{won}" in outs[won]
+    assert f"production moved from v2 to {won}" in outs[lost], outs[lost][-3000:]
+    deadline = time.monotonic() + 30
+    while _pair(p, url)[1] != won and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert _pair(p, url) == (won, won, won)
+    from redrec.index.config import IndexConfig
+    from redrec.index.milvus import client
+    from redrec.pipeline.localrun import release_milvus_connections
+
+    try:  # the refused run built nothing
+        assert not client(IndexConfig(uri=p.milvus_uri, name=p.index_alias)).has_collection(f"{p.index_alias}_v{lost}")
+    finally:
+        release_milvus_connections()
+    assert (Path(p.workspace) / "release.lock").read_text() == ""  # released
+
+
+# ---- Kubernetes: the release ConfigMap, loaded in place by every serving pod ---------------------
+
+NS = "recsys"
+
+
+async def _kubelet(api, overlay: Path, stop: asyncio.Event, paused: asyncio.Event) -> None:
+    """What the kubelet does for the serving pod's optional ConfigMap volume: the release
+    ConfigMap's release.yaml appears at the mount (atomically), and goes when it is deleted."""
+    import kmock
+
+    key = (kmock.resource("", "v1", "configmaps"), NS, "redrec-release")
+    overlay.parent.mkdir(parents=True, exist_ok=True)
+    while not stop.is_set():
+        if not paused.is_set():
+            obj = api.objects[key] if key in api.objects else None
+            text = None if obj is None or obj.deleted else (obj.get("data") or {}).get("release.yaml")
+            have = overlay.read_text() if overlay.exists() else None
+            if text != have:
+                if text is None:
+                    overlay.unlink()
+                else:
+                    tmp = overlay.with_name(".tmp")
+                    tmp.write_text(text)
+                    os.replace(tmp, overlay)
+        await asyncio.sleep(0.1)
+
+
+def _k8s_objects(api, base_text: str, port: int) -> None:
+    import kmock
+
+    for res in ("v1/configmaps", "v1/pods", "apps/v1/deployments", "coordination.k8s.io/v1/leases"):
+        api.resources[res] = {}
+    api.objects[kmock.resource("", "v1", "configmaps"), NS, "redrec-config"] = {
+        "apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "redrec-config", "namespace": NS, "resourceVersion": "1"},
+        "data": {"config.yaml": base_text}}
+    labels = {"app.kubernetes.io/name": "redrec", "app.kubernetes.io/component": "serving"}
+    api.objects[kmock.resource("apps", "v1", "deployments"), NS, "redrec-serving"] = {
+        "apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "redrec-serving", "namespace": NS, "generation": 1},
+        "spec": {"replicas": 1, "selector": {"matchLabels": labels}, "template": {"metadata": {"labels": labels}}}}
+
+    def pod(name, lbl, phase, ip, deleting=False):
+        meta = {"name": name, "namespace": NS, "labels": lbl}
+        if deleting:
+            meta["deletionTimestamp"] = "2026-01-01T00:00:00Z"
+        api.objects[kmock.resource("", "v1", "pods"), NS, name] = {
+            "apiVersion": "v1", "kind": "Pod", "metadata": meta,
+            "spec": {"containers": [{"name": "serving", "image": "x", "ports": [{"name": "http", "containerPort": port}]}]},
+            "status": {"phase": phase, "podIP": ip}}
+
+    # the one serving pod is the local server; the others must not be waited for (a dead port each)
+    pod("redrec-serving-abc", labels, "Running", "127.0.0.1")
+    pod("redrec-serving-old", labels, "Running", "127.0.0.2", deleting=True)
+    pod("redrec-serving-new", labels, "Pending", None)
+    pod("redrec-ingest-xyz", {**labels, "app.kubernetes.io/component": "ingest"}, "Running", "127.0.0.3")
+
+
+@pytest.mark.slow
+@pytest.mark.asyncio
+@pytest.mark.kmock(cls=ApiServer)
+async def test_kubernetes_release_is_loaded_in_place_survives_config_changes_and_restores_on_preconditions(
+        world, kmock, tmp_path, monkeypatch):
+    """deploy_target kubernetes against an emulated API server, the pod being the real local server:
+    promote writes the release ConfigMap (never the chart's), every serving pod loads it in place
+    (no rollout), a changed config.yaml (a helm upgrade) keeps the release, a failed deploy restores
+    it, and a restore that would overwrite another writer's change is refused naming it."""
+    from kubernetes.config import kube_config
+
+    from kube_util import kubeconfig
+    from redrec.pipeline.k8s_deploy import ReleaseConflict, deploy_kubernetes
+    from redrec.pipeline.outputs import InjectedFault
+    from redrec.release.releases import promote
+    from redrec.serving.config import ReleaseOverlay
+
+    import kmock as km
+
+    p = world["params"]
+    url = json.loads((Path(p.workspace) / "serving" / "server.json").read_text())["url"]
+    await asyncio.to_thread(_serve_v2, world)
+    cfg_path = Path(p.workspace) / "serving" / "config.yaml"
+    base_text = cfg_path.read_text()  # what the chart's ConfigMap holds: names v2
+    _k8s_objects(kmock, base_text, int(url.rsplit(":", 1)[1]))
+    kc = kubeconfig(tmp_path / "kubeconfig", kmock, NS)
+    monkeypatch.setenv("KUBECONFIG", kc)
+    monkeypatch.setattr(kube_config, "KUBE_CONFIG_DEFAULT_LOCATION", kc)
+    monkeypatch.setenv("REDREC_DEPLOY_NAMESPACE", NS)
+    monkeypatch.setenv("REDREC_RELEASE_FULLNAME", "redrec")
+    pk = p.model_copy(update={"deploy_target": "kubernetes"})
+    overlay = _overlay_path(p)
+    stop, paused = asyncio.Event(), asyncio.Event()
+    kubelet = asyncio.create_task(_kubelet(kmock, overlay, stop, paused))
+    CMS = km.resource("", "v1", "configmaps")
+    try:
+        out = await asyncio.to_thread(promote, pk, "v1")
+        assert out["pods"] == ["redrec-serving-abc"] and out["previous"] == "v2"
+        assert _pair(p, url)[:2] == ("v1", "v1")
+        rel = kmock.objects[CMS, NS, "redrec-release"]
+        text1 = rel["data"]["release.yaml"]
+        assert ReleaseOverlay.parse(text1).arms == {"control": "v1"}
+        assert rel["metadata"]["labels"]["app.kubernetes.io/managed-by"] == "redrec-pipeline"
+        st = _status(url)["config"]
+        assert st["loaded_sha256"] == hashlib.sha256(text1.encode()).hexdigest() and st["overlay"] == str(overlay)
+        assert kmock.objects[CMS, NS, "redrec-config"]["data"]["config.yaml"] == base_text  # helm's, untouched
+        assert not [r for r in list(kmock) if r.method == km.method.PATCH]  # no rollout, nothing patched
+        lease = kmock.objects[km.resource("coordination.k8s.io", "v1", "leases"), NS, "redrec-release"]
+        assert lease["spec"]["acquireTime"] and not lease["spec"].get("holderIdentity")  # held, then freed
+
+        # a helm upgrade changes config.yaml (which still names v2): the release keeps serving v1
+        reloads = _status(url)["config"]["reloads"]
+        cfg_path.write_text(base_text.replace("holdout_share: 0.0", "holdout_share: 0.01"))
+        deadline = time.monotonic() + 30
+        while _status(url)["config"]["reloads"] == reloads and time.monotonic() < deadline:
+            await asyncio.sleep(0.2)
+        st = _status(url)
+        assert st["config"]["reloads"] == reloads + 1 and st["arms"]["control"]["model_version"] == "v1", st["config"]
+        cfg_path.write_text(base_text)
+
+        # a deploy that fails after writing the release: restored on its resourceVersion, v1 serves on
+        with pytest.raises(InjectedFault):
+            await asyncio.to_thread(promote, pk.model_copy(update={"inject_fault": "deploy"}), "v2")
+        assert kmock.objects[CMS, NS, "redrec-release"]["data"]["release.yaml"] == text1
+        assert _pair(p, url)[:2] == ("v1", "v1")
+        puts = [r for r in list(kmock) if r.method == km.method.PUT and "/configmaps/redrec-release" in str(r.url)]
+        assert all(r.data["metadata"]["resourceVersion"] for r in puts) and len(puts) == 2  # the write, the restore
+
+        # someone edits the release while a deploy waits for its pods: the restore does not overwrite it
+        paused.set()  # the pod never sees this deploy's release: it times out
+        edited = {}
+
+        async def edit_when_written():
+            while ReleaseOverlay.parse(kmock.objects[CMS, NS, "redrec-release"]["data"]["release.yaml"]).arms["control"] != "v2":
+                await asyncio.sleep(0.05)
+            theirs = ReleaseOverlay(arms={"control": "v1"}, release={"by": "kubectl-edit", "at": "now"}).dump()
+            obj = dict(kmock.objects[CMS, NS, "redrec-release"].raw)
+            await asyncio.to_thread(_replace_cm, kmock, obj, theirs)
+            edited["text"] = theirs
+
+        editor = asyncio.create_task(edit_when_written())
+        with pytest.raises(ReleaseConflict) as e:
+            await asyncio.to_thread(deploy_kubernetes, pk, "v2", 3.0)
+        await editor
+        msg = str(e.value)
+        assert "not restored" in msg and "written by kubectl-edit" in msg and "{'control': 'v1'}" in msg, msg
+        assert kmock.objects[CMS, NS, "redrec-release"]["data"]["release.yaml"] == edited["text"]  # theirs stands
+        paused.clear()
+    finally:
+        paused.clear()
+        # back to the local deployment: no release file, config.yaml alone
+        kmock.objects[CMS, NS, "redrec-release"].delete()
+        deadline = time.monotonic() + 30
+        while overlay.exists() and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+        stop.set()
+        await kubelet
+        cfg_path.write_text(base_text)
+    deadline = time.monotonic() + 30
+    want = hashlib.sha256(base_text.encode()).hexdigest()
+    while _status(url)["config"]["loaded_sha256"] != want and time.monotonic() < deadline:
+        await asyncio.sleep(0.2)
+    assert _status(url)["arms"]["control"]["model_version"] == "v2"
+
+
+def _replace_cm(api, obj: dict, text: str) -> None:
+    """Another writer (kubectl edit) replaces the release ConfigMap through the API."""
+    from kubernetes import client
+
+    from kube_util import client_config
+
+    core = client.CoreV1Api(client_config(api))
+    cm = core.read_namespaced_config_map("redrec-release", NS)
+    cm.data = {"release.yaml": text}
+    core.replace_namespaced_config_map("redrec-release", NS, cm)

@@ -20,7 +20,9 @@ failed and why; the alias has not moved. Versions are immutable: re-publishing a
 is refused (roll back to it instead); a leftover ``building`` collection of a crashed publication
 of the same version is replaced.
 
-One publisher at a time per alias (the pipeline's publish step); searches may run concurrently.
+One publisher at a time per alias: this module does not lock; the pipeline's publish and deploy
+steps and ``redrec release promote|rollback`` hold the release lease (``redrec.release.lease``)
+around the swap. Searches may run concurrently.
 """
 
 from __future__ import annotations

@@ -130,6 +130,9 @@ class ClusterConfig(BaseModel):
     feast_config_mount: str = "/etc/redrec/feast"
     serving_config_map: str = Field("redrec-config", description="the chart's serving ConfigMap (config.yaml), which "
                                                                  "the onboarding pipeline's step reads")
+    release_config_map: str = Field("redrec-release", description="the release ConfigMap (release.yaml: arm -> model "
+                                                                  "version) the deploy step writes and the chart never "
+                                                                  "renders; the onboarding step reads it over config.yaml")
     feast_secret: str = Field("", description="Secret holding the ${VARS} of feature_store.yaml; empty: none")
     feast_secret_env: dict[str, str] = Field(default_factory=dict, description="its key -> environment variable, e.g. "
                                              "{redis-connection-string: REDIS_CONNECTION_STRING}")

@@ -1,5 +1,6 @@
 """Roll the serving deployment to a model version: locally (a ``bentoml serve`` process on
-127.0.0.1 that outlives the pipeline) or on Kubernetes (the chart's ConfigMap + a rollout).
+127.0.0.1 that outlives the pipeline) or on Kubernetes (the release ConfigMap, loaded in place by
+every serving pod: ``redrec.pipeline.k8s_deploy``).
 
 The model is first written to the model store serving reads (``redrec.release.model_store``)
 with its release record; the serving config's arms that served the previous production version
@@ -41,9 +42,9 @@ def deployed_version(workspace: str | Path) -> str | None:
 def deployed_versions(params: PipelineParams) -> set[str]:
     """Every model version an arm of the deployment's config names."""
     if params.deploy_target == "kubernetes":
-        from redrec.pipeline.k8s_deploy import configmap_config
+        from redrec.pipeline.k8s_deploy import served_config
 
-        cfg = configmap_config()
+        cfg = served_config()
     else:
         p = serving_dir(params.workspace) / "config.yaml"
         cfg = yaml.safe_load(p.read_text()) if p.exists() else {}
@@ -141,11 +142,13 @@ def _running(state: dict | None) -> bool:
         return False
 
 
-def wait_serving(url: str, config_text: str, timeout_s: float) -> dict:
+def wait_serving(url: str, config_text: str, timeout_s: float, headers: dict | None = None) -> dict:
     """Poll ``/ops/release`` until every worker of the server serves ``config_text`` (a worker
-    reports the SHA-256 of the config all its pod's workers loaded, and of one any refused);
-    raises when it refuses this one. Waiting on the worker that answered would call a release
-    done while its siblings, each on its own poll, still serve the old pair."""
+    reports the SHA-256 of the config all its pod's workers loaded, and of one any refused; with a
+    release overlay, of the overlay's text: ``redrec.serving.config.ConfigSource``); raises when
+    it refuses this one. Waiting on the worker that answered would call a release done while its
+    siblings, each on its own poll, still serve the old pair. ``headers``: e.g. the bearer token
+    ``/ops/release`` needs when the server's auth is on."""
     import hashlib
 
     import httpx
@@ -155,7 +158,7 @@ def wait_serving(url: str, config_text: str, timeout_s: float) -> dict:
     last: dict = {}
     while time.monotonic() < deadline:
         try:
-            last = httpx.get(url + "/ops/release", timeout=5).json()
+            last = httpx.get(url + "/ops/release", timeout=5, headers=headers).json()
         except (httpx.HTTPError, ValueError) as e:
             last = {"error": str(e)}
         cfg = last.get("config") or {}

@@ -325,12 +325,39 @@ def gate(params: PipelineParams, metrics_path: str | Path, report_out: str | Pat
 # ---- publish ---------------------------------------------------------------------------------
 
 
-def publish(params: PipelineParams, data_dir: str | Path, model_dir: str | Path) -> dict:
-    """Publish the model's item embeddings as a new Milvus collection, verify it against exact
-    search, then move the alias (``redrec.index.milvus.publish``); a failure leaves the alias."""
-    import redrec.index.milvus as milvus
+class StaleGate(RuntimeError):
+    """Production changed between this run's evaluation and its release."""
 
-    with progress("publish"):
+
+def _check_production_unchanged(params: PipelineParams, metrics_path: str | Path | None) -> None:
+    """The gate compared the candidate with the production model of its evaluation: if another
+    release landed since (this run waited for its lease), that decision is about a model that no
+    longer serves, and releasing on it would replace a release nobody compared with."""
+    if metrics_path is None:
+        return
+    m = json.loads(Path(metrics_path).read_text())
+    compared, now = m.get("production_version"), production_version(params)
+    if compared != now:
+        raise StaleGate(f"production moved from {compared or 'nothing'} to {now or 'nothing'} since this run's "
+                        f"evaluation; its gate compared candidate {m.get('candidate_version')} with {compared or 'nothing'}, "
+                        "so nothing was released: rerun the pipeline, or promote it by hand "
+                        f"(`redrec release promote {m.get('candidate_version')}`) after comparing")
+
+
+def publish(params: PipelineParams, data_dir: str | Path, model_dir: str | Path,
+            metrics_path: str | Path | None = None, run_id: str = "") -> dict:
+    """Publish the model's item embeddings as a new Milvus collection, verify it against exact
+    search, then move the alias (``redrec.index.milvus.publish``); a failure leaves the alias.
+
+    Holds the release lease of run ``run_id`` (``redrec.release.lease``) and, when it succeeds,
+    hands it to the run's deploy step: no other release moves the alias or the serving
+    deployment in between. With ``metrics_path`` (the evaluation), refuses when production is no
+    longer the model the gate compared with."""
+    import redrec.index.milvus as milvus
+    from redrec.release.lease import release_lease
+
+    with progress("publish"), release_lease(params, run_id).hold(hand_over=True):
+        _check_production_unchanged(params, metrics_path)
         model_dir = Path(model_dir)
         info = json.loads((model_dir / "config.json").read_text())
         version = info["version"]
@@ -360,25 +387,35 @@ def publish(params: PipelineParams, data_dir: str | Path, model_dir: str | Path)
 
 
 def deploy(params: PipelineParams, model_dir: str | Path, previous_collection: str | None,
-           metrics_path: str | Path | None = None) -> dict:
+           metrics_path: str | Path | None = None, run_id: str = "") -> dict:
     """Write the model and its release record to the model store and roll the serving deployment
-    to it.
+    to it, under the release lease run ``run_id``'s publish handed over (released at the end).
 
     If anything fails, the alias is moved back to ``previous_collection`` (publish moved it) and
     the previous deployment keeps serving; serving never pairs a model with another model's
-    index meanwhile (``redrec.index.search.paired_collection``).
+    index meanwhile (``redrec.index.search.paired_collection``). If the alias does not name this
+    model's collection any more (another release took the lease after this run's expired), it
+    deploys nothing and leaves the alias to that release.
     """
+    from redrec.index.milvus import _alias_target
     from redrec.pipeline.deploy import deploy_model
+    from redrec.release.lease import release_lease
     from redrec.release.releases import Release
 
-    with progress("deploy"):
+    with progress("deploy"), release_lease(params, run_id).hold():
         model_dir = Path(model_dir)
         info = json.loads((model_dir / "config.json").read_text())
         version = info["version"]
         metrics = json.loads(Path(metrics_path).read_text())["results"]["candidate"] if metrics_path else None
         digest = {k: info[k] for k in ("training_set_sha256", "training_set_rows", "dataset") if k in info}
-        rel = Release(model_version=version, collection=_index_cfg(params).collection(version),
-                      index_alias=params.index_alias, metrics=metrics, data_digest=digest, created=time.time())
+        own = _index_cfg(params).collection(version)
+        rel = Release(model_version=version, collection=own, index_alias=params.index_alias, metrics=metrics,
+                      data_digest=digest, created=time.time())
+        now = _alias_target(_index_cfg(params))
+        if now != own:
+            raise RuntimeError(f"alias '{params.index_alias}' names {now}, not {own} that this run published: another "
+                               f"release moved it since; model {version} is not deployed (promote it with "
+                               "`redrec release promote` if it is still wanted)")
         try:
             kill_point("deploy:start")
             out = deploy_model(params, model_dir, version, rel.as_meta())

@@ -49,20 +49,22 @@ def _report(out: dict) -> int:
 
 
 def cmd_promote(args) -> int:
+    from redrec.release.lease import LeaseHeld
     from redrec.release.releases import ReleaseError, promote
 
     try:
         return _report(promote(_params(args), args.version))
-    except ReleaseError as e:
+    except (ReleaseError, LeaseHeld) as e:
         raise SystemExit(f"promote refused: {e}") from None
 
 
 def cmd_rollback(args) -> int:
+    from redrec.release.lease import LeaseHeld
     from redrec.release.releases import ReleaseError, rollback
 
     try:
         return _report(rollback(_params(args)))
-    except ReleaseError as e:
+    except (ReleaseError, LeaseHeld) as e:
         raise SystemExit(f"rollback refused: {e}") from None
 
 

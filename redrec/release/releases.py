@@ -94,7 +94,15 @@ def _check_promotable(params: PipelineParams, version: str):
 
 def promote(params: PipelineParams, version: str) -> dict:
     """Serve release ``version``: the alias to its collection, then the serving deployment to its
-    model; if the deployment fails the alias is moved back and the previous pair keeps serving."""
+    model; if the deployment fails the alias is moved back and the previous pair keeps serving.
+    Holds the release lease throughout (``redrec.release.lease``): one release at a time."""
+    from redrec.release.lease import release_lease
+
+    with release_lease(params).hold():
+        return _promote(params, version)
+
+
+def _promote(params: PipelineParams, version: str) -> dict:
     from redrec.index.milvus import _alias_target, client
     from redrec.pipeline.deploy import switch_serving
 
@@ -117,7 +125,14 @@ def promote(params: PipelineParams, version: str) -> dict:
 
 
 def rollback(params: PipelineParams) -> dict:
-    """Promote the newest release older than the one the alias serves."""
+    """Promote the newest release older than the one the alias serves (under the release lease)."""
+    from redrec.release.lease import release_lease
+
+    with release_lease(params).hold():
+        return _rollback(params)
+
+
+def _rollback(params: PipelineParams) -> dict:
     from redrec.index.milvus import _alias_target, describe
 
     cfg = _index(params)
@@ -129,4 +144,4 @@ def rollback(params: PipelineParams) -> dict:
              if r["model_version"] < current and r["index_status"] == "ready"]
     if not older:
         raise ReleaseError(f"no release older than {current} has both its model in the store and its collection kept")
-    return promote(params, older[-1])
+    return _promote(params, older[-1])

@@ -1,4 +1,12 @@
-"""Typed serving config: the chart's ``config.yaml`` (REDREC_CONFIG) plus ``feast.repo_path``.
+"""Typed serving config: the chart's ``config.yaml`` (REDREC_CONFIG) plus ``feast.repo_path``,
+with the release overlay (REDREC_RELEASE_OVERLAY) applied on top.
+
+The release overlay is what the pipeline's deploy step and ``redrec release promote|rollback``
+write on a cluster (the ConfigMap ``<fullname>-release``, which the chart never renders, so a
+``helm upgrade`` cannot revert a promoted release): for each arm named there, the model version it
+serves. Absent (a fresh install, or no overlay configured), the config's own versions serve. The
+text a server reports as loaded (``/ops/release`` ``config.loaded_sha256``) is the overlay's when
+there is one, else config.yaml's: a deployer waits for the SHA-256 of the text it wrote.
 
 Environment variables set by the chart override the file (they carry the same values there, and
 let a developer point a local config at other endpoints): ``REDREC_FEATURE_SERVER_URL``,
@@ -7,7 +15,10 @@ let a developer point a local config at other endpoints): ``REDREC_FEATURE_SERVE
 
 from __future__ import annotations
 
+import hashlib
+import logging
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -16,6 +27,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from redrec.experiments.assignment import ExperimentSpec
 from redrec.features.eventlog import EventLogConfig
+
+
+log = logging.getLogger(__name__)
+
+RELEASE_OVERLAY_ENV = "REDREC_RELEASE_OVERLAY"
 
 
 class ConfigError(ValueError):
@@ -197,9 +213,18 @@ class ServingConfig(_Strict):
         return arm.index_alias or self.milvus.collection_alias
 
     @classmethod
-    def from_yaml(cls, path: str | Path) -> "ServingConfig":
-        p, raw = _read_yaml(path, "serving config", "set REDREC_CONFIG to the config.yaml")
-        return cls.from_dict(raw, source=str(p))
+    def from_yaml(cls, path: str | Path, overlay: str | Path | None = None) -> "ServingConfig":
+        """``path`` with the release overlay applied (``overlay``, default $REDREC_RELEASE_OVERLAY)."""
+        if not Path(path).is_file():
+            raise ConfigError(f"serving config {path} does not exist (set REDREC_CONFIG to the config.yaml)")
+        return cls.from_source(read_config_source(path, overlay))
+
+    @classmethod
+    def from_source(cls, src: "ConfigSource") -> "ServingConfig":
+        raw = _parse_yaml(src.text, src.path)
+        if src.overlay_text is not None:
+            raw = apply_overlay(raw, ReleaseOverlay.parse(src.overlay_text, src.overlay_path))
+        return cls.from_dict(raw, source=src.path + (f" + {src.overlay_path}" if src.overlay_text is not None else ""))
 
     @classmethod
     def from_dict(cls, raw: dict, source: str = "config") -> "ServingConfig":
@@ -234,6 +259,80 @@ class IngestConfig(BaseModel):
     def from_yaml(cls, path: str | Path) -> "IngestConfig":
         p, raw = _read_yaml(path, "config", "pass --config or set REDREC_CONFIG to the serving config.yaml")
         return _validated(cls, raw, str(p), "ingest config")
+
+
+class ReleaseOverlay(_Strict):
+    """The release overlay file: ``arms`` maps an arm name to the model version it serves;
+    ``release`` says who wrote it (run, time, previous version), for people and ``/ops/release``."""
+
+    arms: dict[str, str] = Field(min_length=1)
+    release: dict[str, Any] = Field(default_factory=dict)
+
+    @classmethod
+    def parse(cls, text: str, source: str | None = "release overlay") -> "ReleaseOverlay":
+        return _validated(cls, _parse_yaml(text, source or "release overlay"), source or "release overlay",
+                          "release overlay")
+
+    def dump(self) -> str:
+        return yaml.safe_dump(self.model_dump(), sort_keys=True)
+
+
+def apply_overlay(raw: dict, overlay: ReleaseOverlay) -> dict:
+    """``raw`` (config.yaml) with the overlay's model versions on its arms. An arm the overlay
+    names that config.yaml no longer has (renamed by a helm upgrade) is ignored, and logged."""
+    arms = ((raw.get("experiment") or {}).get("arms")) or []
+    names = {a.get("name") for a in arms if isinstance(a, dict)}
+    unknown = sorted(set(overlay.arms) - names)
+    if unknown:
+        log.warning("release overlay names arm(s) %s that the config does not have (it has %s): ignored",
+                    unknown, sorted(n for n in names if n))
+    for a in arms:
+        if isinstance(a, dict) and a.get("name") in overlay.arms:
+            a["model_version"] = overlay.arms[a["name"]]
+    return raw
+
+
+@dataclass(frozen=True)
+class ConfigSource:
+    """The texts a server's config is made of; equal sources load the same config."""
+
+    path: str
+    text: str
+    overlay_path: str | None = None
+    overlay_text: str | None = None  # None: no overlay file (not configured, or not written yet)
+
+    @property
+    def served_text(self) -> str:
+        """The text whose SHA-256 the server reports as loaded: what a deployer wrote last."""
+        return self.overlay_text if self.overlay_text is not None else self.text
+
+    @property
+    def sha256(self) -> str:
+        return hashlib.sha256(self.served_text.encode()).hexdigest()
+
+
+def read_config_source(path: str | Path, overlay: str | Path | None = None) -> ConfigSource:
+    """Read config.yaml and the overlay (``overlay``, default $REDREC_RELEASE_OVERLAY; a missing
+    overlay file is no overlay: the ConfigMap behind it is optional). Raises OSError."""
+    text = Path(path).read_text()
+    ov = str(overlay) if overlay is not None else os.environ.get(RELEASE_OVERLAY_ENV, "")
+    ov_text = None
+    if ov:
+        try:
+            ov_text = Path(ov).read_text()
+        except FileNotFoundError:
+            ov_text = None
+    return ConfigSource(str(path), text, ov or None, ov_text)
+
+
+def _parse_yaml(text: str, source: str) -> dict:
+    try:
+        raw = yaml.safe_load(text) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{source}: not valid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: expected a mapping at the top level, got {type(raw).__name__}")
+    return raw
 
 
 def _read_yaml(path: str | Path, what: str, fix: str) -> tuple[Path, dict]:

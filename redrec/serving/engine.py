@@ -47,9 +47,9 @@ from redrec.index.config import IndexConfig
 from redrec.index.search import NotPublished, PairedHits, Query, collection_info, paired_collection, search_paired_many
 from redrec.serving import added_items, registry
 from redrec.serving.batching import MicroBatcher
+from redrec.serving.config import ConfigError, ServingConfig, read_config_source
 from redrec.serving.servinglog import ServingLogs
 from redrec.serving.workers import WorkerBoard
-from redrec.serving.config import ConfigError, ServingConfig
 from redrec.serving.features import item_catalogue, open_repo
 from redrec.serving.history import Vocab, collate, encode_row
 
@@ -229,9 +229,12 @@ class Engine:
         self._alias_seen: dict[str, str | None] = {}  # arm -> alias target of its last search (log once per change)
         self._retired: list[ArmRuntime] = []
         self._config_path = config_path
-        self._config_text = open(config_path).read() if config_path else None
+        # config.yaml and the release overlay (redrec.serving.config.ConfigSource): a change to either reloads
+        self._config_src = read_config_source(config_path) if config_path else None
         # which config text is served and which was refused: a deployer waits for its own text
-        self.reload = {"config": config_path, "loaded": time.time(), "loaded_sha256": _sha(self._config_text),
+        self.reload = {"config": config_path, "loaded": time.time(),
+                       "loaded_sha256": self._config_src.sha256 if self._config_src else None,
+                       "overlay": self._config_src.overlay_path if self._config_src else None,
                        "error": None, "error_sha256": None, "reloads": 0}
         self.draining = None  # the service's Drain: set once SIGTERM handling is in place
         self.board = WorkerBoard(cfg.serving.workers)
@@ -309,14 +312,14 @@ class Engine:
         that does not load (unknown version, a model missing from the store, bad YAML) is refused
         whole: the running arms keep serving and ``release_status`` says why."""
         try:
-            text = open(self._config_path).read()
+            src = read_config_source(self._config_path)
         except OSError as e:
             self.reload["error"] = f"cannot read {self._config_path}: {e}"
             return False
-        if text == self._config_text:
+        if src == self._config_src:
             return False
         try:
-            new = ServingConfig.from_yaml(self._config_path)
+            new = ServingConfig.from_source(src)
             fixed = ("scenarios", "serving", "milvus", "feast", "model_store")
             changed = [k for k in fixed if getattr(new, k) != getattr(self.cfg, k)]
             if changed:
@@ -324,8 +327,8 @@ class Engine:
                                   "is reloaded in place)")
             arms = self._load_arms(new)
         except Exception as e:  # noqa: BLE001
-            self.reload.update(error=f"{type(e).__name__}: {e}", error_sha256=_sha(text))
-            self._config_text = text  # report once, retry on the next change
+            self.reload.update(error=f"{type(e).__name__}: {e}", error_sha256=src.sha256)
+            self._config_src = src  # report once, retry on the next change
             self._publish_status()
             log.error("config %s not loaded, still serving %s: %s", self._config_path,
                       {a: rt.version for a, rt in self.arms.items()}, self.reload["error"])
@@ -335,8 +338,8 @@ class Engine:
             rt.batcher.close()
         self._retired = list(old.values())
         self._install(new, arms)
-        self._config_text = text
-        self.reload.update(loaded=time.time(), loaded_sha256=_sha(text), error=None, error_sha256=None,
+        self._config_src = src
+        self.reload.update(loaded=time.time(), loaded_sha256=src.sha256, error=None, error_sha256=None,
                            reloads=self.reload["reloads"] + 1)
         self._ready_cache = (0.0, False, "reloaded")
         self._publish_status()

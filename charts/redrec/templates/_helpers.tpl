@@ -55,6 +55,27 @@ app.kubernetes.io/component: {{ .component }}
 {{- define "redrec.feast.fullname" -}}{{ include "redrec.fullname" . }}-feast{{- end -}}
 {{- define "redrec.drift.fullname" -}}{{ include "redrec.fullname" . }}-drift{{- end -}}
 {{- define "redrec.config.fullname" -}}{{ include "redrec.fullname" . }}-config{{- end -}}
+{{- /* The release ConfigMap: written by the pipeline's deploy step and `redrec release promote|rollback`
+       (arm -> model version), NEVER rendered by this chart, so a helm upgrade cannot revert a release.
+       Pods that serve or onboard for the served models mount it as an optional volume. */ -}}
+{{- define "redrec.release.fullname" -}}{{ include "redrec.fullname" . }}-release{{- end -}}
+{{- define "redrec.release.dir" -}}/etc/redrec-release{{- end -}}
+{{- define "redrec.release.env" -}}
+- name: REDREC_RELEASE_OVERLAY
+  value: {{ include "redrec.release.dir" . }}/release.yaml
+{{- end -}}
+{{- define "redrec.release.volumeMount" -}}
+- name: release
+  mountPath: {{ include "redrec.release.dir" . }}
+  readOnly: true
+{{- end -}}
+{{- define "redrec.release.volume" -}}
+- name: release
+  configMap:
+    name: {{ include "redrec.release.fullname" . }}
+    # absent until the first deploy: the values' model versions serve meanwhile
+    optional: true
+{{- end -}}
 
 {{- define "redrec.serving.serviceAccountName" -}}
 {{- if .Values.serving.serviceAccount.create -}}
