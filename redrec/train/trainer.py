@@ -4,7 +4,8 @@
   free local port, so a laptop needs nothing extra.
 - The ZeRO stage, bf16 and gradient accumulation come from ``TrainConfig``; the optimizer is a
   torch one so DeepSpeed compiles no fused-Adam op on CPU. DeepSpeed's CPU comm op is JIT-built
-  once into ``build/torch_extensions`` (TORCH_EXTENSIONS_DIR) and reused.
+  once into ``build/torch_extensions`` (TORCH_EXTENSIONS_DIR) and reused; the runtime image has it
+  compiled into the deepspeed package instead (the Dockerfile's builder stage), and no compiler.
 - Negatives are sampled per rank and all-gathered with gradients, so every rank sees all of them.
 - Checkpoints: DeepSpeed's own (optimizer + client state, ``latest`` tag written last) every
   ``checkpoint_every`` steps for resume, and an exported serving checkpoint (safetensors + config
