@@ -71,6 +71,15 @@ def _cluster_settings(tasks: dict, cluster: ClusterConfig) -> None:
     for name in ("evaluate", "publish", "deploy"):
         kubernetes.use_secret_as_env(tasks[name], secret_name=cluster.milvus_secret,
                                      secret_key_to_env={cluster.milvus_secret_key: "MILVUS_TOKEN"}, optional=False)
+    # the release's objects (ConfigMaps, Deployment, Lease) are named after the chart release, which
+    # may live in another namespace than the run; /ops/release on the serving pods needs a token
+    for name in ("publish", "deploy"):
+        tasks[name].set_env_variable("REDREC_RELEASE_FULLNAME", cluster.release_fullname)
+        if cluster.release_namespace:
+            tasks[name].set_env_variable("REDREC_DEPLOY_NAMESPACE", cluster.release_namespace)
+    if cluster.ops_token_secret:
+        kubernetes.use_secret_as_env(tasks["deploy"], secret_name=cluster.ops_token_secret,
+                                     secret_key_to_env={cluster.ops_token_key: "REDREC_OPS_TOKEN"}, optional=False)
     # publish too: off Kubernetes (deploy_target none) its release lease is a file in the workspace
     for name in ("build-features", "train", "evaluate", "publish", "deploy", "record-reference", "check-drift"):
         if name in tasks:

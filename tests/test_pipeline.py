@@ -144,7 +144,8 @@ def test_compiled_pipelines_carry_the_cluster_settings(tmp_path):
 
     rc = RunConfig.from_yaml(ROOT / "configs" / "pipeline-ml1m.yaml")
     cluster = ClusterConfig(gpu_limit=4, accelerator_type="nvidia.com/gpu", milvus_secret="milvus-auth",
-                            train_node_selector={"pool": "a100"}, image="registry.example/redrec:1.2")
+                            train_node_selector={"pool": "a100"}, image="registry.example/redrec:1.2",
+                            release_fullname="rr-redrec", release_namespace="recsys", ops_token_secret="redrec-ops")
     paths = compile_pipelines(rc.params, cluster, tmp_path)
     assert sorted(p.name for p in paths) == ["redrec-monitoring.yaml", "redrec-onboarding.yaml", "redrec-training.yaml"]
     for path in (p for p in paths if p.name != "redrec-onboarding.yaml"):
@@ -162,6 +163,13 @@ def test_compiled_pipelines_carry_the_cluster_settings(tmp_path):
         for task in ("evaluate", "publish", "deploy"):
             env = _executor(platform, task)["secretAsEnv"][0]
             assert env["secretName"] == "milvus-auth" and env["keyToEnv"][0]["envVar"] == "MILVUS_TOKEN"
+        # publish and deploy reach the chart release's objects by its name and namespace; deploy
+        # calls the serving pods' /ops/release with a token
+        for task in ("publish", "deploy"):
+            env = {e["name"]: e["value"] for e in execs[f"exec-{task}"]["container"]["env"]}
+            assert env["REDREC_RELEASE_FULLNAME"] == "rr-redrec" and env["REDREC_DEPLOY_NAMESPACE"] == "recsys", env
+        ops = _executor(platform, "deploy")["secretAsEnv"][1]
+        assert ops["secretName"] == "redrec-ops" and ops["keyToEnv"][0] == {"secretKey": "token", "envVar": "REDREC_OPS_TOKEN"}
         assert _executor(platform, "build-features")["pvcMount"][0]["mountPath"] == cluster.workspace_mount
         params = pipe["root"]["inputDefinitions"]["parameters"]
         for name in ("dataset", "scenarios", "hidden_size", "layers", "zero_stage", "nodes", "gpus_per_node",

@@ -140,6 +140,12 @@ class ClusterConfig(BaseModel):
     pipeline_root: str = Field("s3://redrec-pipelines/runs", description="artifact storage of the runs")
     namespace: str = "kubeflow"
     service_account: str = Field("redrec-pipeline", description="KSA of the steps (TrainJob and Deployment RBAC)")
+    release_fullname: str = Field("redrec", description="the chart release's full name: publish and deploy find "
+                                                        "<it>-config, <it>-release, <it>-serving and the Lease by it")
+    release_namespace: str = Field("", description="namespace of the chart release; empty: the step pod's own")
+    ops_token_secret: str = Field("", description="Secret with an API token for the serving pods' /ops/release "
+                                                  "(needed while the chart's auth.enabled); empty: none")
+    ops_token_key: str = "token"
 
 
 class RunConfig(BaseModel):
