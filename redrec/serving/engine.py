@@ -16,12 +16,14 @@ arm's model version; otherwise (a publication ahead of the deploy, a rollback of
 it keeps searching the collection built from its own model, and says so in ``release_status`` and
 the log. Models come from the model store the config names; a changed config file (a deploy, a
 promote, a rollback) is loaded in the background and swapped in whole, or refused whole.
+
+This module is the request path; the arms and their reload live in ``redrec.serving.arms``,
+readiness and the release status in ``redrec.serving.health`` (mixed into ``Engine``).
 """
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
 import logging
 import threading
@@ -29,29 +31,27 @@ import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
 import torch
-from threadpoolctl import threadpool_info, threadpool_limits
+from threadpoolctl import threadpool_limits
 
 from redrec.experiments.assignment import HOLDOUT, assign
 from redrec.experiments.log import RECEIVED
 from redrec.features.eventlog import open_log
-from redrec.features.store import HistoryEvent
 from redrec.schema import EVENT_COLUMNS
 from redrec.index import exact
-from redrec.index.config import IndexConfig
-from redrec.index.search import NotPublished, PairedHits, Query, collection_info, paired_collection, search_paired_many
-from redrec.serving import added_items, registry
-from redrec.serving.batching import MicroBatcher
-from redrec.serving.config import ConfigError, ServingConfig, read_config_source
+from redrec.index.search import NotPublished, PairedHits, Query, paired_collection, search_paired_many
+from redrec.serving import registry
+from redrec.serving.config import ServingConfig, read_config_source
 from redrec.serving.servinglog import ServingLogs
 from redrec.serving.workers import WorkerBoard
+from redrec.serving.arms import ArmRuntime, ArmsMixin, _Generation  # noqa: F401 - ArmRuntime: the request path's arm
+from redrec.serving.health import HealthMixin
 from redrec.serving.features import item_catalogue, open_repo
-from redrec.serving.history import Vocab, collate, encode_row
+from redrec.serving.history import collate, encode_row
 
 log = logging.getLogger(__name__)
 
@@ -77,20 +77,6 @@ class NotFound(ServingError):
 
 class Unavailable(ServingError):
     status = 503
-
-
-@dataclass
-class ArmRuntime:
-    name: str
-    version: str
-    alias: str
-    model: torch.nn.Module
-    vocab: Vocab
-    item_ids: list[str]
-    item_emb: np.ndarray  # [n_items, dim], row i-1 = item index i
-    index: IndexConfig
-    batcher: MicroBatcher | None = None
-    added: set[str] = field(default_factory=set)  # batches of onboarded items applied (redrec.items.added)
 
 
 @dataclass
@@ -177,28 +163,8 @@ def _short(value, limit: int = 64) -> str:
     return text if len(text) <= limit else text[:limit] + f"... ({len(str(value))} characters)"
 
 
-def compute_threads() -> dict:
-    """The intra-op threads this process computes with: torch's and each BLAS pool's (an operator
-    sees on /ops/release whether ``serving.torch_threads`` took)."""
-    return {"torch": torch.get_num_threads(),
-            **{f"blas {Path(i['filepath']).name}": i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"}}
 
-
-def _sha(text: str | None) -> str | None:
-    return None if text is None else hashlib.sha256(text.encode()).hexdigest()
-
-
-@dataclass(frozen=True)
-class _Generation:
-    cfg: ServingConfig
-    arms: dict[str, ArmRuntime]
-    control: str
-    catalogue: list[str]
-    known_items: set[str]
-    actions: list[str]
-
-
-class Engine:
+class Engine(ArmsMixin, HealthMixin):
     def __init__(self, cfg: ServingConfig, config_path: str | None = None):
         if cfg.serving.torch_threads:
             torch.set_num_threads(cfg.serving.torch_threads)
@@ -243,115 +209,6 @@ class Engine:
         if (config_path or self.models.store) and cfg.model_store.config_poll_s > 0:
             threading.Thread(target=self._watch_config, name="redrec-config-watch", daemon=True).start()
 
-    # ---- models: load, install, reload -----------------------------------------------------------
-    def _load_arms(self, cfg: ServingConfig) -> dict[str, ArmRuntime]:
-        """Every arm's model loaded and checked; raises (naming the arm and the fix) on any problem."""
-        cfg.experiment.check_versions(self.models.versions(), where=self.models.name)
-        models: dict[str, tuple] = {}
-        arms: dict[str, ArmRuntime] = {}
-        for arm in cfg.experiment.arms:
-            if arm.model_version not in models:
-                models[arm.model_version] = self.models.load(arm.model_version)
-            model, info = models[arm.model_version]
-            missing = [s for s in self.scenarios if s not in info["model"]["scenarios"]]
-            if missing:
-                raise ValueError(f"experiment.arms[{arm.name}].model_version {arm.model_version}: the model has no "
-                                 f"queries for scenario(s) {missing} (it knows {info['model']['scenarios']})")
-            emb = np.load(Path(info["model_dir"]) / "item_embeddings.npy")  # checked with the model
-            alias = cfg.alias_for(arm.name)
-            idx = IndexConfig(uri=cfg.milvus.uri, token=cfg.milvus.token, name=alias, dim=int(emb.shape[1]),
-                              timeout_s=cfg.milvus.timeout_s, alias_ttl_s=cfg.milvus.alias_ttl_s,
-                              exact_max_items=cfg.milvus.exact_search_max_items)
-            rt = ArmRuntime(arm.name, info["model_version"], alias, model, Vocab.from_info(info), list(info["item_ids"]),
-                            emb, idx)
-            rt.batcher = MicroBatcher(lambda asks, rt=rt: self._serve_batch(rt, asks), cfg.serving.batch_max_size,
-                                      cfg.serving.batch_max_wait_ms, name=f"arm-{arm.name}",
-                                      max_concurrent=cfg.serving.batch_max_concurrent)
-            arms[arm.name] = rt
-        added_items.pick_up(self.models.store, arms)
-        return arms
-
-    def _install(self, cfg: ServingConfig, arms: dict[str, ArmRuntime]) -> None:
-        catalogue = sorted({i for a in arms.values() for i in a.item_ids})
-        actions = sorted({a for rt in arms.values() for a in rt.vocab.action_index})
-        # one assignment: a request reads config, arms and catalogue of the same generation
-        self._gen = _Generation(cfg, arms, cfg.experiment.arms[0].name, catalogue, set(catalogue), actions)
-
-    cfg = property(lambda self: self._gen.cfg)
-    arms = property(lambda self: self._gen.arms)
-    control = property(lambda self: self._gen.control)
-    catalogue = property(lambda self: self._gen.catalogue)
-    known_items = property(lambda self: self._gen.known_items)
-    actions = property(lambda self: self._gen.actions)
-
-    def _watch_config(self) -> None:
-        while True:
-            time.sleep(self.cfg.model_store.config_poll_s)
-            try:
-                if self._config_path:
-                    self.reload_config()
-            except Exception:  # noqa: BLE001 - the watcher must outlive any one bad config
-                log.exception("config reload failed")
-            try:
-                self.pick_up_items()
-            except Exception:  # noqa: BLE001 - a store hiccup: the next poll retries
-                log.exception("reading onboarded items failed")
-
-    def pick_up_items(self) -> int:
-        """Items onboarded since the arms were loaded (``redrec.serving.added_items``); the
-        catalogue, the known items and the popularity fallback grow with them."""
-        g = self._gen
-        n = added_items.pick_up(self.models.store, g.arms)
-        if n:
-            self._install(g.cfg, g.arms)
-            self._popular_at = 0.0  # the next fallback read refreshes the table with the new items
-        return n
-
-    def reload_config(self) -> bool:
-        """Load the config file again if it changed; True when new arms were swapped in. A config
-        that does not load (unknown version, a model missing from the store, bad YAML) is refused
-        whole: the running arms keep serving and ``release_status`` says why."""
-        try:
-            src = read_config_source(self._config_path)
-        except OSError as e:
-            self.reload["error"] = f"cannot read {self._config_path}: {e}"
-            return False
-        if src == self._config_src:
-            return False
-        try:
-            new = ServingConfig.from_source(src)
-            fixed = ("scenarios", "serving", "milvus", "feast", "model_store")
-            changed = [k for k in fixed if getattr(new, k) != getattr(self.cfg, k)]
-            if changed:
-                raise ConfigError(f"sections {changed} changed: they take effect on a restart (only 'experiment' "
-                                  "is reloaded in place)")
-            arms = self._load_arms(new)
-        except Exception as e:  # noqa: BLE001
-            self.reload.update(error=f"{type(e).__name__}: {e}", error_sha256=src.sha256)
-            self._config_src = src  # report once, retry on the next change
-            self._publish_status()
-            log.error("config %s not loaded, still serving %s: %s", self._config_path,
-                      {a: rt.version for a, rt in self.arms.items()}, self.reload["error"])
-            return False
-        old = self.arms
-        for rt in self._retired:  # idle since the reload before this one
-            rt.batcher.close()
-        self._retired = list(old.values())
-        self._install(new, arms)
-        self._config_src = src
-        self.reload.update(loaded=time.time(), loaded_sha256=src.sha256, error=None, error_sha256=None,
-                           reloads=self.reload["reloads"] + 1)
-        self._ready_cache = (0.0, False, "reloaded")
-        self._publish_status()
-        log.info("config reloaded: arms %s", {a: rt.version for a, rt in arms.items()})
-        return True
-
-    def _publish_status(self) -> None:
-        try:
-            self.board.publish(self.reload, {a: rt.version for a, rt in self.arms.items()})
-        except OSError as e:  # a full /tmp: the pod's status goes stale, the requests are unaffected
-            log.warning("worker status not written to %s: %s", self.board.dir, e)
-
     # ---- popularity (cold start and fallback) ---------------------------------------------------
     def refresh_popularity(self, raise_errors: bool = True, startup: bool = False) -> None:
         deadline = {"timeout_s": self.cfg.serving.startup_catalogue_timeout_s,
@@ -380,90 +237,6 @@ class Engine:
                 log.warning("popularity refresh failed, serving the previous table: %s", e)
                 self._popular_at = time.monotonic()
         return [(i, s) for i, s in self._popular[scenario] if i not in exclude][:k]
-
-    # ---- readiness ------------------------------------------------------------------------------
-    def ready(self) -> tuple[bool, str]:
-        """Models are loaded before the service starts; ready once every arm has an index built
-        from its own model (the alias' collection, or its own previous one) and the popularity
-        table is loaded. With ``on_dependency_error: popularity`` a Milvus outage leaves the pod
-        ready (degraded): the fallback serves. Cached for 2 s: probes must stay cheap."""
-        ok, why = self._dependencies_ready()
-        if self.draining is not None and self.draining.since is not None:
-            # the pod is going away: the Service (or any balancer probing) stops sending here while
-            # the requests already on their way are still answered
-            return False, f"draining: shutting down ({self.draining.left_s():.0f}s of drain left)"
-        lost = self.logs.degraded()
-        if lost:  # a full log volume loses analysis, not answers: the pod stays in the Service
-            why = f"{why}; degraded, {lost}" if why.startswith("degraded") else (f"degraded, {lost}" if ok else f"{why}; {lost}")
-        return ok, why
-
-    def _dependencies_ready(self) -> tuple[bool, str]:
-        t, ok, why = self._ready_cache
-        if time.monotonic() - t < 2.0:
-            return ok, why
-        ok, why = True, "ready"
-        try:
-            self._milvus(self._probe_milvus)
-        except NotPublished as e:
-            ok, why = False, str(e)
-        except TimeoutError:
-            ok, why = False, f"milvus timing out: no answer within {self._milvus.timeout_s:g}s (milvus.timeout_s)"
-        except Exception as e:
-            ok, why = False, f"milvus unreachable: {type(e).__name__}"
-        if self._popular is None:
-            self.refresh_popularity(raise_errors=False)
-        if ok and self._popular is None:
-            ok, why = False, "item popularity not loaded (feature store unreachable?)"
-        if self._feast.stuck:
-            # probe again: an unready pod gets no traffic, so no request would ever clear the state
-            self.refresh_popularity(raise_errors=False)
-        if ok and self._feast.stuck:
-            ok, why = False, f"feast timing out: its last read got no answer within {self._feast.timeout_s:g}s"
-        if not ok and self.cfg.serving.on_dependency_error == "popularity" and self._popular is not None:
-            # the models are loaded and the fallback answers every request: an outage of a dependency
-            # must not take every replica out of the Service (that would defeat the fallback)
-            ok, why = True, f"degraded, serving the popularity fallback: {why}"
-        self._ready_cache = (time.monotonic(), ok, why)
-        return ok, why
-
-    def _probe_milvus(self) -> None:
-        from redrec.index.milvus import _alias_target
-
-        for rt in list(self.arms.values()):
-            # raises PairMismatch when nothing pairs; starts reading a small collection into this process
-            exact.copy_of(rt.index, collection_info(rt.index, paired_collection(rt.index, _alias_target(rt.index), rt.version)))
-
-    def release_status(self) -> dict:
-        """Per arm: the model it serves, what its alias names, the collection it searched last
-        and whether that was the alias' (``paired_with_alias``); plus the config reload state."""
-        from redrec.index.milvus import _alias_target, describe
-
-        def row_of(rt: ArmRuntime) -> dict:
-            row = {"model_version": rt.version, "alias": rt.alias}
-            target = _alias_target(rt.index)
-            row["alias_target"] = target
-            row["alias_model_version"] = describe(rt.index, target).version if target else None
-            row["collection"] = paired_collection(rt.index, target, rt.version)
-            row["paired_with_alias"] = row["collection"] == target
-            copy = exact.copy_of(rt.index, collection_info(rt.index, row["collection"]))
-            row["searched"] = (f"in process, exactly ({len(copy.ids)} items copied from Milvus)" if copy is not None
-                               else "by Milvus")
-            if not row["paired_with_alias"]:
-                row["note"] = (f"alias '{rt.alias}' serves model {row['alias_model_version']}'s index; this arm "
-                               f"keeps the pair ({rt.version}, {row['collection']}) until its config names "
-                               f"{row['alias_model_version']}")
-            return row
-
-        arms = {}
-        for name, rt in list(self.arms.items()):
-            try:
-                arms[name] = self._milvus(row_of, rt)  # a hung Milvus must not hang the status page
-            except Exception as e:  # noqa: BLE001 - reported, not raised: this is a status page
-                arms[name] = {"model_version": rt.version, "alias": rt.alias,
-                              "error": f"{type(e).__name__}: {str(e)[:300]}"}
-        return {"arms": arms, "config": {**self.reload, **self.board.pod()}, "model_source": self.models.name,
-                "serving_log": self.logs.stats(),
-                "readiness": self.ready()[1], "threads": compute_threads()}
 
     # ---- validation -----------------------------------------------------------------------------
     def _check_common(self, user_id: str | None, scenario: str, k: int) -> None:
