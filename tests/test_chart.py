@@ -1039,6 +1039,7 @@ def test_rendered_drift_config_loads_in_the_drift_cli(render, tmp_path, monkeypa
     assert cfg.scenarios == ["homefeed", "search", "ads"] and cfg.kfp_namespace == NAMESPACE
     assert str(cfg.serving_log_dir) == "/var/log/redrec/serving"
     assert cfg.thresholds == Thresholds.from_yaml(DEFAULT_THRESHOLDS)
+    assert cfg.sampling.max_history_events == 500_000
     assert cfg.thresholds.for_scenario("ads").behaviour.features["category"].threshold == 0.2
     writable = [m["mountPath"] for m in c["volumeMounts"] if not m.get("readOnly")]
     assert any(_under(str(cfg.report_dir), w) for w in writable), "reports would hit the read-only root FS"
@@ -1095,6 +1096,10 @@ def test_config_contents_default(render):
                              "partitions": 16, "max_future_skew_s": 300}
     assert cfg["milvus"] == {"uri": "http://milvus.milvus.svc.cluster.local:19530", "collection_alias": "redrec_items"}
     thresholds = cfg["drift"].pop("thresholds")
+    # the chart's sampling caps are the code's defaults (what a check without config.yaml keeps)
+    from redrec.drift.config import SamplingConfig
+
+    assert cfg["drift"].pop("sampling") == SamplingConfig().model_dump()
     assert cfg["drift"] == {"kfp_host": "http://ml-pipeline.kubeflow.svc.cluster.local:8888",
                             "kfp_namespace": NAMESPACE, "pipeline_id": PIPELINE_ID,
                             "reference_dir": "/var/lib/redrec/drift/reference",

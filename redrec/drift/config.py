@@ -161,7 +161,7 @@ class SamplingConfig(_Strict):
     max_requests_per_scenario: int = Field(20_000, ge=10)
     # all kept events (window and lookback, every scenario) of the sampled users: bounds memory
     # where a scenario is rare or absent (its own cap alone would keep every user)
-    max_history_events: int = Field(1_000_000, ge=1000)
+    max_history_events: int = Field(500_000, ge=1000)
 
 
 class DriftConfig(_Strict):
