@@ -141,8 +141,12 @@ def test_lines_outside_the_window_are_dropped_before_parsing_and_bad_lines_still
     old = d / "serving-pod-c-1.jsonl"
     old.write_text('{"torn')
     os.utime(old, (NOW - 5 * DAY, NOW - 5 * DAY))  # last written before the margin: never opened
+    # JSON allows Infinity: a client's ts of Infinity is a bad line, not a crash of the check
+    (d / "feedback-pod-b-1.jsonl").write_text('{"user_id":"u1","item_id":"i1","scenario":"ads","action":"click",'
+                                               '"ts":Infinity,"request_id":null,"received_ts":' + str(NOW - 5) + '}\n')
     w = read_window(d, SCEN, NOW - DAY, NOW + 1, NOW - 2 * DAY)
-    assert w.stats.skipped == {"invalid JSON": 1, "missing field(s) ['user_id', 'scenario', 'items', 'scores']": 2}
+    assert w.stats.skipped == {"invalid JSON": 1, "missing field(s) ['user_id', 'scenario', 'items', 'scores']": 2,
+                               "field 'ts' is not a finite number": 1}
     assert w.stats.old_files == 1 and w.stats.outside_span >= 1
     assert "old" not in set(w.requests["request_id"])
     assert any("malformed" in p for p in w.problems())

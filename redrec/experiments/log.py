@@ -14,6 +14,7 @@ line (machine crash mid-write) is skipped by the reader and counted.
 from __future__ import annotations
 
 import json
+import math
 import os
 import socket
 import threading
@@ -157,9 +158,11 @@ def _check(rec, fields: tuple[str, ...]) -> str | None:
     if miss:
         return f"missing field(s) {miss}"
     try:
-        float(rec["ts"])
+        ts = float(rec["ts"])
     except (TypeError, ValueError):
         return "field 'ts' is not a number"
+    if not math.isfinite(ts):  # JSON as Python reads it allows Infinity and NaN
+        return "field 'ts' is not a finite number"
     if "items" in fields and (not isinstance(rec["items"], list) or not isinstance(rec["scores"], list) or len(rec["items"]) != len(rec["scores"])):
         return "fields 'items' and 'scores' must be lists of equal length"
     return None
