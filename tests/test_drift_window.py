@@ -60,7 +60,8 @@ def write_log(log_dir: Path, n_users: int, seed: int = 0, span_s: float = 2 * DA
     return n
 
 
-CAPS = SamplingConfig(max_events_per_scenario=400, max_requests_per_scenario=150, max_history_events=3000)
+CAPS = SamplingConfig(max_events_per_scenario=400, max_requests_per_scenario=150, max_history_events=3000,
+                      max_answers_per_scenario=200)
 
 
 def test_memory_kept_is_bounded_by_the_caps_however_many_lines_the_window_holds(tmp_path):
@@ -76,6 +77,9 @@ def test_memory_kept_is_bounded_by_the_caps_however_many_lines_the_window_holds(
         assert sum(v["events_seen"] for v in sm["scenarios"].values()) == w.n_feedback
         assert sm["peak_kept_events"] <= CAPS.max_history_events
         assert sm["peak_kept_requests"] <= 3 * CAPS.max_requests_per_scenario
+        # feedback files sort before the responses: the answers kept before any response is read
+        # are bounded too
+        assert sm["peak_kept_answers"] <= 3 * CAPS.max_answers_per_scenario
         assert len(w.events) <= CAPS.max_history_events and len(w.requests) <= 3 * CAPS.max_requests_per_scenario
         for s, v in sm["scenarios"].items():
             assert v["events_kept"] <= CAPS.max_events_per_scenario and v["requests_used"] <= CAPS.max_requests_per_scenario
@@ -84,6 +88,7 @@ def test_memory_kept_is_bounded_by_the_caps_however_many_lines_the_window_holds(
             assert v["events_kept"] >= CAPS.max_events_per_scenario / 4 and v["requests_used"] >= CAPS.max_requests_per_scenario / 4
         kept[n_users] = (sm["peak_kept_events"], sm["peak_kept_requests"], sm["scenarios"])
     small, big = kept[250], kept[2000]
+    assert sorted(p.name for p in d.glob("*.jsonl"))[0].startswith("feedback-")
     assert sum(v["events_seen"] for v in big[2].values()) > 6 * sum(v["events_seen"] for v in small[2].values())
     assert big[0] <= CAPS.max_history_events and big[1] <= 3 * CAPS.max_requests_per_scenario
 

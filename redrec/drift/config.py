@@ -159,6 +159,9 @@ class SamplingConfig(_Strict):
     # in-window responses per scenario: the embedding (max_rows 5000) and score (max_rows 200k
     # scores = 20k responses at top_k 10) checks sample below it
     max_requests_per_scenario: int = Field(20_000, ge=10)
+    # in-window feedback lines answering the kept responses, per scenario (the hit rate's join):
+    # feedback files are read before the responses, so this bounds them on its own
+    max_answers_per_scenario: int = Field(100_000, ge=10)
     # all kept events (window and lookback, every scenario) of the sampled users: bounds memory
     # where a scenario is rare or absent (its own cap alone would keep every user)
     max_history_events: int = Field(500_000, ge=1000)

@@ -9,7 +9,9 @@ above the caps of ``SamplingConfig`` a seeded hash sample of them:
   their events, every scenario, so ``seq_len`` is counted exactly. Each item's first appearance
   is tracked over every line (not only the sample), so ``item_age_rank`` is exact too.
 * responses in the window, sampled by request id per scenario, with the feedback lines that
-  answer them (same hash), so the online hit rate joins on the sample.
+  answer them (same hash), so the online hit rate joins on the sample. Feedback files sort (and
+  are read) before the responses, so the answers have a cap of their own that lowers the same
+  limit.
 
 A limit halves whenever its scenario's kept rows pass the cap, and the rows above it are dropped.
 Whatever the order the lines arrive in, the result is every key hashing under the largest
@@ -160,7 +162,7 @@ class WindowReader:
         self.hits: dict[int, list] = {s: [] for s in self.configured}
         self.present: set[str] = set()
         self.n_requests = self.n_feedback = self.seq = 0
-        self.peak_events = self.peak_requests = 0
+        self.peak_events = self.peak_requests = self.peak_answers = 0
 
     # ---- limits ---------------------------------------------------------------------------------
     def _lim(self, s: int) -> int:
@@ -193,7 +195,7 @@ class WindowReader:
         self._recount()
 
     def _shrink_requests(self, s: int) -> None:
-        while len(self.req_rows[s]) > self.caps.max_requests_per_scenario:
+        while len(self.req_rows[s]) > self.caps.max_requests_per_scenario or len(self.hits[s]) > self.caps.max_answers_per_scenario:
             lim = self.req_limit[s] = self.req_limit[s] // 2
             self.req_rows[s] = [r for r in self.req_rows[s] if r[0] < lim]
             self.hits[s] = [r for r in self.hits[s] if r[0] < lim]
@@ -219,6 +221,9 @@ class WindowReader:
                     hr = _hash(rid, self.salt)
                     if hr < self.req_limit[s]:
                         self.hits[s].append((hr, rid, self.items.names[item], self.actions.names[action]))
+                        if len(self.hits[s]) > self.caps.max_answers_per_scenario:
+                            self._shrink_requests(s)
+                        self.peak_answers = max(self.peak_answers, sum(len(h) for h in self.hits.values()))
         h = _hash(user, self.salt)
         if h >= self._store_limit():
             return
@@ -290,7 +295,8 @@ class WindowReader:
             }
         sampled = any(v["events_fraction"] < 1 or v["requests_fraction"] < 1 for v in scen.values())
         sampling = {"sampled": sampled, "seed": self.seed, "caps": self.caps.model_dump(), "scenarios": scen,
-                    "kept_events": len(st), "peak_kept_events": self.peak_events, "peak_kept_requests": self.peak_requests}
+                    "kept_events": len(st), "peak_kept_events": self.peak_events, "peak_kept_requests": self.peak_requests,
+                    "peak_kept_answers": self.peak_answers}
         limits = {self.scen.names[s]: self._lim(s) for s in self.configured}
         return Window(requests, feedback, events, first, stats, self.n_requests, self.n_feedback, sampling, limits, self.salt)
 
