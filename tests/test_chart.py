@@ -854,12 +854,12 @@ def test_drift_cronjob_production(render):
     assert log_mount["readOnly"] is True and log_mount["mountPath"] == env_map(c)["REDREC_SERVING_LOG_DIR"]["value"]
 
 
-def _drift_volume(cj: dict) -> tuple[dict, dict]:
-    """The drift-data mount of the drift-check container and its volume."""
+def _drift_volume(cj: dict) -> tuple[list[dict], dict]:
+    """The drift-data mounts of the drift-check container (by mount path) and their volume."""
     c = container(cj, "drift-check")
-    (mount,) = [m for m in c["volumeMounts"] if m["name"] == "drift-data"]
+    mounts = sorted((m for m in c["volumeMounts"] if m["name"] == "drift-data"), key=lambda m: m["mountPath"])
     (volume,) = [v for v in pod_template(cj)["spec"]["volumes"] if v["name"] == "drift-data"]
-    return mount, volume
+    return mounts, volume
 
 
 def _under(path: str, parent: str) -> bool:
@@ -869,17 +869,43 @@ def _under(path: str, parent: str) -> bool:
 def test_drift_persistence_defaults_to_the_pipeline_workspace(render):
     docs = render("default")
     cj = one(docs, "CronJob", f"{RELEASE}-redrec-drift")
-    mount, volume = _drift_volume(cj)
+    mounts, volume = _drift_volume(cj)
     pipeline = yaml.safe_load((REPO / "configs" / "pipeline-ml1m.yaml").read_text())["cluster"]
-    # the claim and mount path the training pipeline records the reference on
+    # the claim the training pipeline records the reference on
     assert volume["persistentVolumeClaim"] == {"claimName": pipeline["workspace_pvc"]}
-    assert mount == {"name": "drift-data", "mountPath": pipeline["workspace_mount"]}  # writable, no subPath
     drift = config_yaml(docs)["drift"]
     # where the pipeline's monitoring step looks too (redrec.pipeline.monitor: <workspace>/drift/...)
     assert drift["reference_dir"] == pipeline["workspace_mount"] + "/drift/reference"
     assert drift["report_dir"] == pipeline["workspace_mount"] + "/drift/reports"
-    assert _under(drift["reference_dir"], mount["mountPath"]) and _under(drift["report_dir"], mount["mountPath"])
+    # least privilege: the reference read-only, the reports writable, nothing else of the workspace
+    assert mounts == [
+        {"name": "drift-data", "mountPath": drift["reference_dir"], "subPath": "drift/reference", "readOnly": True},
+        {"name": "drift-data", "mountPath": drift["report_dir"], "subPath": "drift/reports"},
+    ]
     assert container(cj, "drift-check")["securityContext"]["readOnlyRootFilesystem"] is True
+
+
+@pytest.mark.parametrize("value_set", ["default", "production"])
+def test_drift_job_never_sees_the_model_store_and_writes_only_its_reports(render, value_set):
+    docs = render(value_set)
+    cj = one(docs, "CronJob", f"{RELEASE}-redrec-drift")
+    c = container(cj, "drift-check")
+    drift = config_yaml(docs)["drift"]
+    log_dir = env_map(c)["REDREC_SERVING_LOG_DIR"]["value"]
+    volumes = {v["name"]: v for v in pod_template(cj)["spec"]["volumes"]}
+    workspace = yaml.safe_load((REPO / "configs" / "pipeline-ml1m.yaml").read_text())["cluster"]
+    for m in c["volumeMounts"]:
+        claim = (volumes[m["name"]].get("persistentVolumeClaim") or {}).get("claimName")
+        if claim == workspace["workspace_pvc"]:
+            # only a sub-path of the workspace claim, never its root (the model store lives there)
+            assert m.get("subPath") in ("drift/reference", "drift/reports"), m
+        if not m.get("readOnly"):
+            # written: the reports (runs, history, the trigger's cool-down state) and the pod's /tmp
+            assert m["mountPath"] in (drift["report_dir"], "/tmp"), m
+            assert volumes[m["name"]].get("emptyDir") or m["mountPath"] == drift["report_dir"], m
+    mounted = {m["mountPath"]: m for m in c["volumeMounts"]}
+    assert mounted[drift["reference_dir"]]["readOnly"] is True and mounted[log_dir]["readOnly"] is True
+    assert not any(_under("/var/lib/redrec/model-store", p) for p in mounted), "the model store is mounted"
 
 
 def test_drift_persistence_claim_subpath_and_emptydir(helm):
@@ -888,21 +914,142 @@ def test_drift_persistence_claim_subpath_and_emptydir(helm):
                          "--set", "drift.persistence.subPath=redrec/drift",
                          "--set", "drift.persistence.mountPath=/data/drift",
                          "--set", "drift.referenceDir=/data/drift/reference",
-                         "--set", "drift.reportDir=/data/drift/reports")
-    mount, volume = _drift_volume(one(docs, "CronJob"))
+                         "--set", "drift.reportDir=/data/drift/reports/")
+    mounts, volume = _drift_volume(one(docs, "CronJob"))
     assert volume["persistentVolumeClaim"] == {"claimName": "recsys-workspace"}
-    assert mount == {"name": "drift-data", "mountPath": "/data/drift", "subPath": "redrec/drift"}
+    assert mounts == [
+        {"name": "drift-data", "mountPath": "/data/drift/reference", "subPath": "redrec/drift/reference", "readOnly": True},
+        {"name": "drift-data", "mountPath": "/data/drift/reports/", "subPath": "redrec/drift/reports"},
+    ]
     drift = config_yaml(docs)["drift"]
-    assert (drift["reference_dir"], drift["report_dir"]) == ("/data/drift/reference", "/data/drift/reports")
+    assert (drift["reference_dir"], drift["report_dir"]) == ("/data/drift/reference", "/data/drift/reports/")
     for kv in KUBE_VERSIONS:
         assert validate_objects(docs, kv) == []
 
+    # no claim: the reports on an emptyDir, the reference read from the image (nothing hides it)
     docs = helm.template("-f", CI_VALUES / "default-values.yaml", "--set", "drift.persistence.enabled=false",
                          "--set", "drift.persistence.subPath=ignored")
-    mount, volume = _drift_volume(one(docs, "CronJob"))
+    mounts, volume = _drift_volume(one(docs, "CronJob"))
     assert volume["emptyDir"] == {"sizeLimit": "1Gi"} and "persistentVolumeClaim" not in volume
-    assert mount == {"name": "drift-data", "mountPath": "/var/lib/redrec"}
+    assert mounts == [{"name": "drift-data", "mountPath": "/var/lib/redrec/drift/reports"}]
     assert validate_objects(docs, KUBE_VERSIONS[0]) == []
+
+
+@pytest.mark.parametrize("sets,message", [
+    (["drift.reportDir=/var/lib/redrec/drift/reference/reports"], "are nested"),
+    (["drift.referenceDir=/var/lib/redrec/drift/reports/ref"], "are nested"),
+    (["drift.referenceDir=/opt/reference"], "drift.referenceDir (/opt/reference) must be under drift.persistence.mountPath"),
+    (["drift.referenceDir=/var/lib/redrec/../model-store"], SCHEMA_ERROR),
+])
+def test_drift_mount_paths_that_cannot_be_sub_paths_are_refused(helm, sets, message):
+    args = [x for kv in sets for x in ("--set", kv)]
+    assert message in helm.template_error("-f", CI_VALUES / "default-values.yaml", *args)
+
+
+# Run in the child: records every write outside the writable mounts, then runs the CLI.
+_WRITE_AUDIT = r"""
+import os, sys
+allowed = [os.path.realpath(p) for p in sys.argv[1].split(os.pathsep)] + ["/dev/null"]  # a pod has it too
+seen = []
+WRITE = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC
+
+def outside(p):
+    if p is None or isinstance(p, int):
+        return False
+    p = os.path.realpath(os.fsdecode(p))
+    return not any(p == a or p.startswith(a + os.sep) for a in allowed)
+
+def hook(event, args):
+    if event == "open":
+        path, mode, flags = args
+        if ((isinstance(mode, str) and any(c in mode for c in "wax+")) or (flags or 0) & WRITE) and outside(path):
+            seen.append(f"{event} {path}")
+    elif event in ("os.rename", "os.link", "os.symlink"):
+        seen.extend(f"{event} {p}" for p in args[:2] if outside(p))
+    elif event in ("os.remove", "os.rmdir", "os.mkdir", "os.chmod", "os.chown", "os.truncate", "os.utime", "shutil.rmtree"):
+        if outside(args[0]):
+            seen.append(f"{event} {args[0]}")
+
+sys.addaudithook(hook)
+from redrec.cli import main
+rc = main(sys.argv[2:])
+for v in seen:
+    print("WRITE OUTSIDE THE WRITABLE MOUNTS:", v, file=sys.stderr)
+sys.exit(rc if not seen else 99)
+"""
+
+
+def test_drift_job_needs_nothing_beyond_its_mounts(render, tmp_path):
+    """The CronJob's own command, config and environment, run on a tree laid out like the pod's
+    mounts: the reference and the serving log read-only (chmod a-w; and an audit hook catches any
+    write outside the writable mounts, root or not), the reports and /tmp writable, nothing else."""
+    from test_drift_window import NOW, make_reference, write_log
+
+    docs = render("default")
+    cj = one(docs, "CronJob", f"{RELEASE}-redrec-drift")
+    c = container(cj, "drift-check")
+    pod = tmp_path / "pod"
+    inpod = lambda p: str(pod) + p  # noqa: E731
+    env = {e["name"]: e["value"] for e in c["env"] if "value" in e}
+    cfg = yaml.safe_load(one(docs, "ConfigMap", f"{RELEASE}-redrec-config")["data"]["config.yaml"])
+    for m in c["volumeMounts"]:
+        Path(inpod(m["mountPath"])).mkdir(parents=True, exist_ok=True)
+    (Path(inpod("/etc/redrec")) / "config.yaml").write_text(yaml.safe_dump({
+        **cfg, "drift": {**cfg["drift"], "reference_dir": inpod(cfg["drift"]["reference_dir"]),
+                         "report_dir": inpod(cfg["drift"]["report_dir"])}}))
+    Path(inpod(cfg["drift"]["reference_dir"])).rmdir()
+    make_reference(tmp_path / "work", Path(inpod(cfg["drift"]["reference_dir"])))
+    write_log(Path(inpod(env["REDREC_SERVING_LOG_DIR"])), 1000)
+    for m in c["volumeMounts"]:
+        if m.get("readOnly"):
+            subprocess.run(["chmod", "-R", "a-w", inpod(m["mountPath"])], check=True)
+    writable = [inpod(m["mountPath"]) for m in c["volumeMounts"] if not m.get("readOnly")]
+    args = [inpod(a) if a.startswith("/etc/redrec/") else a for a in c["args"]]
+    args[args.index("--kfp-host") + 1] = "http://127.0.0.1:9"  # no drift expected; none reachable anyway
+    child_env = {**os.environ, **{k: inpod(v) if v.startswith("/") else v for k, v in env.items()},
+                 "TMPDIR": inpod("/tmp"), "PYTHONDONTWRITEBYTECODE": "1", "PYTHONPATH": str(REPO)}
+    try:
+        proc = subprocess.run([sys.executable, "-c", _WRITE_AUDIT, os.pathsep.join(writable), *args, "--now", str(NOW + 1)],
+                              env=child_env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    finally:
+        subprocess.run(["chmod", "-R", "u+w", str(pod)], check=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
+    (run,) = [p for p in Path(inpod(cfg["drift"]["report_dir"])).iterdir() if p.is_dir()]
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["inputs"]["requests"] > 0 and summary["status"] in ("ok", "insufficient_data"), summary["problems"]
+    assert (Path(inpod(cfg["drift"]["report_dir"])) / "index.html").exists()
+
+
+PROMETHEUS_RULE_API = "monitoring.coreos.com/v1/PrometheusRule"
+
+
+def _drift_alert(docs: list[dict]) -> dict | None:
+    rules = [r for pr in of_kind(docs, "PrometheusRule") for g in pr["spec"]["groups"] for r in g["rules"]]
+    return next((r for r in rules if r.get("alert") == "RedRecDriftCheckFailed"), None)
+
+
+def test_failed_drift_check_alert_is_on_by_default(helm):
+    """A drift job that fails (killed for memory, say) stops retraining: the chart's defaults alert
+    on it wherever the cluster can take a PrometheusRule, and say so where it cannot."""
+    docs = helm.template("-f", CI_VALUES / "default-values.yaml", "--api-versions", PROMETHEUS_RULE_API)
+    alert = _drift_alert(docs)
+    assert alert is not None, "no RedRecDriftCheckFailed with the chart's defaults"
+    assert f'namespace="{NAMESPACE}",job_name=~"{RELEASE}-redrec-drift-.*"' in alert["expr"]
+    assert one(docs, "CronJob")["metadata"]["name"] == f"{RELEASE}-redrec-drift"  # the Jobs the regex matches
+    # no CRD in the cluster: no object the API server would refuse, and the notes say what is missing
+    assert _drift_alert(helm.template("-f", CI_VALUES / "default-values.yaml")) is None
+    notes = json.loads(helm.run("install", RELEASE, CHART, "--namespace", NAMESPACE, "--dry-run=client", "-o", "json",
+                                "-f", CI_VALUES / "default-values.yaml").stdout)["info"]["notes"]
+    assert "WARNING: no alert when a drift check fails" in notes and "serves no PrometheusRule" in notes
+    forced = json.loads(helm.run("install", RELEASE, CHART, "--namespace", NAMESPACE, "--dry-run=client", "-o", "json",
+                                 "-f", CI_VALUES / "default-values.yaml", "--set", "prometheusRule.enabled=true").stdout)
+    assert "no alert when a drift check fails" not in forced["info"]["notes"]
+    # explicit choices win over the cluster's APIs
+    assert _drift_alert(helm.template("-f", CI_VALUES / "default-values.yaml", "--set", "prometheusRule.enabled=true")) is not None
+    assert _drift_alert(helm.template("-f", CI_VALUES / "default-values.yaml", "--set", "prometheusRule.enabled=false",
+                                      "--api-versions", PROMETHEUS_RULE_API)) is None
+    assert yaml.safe_load((CHART / "values.yaml").read_text())["prometheusRule"]["enabled"] == "auto"
+    assert SCHEMA_ERROR in helm.template_error("-f", CI_VALUES / "default-values.yaml", "--set", "prometheusRule.enabled=yes")
 
 
 def test_rendered_drift_config_loads_in_the_drift_cli(render, tmp_path, monkeypatch):
@@ -929,6 +1076,7 @@ def test_rendered_drift_config_loads_in_the_drift_cli(render, tmp_path, monkeypa
     assert cfg.scenarios == ["homefeed", "search", "ads"] and cfg.kfp_namespace == NAMESPACE
     assert str(cfg.serving_log_dir) == "/var/log/redrec/serving"
     assert cfg.thresholds == Thresholds.from_yaml(DEFAULT_THRESHOLDS)
+    assert cfg.sampling.max_history_events == 500_000
     assert cfg.thresholds.for_scenario("ads").behaviour.features["category"].threshold == 0.2
     writable = [m["mountPath"] for m in c["volumeMounts"] if not m.get("readOnly")]
     assert any(_under(str(cfg.report_dir), w) for w in writable), "reports would hit the read-only root FS"
@@ -987,6 +1135,10 @@ def test_config_contents_default(render):
                              "partitions": 16, "max_future_skew_s": 300}
     assert cfg["milvus"] == {"uri": "http://milvus.milvus.svc.cluster.local:19530", "collection_alias": "redrec_items"}
     thresholds = cfg["drift"].pop("thresholds")
+    # the chart's sampling caps are the code's defaults (what a check without config.yaml keeps)
+    from redrec.drift.config import SamplingConfig
+
+    assert cfg["drift"].pop("sampling") == SamplingConfig().model_dump()
     assert cfg["drift"] == {"kfp_host": "http://ml-pipeline.kubeflow.svc.cluster.local:8888",
                             "kfp_namespace": NAMESPACE, "pipeline_id": PIPELINE_ID,
                             "reference_dir": "/var/lib/redrec/drift/reference",
@@ -1809,7 +1961,7 @@ def test_notes_and_helm_test_pod(helm):
     open_api = helm.run("install", RELEASE, CHART, "--namespace", NAMESPACE, "--dry-run=client", "-o", "json",
                         "-f", CI_VALUES / "default-values.yaml", "--set", "auth.enabled=false")
     assert "WARNING: auth.enabled=false" in json.loads(open_api.stdout)["info"]["notes"]
-    assert "claim redrec-pipeline-workspace, mounted at /var/lib/redrec" in notes
+    assert "claim redrec-pipeline-workspace, standing for /var/lib/redrec; only the reference (read-only)" in notes
     assert "report history" not in notes
     ephemeral = helm.run("install", RELEASE, CHART, "--namespace", NAMESPACE, "--dry-run=client", "-o", "json",
                          "-f", CI_VALUES / "default-values.yaml", "--set", "drift.persistence.enabled=false")

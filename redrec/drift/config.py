@@ -148,6 +148,25 @@ class Thresholds(_Strict):
         return t
 
 
+class SamplingConfig(_Strict):
+    """Caps on what the check keeps of the serving log, so its memory does not grow with the
+    window's traffic. Below a cap nothing is sampled (a small window is judged on every line).
+    Above it a seeded hash sample is kept: behaviour events by user (a sampled user keeps all
+    their events, so sequence lengths stay exact), responses by request id (with the feedback on
+    them, so the hit rate joins). The report says what was seen and what was used per scenario."""
+    # in-window behaviour events per scenario (the behaviour check samples to max_rows anyway)
+    max_events_per_scenario: int = Field(200_000, ge=100)
+    # in-window responses per scenario: the embedding (max_rows 5000) and score (max_rows 200k
+    # scores = 20k responses at top_k 10) checks sample below it
+    max_requests_per_scenario: int = Field(20_000, ge=10)
+    # in-window feedback lines answering the kept responses, per scenario (the hit rate's join):
+    # feedback files are read before the responses, so this bounds them on its own
+    max_answers_per_scenario: int = Field(100_000, ge=10)
+    # all kept events (window and lookback, every scenario) of the sampled users: bounds memory
+    # where a scenario is rare or absent (its own cap alone would keep every user)
+    max_history_events: int = Field(500_000, ge=1000)
+
+
 class DriftConfig(_Strict):
     """What one ``redrec drift check`` reads, writes and may start."""
 
@@ -170,6 +189,7 @@ class DriftConfig(_Strict):
     experiment_name: str = "redrec-drift-retraining"
     local_pipeline: str = "pipelines.training:training_pipeline"
     pipeline_params: dict = Field(default_factory=dict)
+    sampling: SamplingConfig = Field(default_factory=SamplingConfig)
     seed: int = 0
 
     @field_validator("local_pipeline")

@@ -57,8 +57,11 @@ def _trailing_counts(user: pd.Series, ts: np.ndarray, lookback_s: int) -> np.nda
     return out
 
 
-def behaviour_features(events: pd.DataFrame, stats: pd.DataFrame, lookback_hours: float) -> pd.DataFrame:
-    """One row per event: scenario, ts and the behaviour features."""
+def behaviour_features(events: pd.DataFrame, stats: pd.DataFrame, lookback_hours: float,
+                       first_seen_here: pd.Series | None = None) -> pd.DataFrame:
+    """One row per event: scenario, ts and the behaviour features. ``first_seen_here``: item_id ->
+    first ts over more events than ``events`` holds (a sampled window's full log), so items new to
+    the reference age from their true first appearance."""
     if events.empty:
         return pd.DataFrame(columns=["scenario", "ts", "pop_bucket", "item_age_rank", "seq_len", "hour", "action", "category"])
     ts = events["ts"].to_numpy(dtype=np.int64)
@@ -66,12 +69,16 @@ def behaviour_features(events: pd.DataFrame, stats: pd.DataFrame, lookback_hours
     item = events["item_id"].astype(str)
     first = item.map(s["first_seen"]).to_numpy(dtype="float64")
     # items unknown to the reference age from their first appearance here
-    first_here = events.groupby(item)["ts"].transform("min").to_numpy(dtype="float64")
+    here = events.groupby(item)["ts"].min().astype("float64")
+    if first_seen_here is not None and len(first_seen_here):
+        here = pd.concat([here, first_seen_here.astype("float64")]).groupby(level=0).min()
+    first_here = item.map(here).to_numpy(dtype="float64")
     new = np.isnan(first)
     first = np.where(new, first_here, first)
     # every item's first-seen time, sorted: how many were known at ts, how many of those since first
-    first_new = pd.Series(first_here[new], index=item[new].to_numpy()).groupby(level=0).first()  # one per new item
-    known = np.sort(np.concatenate([s["first_seen"].dropna().to_numpy(dtype="float64"), first_new.to_numpy()]))
+    ref_known = s["first_seen"].dropna()
+    first_new = here[~here.index.isin(ref_known.index)]  # one per item new to the reference
+    known = np.sort(np.concatenate([ref_known.to_numpy(dtype="float64"), first_new.to_numpy()]))
     n_known = np.searchsorted(known, ts, side="right")
     newer = n_known - np.searchsorted(known, np.minimum(first, ts), side="left")
     return pd.DataFrame({

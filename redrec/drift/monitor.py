@@ -23,8 +23,9 @@ from redrec.drift.config import DriftConfig
 from redrec.drift.features import behaviour_features
 from redrec.drift.reference import Reference, ReferenceError, load_reference
 from redrec.drift.report import SUMMARY_FORMAT, write_run
-from redrec.experiments.log import RECEIVED, read_log
 from redrec.drift.trigger import maybe_trigger
+from redrec.drift.window import read_window
+from redrec.experiments.log import RECEIVED
 from redrec.schema import EVENT_COLUMNS, SchemaError, validate_events
 
 log = logging.getLogger("redrec.drift")
@@ -59,7 +60,7 @@ def current_events(cfg: DriftConfig, feedback: pd.DataFrame, start: float, end: 
     if len(feedback):
         fb = feedback[list(EVENT_COLUMNS)].copy()
         fb["ts"] = fb["ts"].astype("int64")
-        fb["in_window"] = (feedback[RECEIVED] >= start).to_numpy()
+        fb["in_window"] = (feedback["in_window"] if "in_window" in feedback else feedback[RECEIVED] >= start).to_numpy()
         parts.append(fb)
     for p in cfg.events:
         ev = _read_events(Path(p))
@@ -127,19 +128,30 @@ def run_check(cfg: DriftConfig) -> tuple[dict, Path]:
         lookback = float(ref.info.get("seq_lookback_hours", 24.0))
         # read a lookback margin before the window so sequence lengths at its start are complete
         margin_start = start - lookback * 3600
-        logs = read_log(cfg.serving_log_dir, margin_start, now)
-        summary["problems"] += logs.problems()
-        events = current_events(cfg, logs.feedback, start, now, margin_start, ref.tail)
-        feats = behaviour_features(events, ref.items, lookback)
-        feats = feats[events["in_window"].to_numpy()].reset_index(drop=True)
-        requests = logs.requests[logs.requests["ts"] >= start] if len(logs.requests) else logs.requests
-        feedback = logs.feedback[logs.feedback[RECEIVED] >= start] if len(logs.feedback) else logs.feedback
+        ths = [cfg.thresholds.for_scenario(s) for s in cfg.scenarios]
+        keep_top = max(max(t.hit_rate.k, t.prediction.top_k) for t in ths)
+        win = read_window(cfg.serving_log_dir, cfg.scenarios, start, now, margin_start, cfg.sampling, cfg.seed, keep_top)
+        summary["problems"] += win.problems()
+        events = current_events(cfg, win.events, start, now, margin_start, ref.tail)
+        feats = behaviour_features(events, ref.items, lookback, first_seen_here=win.first_seen)
+        # the window's events of the sampled users (all of them below the cap)
+        in_sample = events["in_window"].to_numpy() & win.sampled_users(events["user_id"], events["scenario"])
+        feats = feats[in_sample].reset_index(drop=True)
+        requests, feedback = win.requests, win.feedback
         summary["inputs"] = {
-            "serving_log_dir": str(cfg.serving_log_dir) if cfg.serving_log_dir else None, "serving_log_files": logs.files,
-            "requests": int(len(requests)), "feedback": int(len(feedback)), "events_files": [str(p) for p in cfg.events],
-            "current_events": int(len(feats)), "skipped_log_lines": dict(logs.skipped),
+            "serving_log_dir": str(cfg.serving_log_dir) if cfg.serving_log_dir else None, "serving_log_files": win.stats.files,
+            "requests": win.n_requests, "feedback": win.n_feedback, "events_files": [str(p) for p in cfg.events],
+            "current_events": int(len(feats)), "skipped_log_lines": dict(win.stats.skipped),
+            "lines_outside_window": win.stats.outside_span, "files_older_than_window": win.stats.old_files,
         }
-        if len(feats) == 0 and len(requests) == 0:
+        used = feats["scenario"].value_counts()
+        for s, v in win.sampling["scenarios"].items():
+            v["events_used"] = int(used.get(s, 0))
+        summary["sampling"] = win.sampling
+        if win.sampling["sampled"]:
+            log.info("serving log sampled above the caps: %s", {s: (v["events_used"], v["events_seen"], v["requests_used"], v["requests_seen"])
+                                                               for s, v in win.sampling["scenarios"].items()})
+        if len(feats) == 0 and win.n_requests == 0:
             summary["problems"].append(
                 f"the current window {_run_id(start)}..{_run_id(now)} holds no events and no requests: check that the serving "
                 f"log dir ({cfg.serving_log_dir}) is mounted and written, or pass --events")

@@ -14,6 +14,7 @@ line (machine crash mid-write) is skipped by the reader and counted.
 from __future__ import annotations
 
 import json
+import math
 import os
 import socket
 import threading
@@ -177,12 +178,125 @@ def _check(rec, fields: tuple[str, ...]) -> str | None:
     if miss:
         return f"missing field(s) {miss}"
     try:
-        float(rec["ts"])
+        ts = float(rec["ts"])
     except (TypeError, ValueError):
         return "field 'ts' is not a number"
+    if not math.isfinite(ts):  # JSON as Python reads it allows Infinity and NaN
+        return "field 'ts' is not a finite number"
     if "items" in fields and (not isinstance(rec["items"], list) or not isinstance(rec["scores"], list) or len(rec["items"]) != len(rec["scores"])):
         return "fields 'items' and 'scores' must be lists of equal length"
     return None
+
+
+# Lines as AppendLog writes them (compact JSON): the key's first occurrence right after ``{`` or
+# ``,`` with no nested object opened before it is the top-level key (a quote inside a string is
+# escaped, so ``,"ts":`` cannot occur inside a value).
+_TS_KEYS = {False: ('"ts":',), True: ('"received_ts":', '"ts":')}
+
+
+def _prefilter_when(line: str, is_fb: bool) -> float | None:
+    """The line's arrival time read without parsing the JSON, or None where that is not certain
+    (a torn line, a nested object before the key, a writer with other separators)."""
+    if not line.endswith("}\n") and not line.endswith("}"):
+        return None  # a torn line: the full parse counts it
+    for key in _TS_KEYS[is_fb]:
+        i = line.find(key)
+        if i == -1:
+            continue  # feedback written before received_ts existed: its ts
+        if i == 0 or line[i - 1] not in "{," or line.find("{", 1, i) != -1:
+            return None
+        j = i + len(key)
+        k = j
+        while k < len(line) and line[k] not in ",}":
+            k += 1
+        try:
+            return float(line[j:k])
+        except ValueError:
+            return None
+    return None
+
+
+@dataclass
+class LineStats:
+    """What a pass over the log read and skipped (shared by every reader of the log)."""
+    files: int = 0
+    skipped: Counter = field(default_factory=Counter)
+    examples: list[str] = field(default_factory=list)
+    # lines placed outside the span by the cheap prefilter (never parsed) and whole files not
+    # written since before the span (never opened): both are not in the data asked for
+    outside_span: int = 0
+    old_files: int = 0
+
+    def skip(self, why: str, where: str) -> None:
+        self.skipped[why] += 1
+        if len(self.examples) < 20:
+            self.examples.append(f"{where} {why}")
+
+
+# A file's mtime is when its last line was written; lines are written at (after) their arrival, so
+# a file last written before the span holds no line of it. Slack for clock skew between the pods
+# and the volume's server.
+FILE_AGE_SLACK_S = 3600.0
+
+
+def log_files(log_dir: str | Path | None) -> list[Path]:
+    return sorted(Path(log_dir).rglob("*.jsonl")) if log_dir is not None and Path(log_dir).is_dir() else []
+
+
+def iter_log(log_dir: str | Path | None, spans: dict[bool, tuple[float, float]], stats: LineStats,
+             request_fields: tuple[str, ...] = REQUEST_FIELDS, skip_outside: bool = False):
+    """Yield ``(is_feedback, record, when)`` for the valid lines whose arrival ``when`` lies in the
+    span of their kind (``spans[False]`` responses by ``ts``, ``spans[True]`` feedback by
+    ``received_ts``, else ``ts``); malformed lines are skipped and counted in ``stats``.
+
+    ``skip_outside``: files last written before both spans are not opened, and complete lines in
+    the writer's format whose arrival falls outside their span are dropped before the JSON parse
+    (a torn or odd line is always parsed, so it is still counted)."""
+    earliest = min(lo for lo, _ in spans.values())
+    for path in log_files(log_dir):
+        is_fb = path.name.startswith("feedback-")
+        lo, hi = spans[is_fb]
+        if skip_outside:
+            try:
+                old = path.stat().st_mtime < earliest - FILE_AGE_SLACK_S
+            except FileNotFoundError:  # pruned by a serving pod since the listing
+                continue
+            if old:
+                stats.old_files += 1
+                continue
+        fields = FEEDBACK_REQUIRED if is_fb else request_fields
+        try:
+            fh = path.open(encoding="utf-8", errors="replace")
+        except FileNotFoundError:
+            continue
+        stats.files += 1
+        with fh:
+            for n, line in enumerate(fh, 1):
+                if skip_outside:
+                    when = _prefilter_when(line, is_fb)
+                    if when is not None and not lo <= when < hi:
+                        stats.outside_span += 1
+                        continue
+                if not line.strip():
+                    continue
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError:
+                    # a writer killed mid-line leaves a torn last line: skip it, count it
+                    stats.skip("invalid JSON", f"{path.name}:{n}")
+                    continue
+                why = _check(rec, fields)
+                if why:
+                    stats.skip(why, f"{path.name}:{n}")
+                    continue
+                when = rec.get(RECEIVED, rec["ts"]) if is_fb else rec["ts"]
+                try:
+                    when = float(when)
+                except (TypeError, ValueError):
+                    stats.skip(f"field '{RECEIVED}' is not a number", f"{path.name}:{n}")
+                    continue
+                if lo <= when < hi:
+                    yield is_fb, rec, when
 
 
 def read_log(log_dir: str | Path | None, start: float = float("-inf"), end: float = float("inf"),
@@ -190,41 +304,15 @@ def read_log(log_dir: str | Path | None, start: float = float("-inf"), end: floa
     """Response lines with ``start <= ts < end`` and feedback lines that arrived in that span
     (``received_ts``, else ``ts`` for lines written before it existed) from every ``*.jsonl`` under
     ``log_dir`` (rotated files and per-pod sub-directories included); a missing directory reads
-    as empty (the caller reports it)."""
+    as empty (the caller reports it). Every line is held in memory: the A/B analysis reads a whole
+    experiment. The drift check streams instead (redrec.drift.window)."""
     req, fb = [], []
-    out = LogRead(pd.DataFrame(), pd.DataFrame())
-    paths = sorted(Path(log_dir).rglob("*.jsonl")) if log_dir is not None and Path(log_dir).is_dir() else []
-    for path in paths:
-        is_fb = path.name.startswith("feedback-")
-        fields = FEEDBACK_REQUIRED if is_fb else request_fields
-        out.files += 1
-        with path.open(encoding="utf-8", errors="replace") as fh:
-            for n, line in enumerate(fh, 1):
-                if not line.strip():
-                    continue
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError:
-                    # a writer killed mid-line leaves a torn last line: skip it, count it
-                    out.skipped["invalid JSON"] += 1
-                    out.examples.append(f"{path.name}:{n} invalid JSON")
-                    continue
-                why = _check(rec, fields)
-                if why:
-                    out.skipped[why] += 1
-                    out.examples.append(f"{path.name}:{n} {why}")
-                    continue
-                when = rec.get(RECEIVED, rec["ts"]) if is_fb else rec["ts"]
-                try:
-                    when = float(when)
-                except (TypeError, ValueError):
-                    out.skipped[f"field '{RECEIVED}' is not a number"] += 1
-                    out.examples.append(f"{path.name}:{n} field '{RECEIVED}' is not a number")
-                    continue
-                if start <= when < end:
-                    if is_fb:
-                        rec[RECEIVED] = when
-                    (fb if is_fb else req).append(rec)
+    stats = LineStats()
+    for is_fb, rec, when in iter_log(log_dir, {False: (start, end), True: (start, end)}, stats, request_fields):
+        if is_fb:
+            rec[RECEIVED] = when
+        (fb if is_fb else req).append(rec)
+    out = LogRead(pd.DataFrame(), pd.DataFrame(), stats.files, stats.skipped, stats.examples)
     out.requests = pd.DataFrame(req) if req else pd.DataFrame(columns=list(request_fields))
     out.feedback = pd.DataFrame(fb) if fb else pd.DataFrame(columns=[*FEEDBACK_FIELDS, RECEIVED])
     out.feedback[RECEIVED] = pd.to_numeric(out.feedback[RECEIVED]).astype("float64")

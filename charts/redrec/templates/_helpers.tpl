@@ -53,6 +53,15 @@ app.kubernetes.io/component: {{ .component }}
 
 {{- define "redrec.serving.fullname" -}}{{ include "redrec.fullname" . }}-serving{{- end -}}
 {{- define "redrec.feast.fullname" -}}{{ include "redrec.fullname" . }}-feast{{- end -}}
+{{- /* "true" when the PrometheusRule is rendered: enabled=true, or "auto" on a cluster serving its
+       CRD (helm template: --api-versions monitoring.coreos.com/v1/PrometheusRule) */ -}}
+{{- define "redrec.prometheusRule.enabled" -}}
+{{- $on := toString .Values.prometheusRule.enabled -}}
+{{- if or (eq $on "true") (and (eq $on "auto") (.Capabilities.APIVersions.Has "monitoring.coreos.com/v1/PrometheusRule")) -}}
+true
+{{- end -}}
+{{- end -}}
+
 {{- define "redrec.drift.fullname" -}}{{ include "redrec.fullname" . }}-drift{{- end -}}
 {{- define "redrec.config.fullname" -}}{{ include "redrec.fullname" . }}-config{{- end -}}
 {{- /* The release ConfigMap: written by the pipeline's deploy step and `redrec release promote|rollback`
@@ -411,8 +420,16 @@ inconsistency stops rendering with a message naming the values to fix.
 {{- if not (hasPrefix (printf "%s/" $root) (printf "%s/" (trimSuffix "/" .Values.drift.reportDir))) -}}
 {{- fail (printf "drift.reportDir (%s) must be under drift.persistence.mountPath (%s): the drift pod's root filesystem is read-only, so reports can only be written to that volume" .Values.drift.reportDir $dp.mountPath) -}}
 {{- end -}}
-{{- if eq (trimSuffix "/" .Values.drift.reportDir) (trimSuffix "/" .Values.drift.referenceDir) -}}
+{{- $ref := printf "%s/" (trimSuffix "/" .Values.drift.referenceDir) -}}
+{{- $rep := printf "%s/" (trimSuffix "/" .Values.drift.reportDir) -}}
+{{- if eq $rep $ref -}}
 {{- fail (printf "drift.reportDir and drift.referenceDir are both %s; reports must not be written into the reference" .Values.drift.reportDir) -}}
+{{- end -}}
+{{- if or (hasPrefix $ref $rep) (hasPrefix $rep $ref) -}}
+{{- fail (printf "drift.reportDir (%s) and drift.referenceDir (%s) are nested: the drift job mounts the reference read-only and the reports writable, each its own directory; make them siblings" .Values.drift.reportDir .Values.drift.referenceDir) -}}
+{{- end -}}
+{{- if and $dp.enabled (not (hasPrefix (printf "%s/" $root) $ref)) -}}
+{{- fail (printf "drift.referenceDir (%s) must be under drift.persistence.mountPath (%s): the drift job mounts it from that claim (read-only)" .Values.drift.referenceDir $dp.mountPath) -}}
 {{- end -}}
 {{- end -}}
 {{- if and .Values.feast.enabled (eq .Values.feast.onlineStore.type "postgres") (not .Values.feast.onlineStore.postgres.host) -}}
