@@ -65,8 +65,9 @@ def _quantity_bytes(q: str) -> int:
 
 def pod_run_args(doc: dict, container: str, *, docs: list[dict], workdir: Path, name: str, image: str,
                  secrets: dict[tuple[str, str], str] | None = None, claims: dict[str, Path] | None = None,
-                 hosts: list[str] = ()) -> list[str]:
-    """`docker run` arguments (after ``run``) for ``container`` of the rendered ``doc``."""
+                 hosts: list[str] = (), configmaps: dict[str, dict] | None = None) -> list[str]:
+    """`docker run` arguments (after ``run``) for ``container`` of the rendered ``doc``;
+    ``configmaps``: objects the cluster holds beside the chart's (the pipeline's release)."""
     secrets, claims = secrets or {}, claims or {}
     spec = pod_spec(doc)
     c = next(x for x in spec["containers"] if x["name"] == container)
@@ -116,8 +117,15 @@ def pod_run_args(doc: dict, container: str, *, docs: list[dict], workdir: Path, 
         d = workdir / f"{name}-{m['name']}"
         d.mkdir(parents=True, exist_ok=True)
         if "configMap" in v:
-            cm = next(x for x in docs if x["kind"] == "ConfigMap" and x["metadata"]["name"] == v["configMap"]["name"])
-            files = {i["path"]: cm["data"][i["key"]] for i in v["configMap"].get("items", [])} or cm["data"]
+            cm = next((x for x in docs if x["kind"] == "ConfigMap" and x["metadata"]["name"] == v["configMap"]["name"]), None)
+            if cm is None and v["configMap"].get("optional"):
+                # the kubelet mounts an optional ConfigMap that does not exist (yet) as an empty directory
+                cm = (configmaps or {}).get(v["configMap"]["name"], {"data": {}})
+            elif cm is None:
+                raise ValueError(f"{doc['metadata']['name']}: volume {m['name']} needs ConfigMap "
+                                 f"{v['configMap']['name']}, which the chart did not render")
+            files = {i["path"]: cm["data"][i["key"]] for i in v["configMap"].get("items", []) if i["key"] in cm["data"]} \
+                or cm["data"]
         elif "secret" in v:
             sname = v["secret"]["secretName"]
             files = {i["path"]: secrets[(sname, i["key"])] for i in v["secret"]["items"]}

@@ -3,6 +3,7 @@ PostgreSQL with TLS and Redis."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pwd
 import shutil
@@ -124,3 +125,19 @@ def readme_event_log_acl(password: str) -> list[str]:
     cmd = re.search(r"^redis-cli .*? (ACL SETUSER redrec-events .*?)\n```", readme, re.M | re.S).group(1)
     words = shlex.split(cmd.replace("\\\n", " "))
     return ["#" + hashlib.sha256(password.encode()).hexdigest() if w.startswith("#$(") else w for w in words]
+
+
+@contextlib.contextmanager
+def small_disk(path: Path, size: str):
+    """A tmpfs of ``size`` mounted at ``path``: a disk that fills up for real (ENOSPC, short
+    writes). Needs root (CI and this machine run as root); skips the test otherwise."""
+    import pytest
+
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root (CI and this machine run as root)")
+    path.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], check=True)
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=False)

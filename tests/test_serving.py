@@ -435,7 +435,7 @@ def test_two_workers_answer_alike_and_lose_no_pushed_event(world, tmp_path):
 
     with LocalServer(path) as srv:
         answers = []
-        for _ in range(6):
+        for _ in range(20):  # on a loaded machine one worker may take several bursts in a row
             answers += asyncio.run(burst(srv.url, "/recommend", [{"user_id": user, "scenario": "search", "k": 10}] * 40))
             served = lines("serving")
             if sum(1 for n in served.values() if n) == 2:
@@ -817,12 +817,9 @@ def test_a_full_log_volume_costs_the_log_line_not_the_response(world, tmp_path):
     from redrec.experiments.log import read_log
     from redrec.serving.local import LocalServer
 
-    if os.geteuid() != 0:
-        pytest.skip("mounting a tmpfs needs root (CI and this machine run as root)")
-    logfs = tmp_path / "logfs"
-    logfs.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(logfs)], check=True)
-    try:
+    from services_util import small_disk
+
+    with small_disk(tmp_path / "logfs", "256k") as logfs:
         path = fallback_config(world, tmp_path)
         cfg = yaml.safe_load(path.read_text())
         cfg["serving"]["serving_log"]["dir"] = str(logfs)
@@ -857,8 +854,6 @@ def test_a_full_log_volume_costs_the_log_line_not_the_response(world, tmp_path):
         logged = list(lr.requests["request_id"])
         assert logged[:len(before)] == before and logged[-len(after):] == after
         assert len(logged) == len(before) + len(during) - int(lost) + len(after)
-    finally:
-        subprocess.run(["umount", "-l", str(logfs)], check=False)
 
 
 def test_sigterm_under_load_fails_no_request(world, tmp_path):

@@ -4,7 +4,6 @@ tests/test_serving.py (a full log volume, SIGTERM under load, two workers reload
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -21,15 +20,10 @@ from redrec.experiments.log import AppendLog, read_log
 @pytest.fixture
 def tiny_fs(tmp_path):
     """A 16 KiB tmpfs: a disk that fills up for real (ENOSPC, short writes)."""
-    if os.geteuid() != 0:
-        pytest.skip("mounting a tmpfs needs root (CI and this machine run as root)")
-    d = tmp_path / "fs"
-    d.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16k", "tmpfs", str(d)], check=True)
-    try:
+    from services_util import small_disk
+
+    with small_disk(tmp_path / "fs", "16k") as d:
         yield d
-    finally:
-        subprocess.run(["umount", "-l", str(d)], check=False)
 
 
 def _record(n: int) -> dict:

@@ -460,5 +460,8 @@ def record_reference(params: PipelineParams, data_dir: str | Path, model_dir: st
             meta["offline_metrics"] = cand["per_scenario"]
         out = Path(params.workspace) / "drift" / "reference"
         path = record(data.events, data.items, out, model_dir=Path(model_dir), meta=meta, requests_at=params.drift_reference_at)
+        # the drift CronJob mounts its report dir as a sub-path of this claim: one missing there
+        # would be created by the kubelet owned by root, which the job's user cannot write
+        (Path(params.workspace) / "drift" / "reports").mkdir(parents=True, exist_ok=True)
         print(f"[redrec-pipeline] drift reference: {path}", flush=True)
     return {"path": str(path), "events": int(len(data.events))}
