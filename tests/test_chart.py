@@ -1978,7 +1978,9 @@ def _doc_section(title: str, doc: Path = DOC) -> str:
 
 STUBS = r'''
 set -euo pipefail
-record() { printf '%q ' "$@" >> "$CMD_LOG"; printf '\n' >> "$CMD_LOG"; }
+# one append per command line: the two sides of a pipe record at once, and two appends each
+# could interleave (a helm line glued to the kubectl one)
+record() { local line; line=$(printf '%q ' "$@"); printf '%s\n' "$line" >> "$CMD_LOG"; }
 kubectl() { record kubectl "$@"; }
 make() { record make "$@"; }
 docker() { record docker "$@"; }
@@ -2160,7 +2162,9 @@ def test_rendered_config_loads_in_the_serving_service(render, value_set):
 
 ITEMS_STUBS = r'''
 set -euo pipefail
-record() { printf '%q ' "$@" >> "$CMD_LOG"; printf '\n' >> "$CMD_LOG"; }
+# one append per command line: the two sides of a pipe record at once, and two appends each
+# could interleave (a helm line glued to the kubectl one)
+record() { local line; line=$(printf '%q ' "$@"); printf '%s\n' "$line" >> "$CMD_LOG"; }
 kubectl() {
   record kubectl "$@"
   case " $* " in
