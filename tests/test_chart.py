@@ -365,6 +365,19 @@ def test_helm_is_v4(helm):
 # lint, render, Kubernetes schemas
 
 
+def test_config_interleaving_experiment(helm, tmp_path):
+    """An interleaving experiment renders into a config.yaml the serving config loads as one."""
+    from redrec.serving.config import ServingConfig
+
+    arms = [{"name": "control", "modelVersion": "v1", "share": 0.5}, {"name": "candidate", "modelVersion": "v2", "share": 0.5}]
+    docs = helm.template("-f", CI_VALUES / "default-values.yaml", "-f",
+                         values_file(tmp_path, {"config": {"experiment": {"type": "interleaving", "arms": arms}}}))
+    cfg = config_yaml(docs)
+    assert cfg["experiment"]["type"] == "interleaving"
+    cfg["milvus"]["uri"] = "http://milvus:19530"
+    assert ServingConfig.from_dict(cfg).experiment.interleaved
+
+
 @pytest.mark.parametrize("value_set", VALUE_SETS)
 def test_lint_strict(helm, value_set):
     proc = helm.run("lint", "--strict", CHART, "-f", CI_VALUES / f"{value_set}-values.yaml", check=False)
@@ -1119,7 +1132,7 @@ def test_missing_pipeline_id_is_refused_only_while_drift_is_on(helm):
 def test_config_contents_default(render):
     cfg = config_yaml(render("default"))
     assert cfg["scenarios"] == ["homefeed", "search", "ads"]
-    assert cfg["experiment"] == {"name": "default", "holdout_share": 0, "arms": [
+    assert cfg["experiment"] == {"name": "default", "type": "ab", "holdout_share": 0, "arms": [
         {"name": "control", "model_version": "bundled", "index_alias": "redrec_items", "share": 1}]}
     assert cfg["serving"]["max_k"] == 200 and cfg["serving"]["port"] == 3000
     # a dependency outage is served by the fallback (pods stay ready), with a Feast deadline
@@ -1792,6 +1805,9 @@ RULE_CASES = [
      {"config": {"experiment": {"arms": [{"name": "a", "modelVersion": "m", "share": 0.5},
                                          {"name": "a", "modelVersion": "m2", "share": 0.5}]}}},
      'arm name "a" is used twice'),
+    ("interleaving-with-one-arm",
+     {"config": {"experiment": {"type": "interleaving", "arms": [{"name": "a", "modelVersion": "m", "share": 1.0}]}}},
+     "an interleaving experiment merges exactly two arms' rankings, 1 given"),
     ("pdb-with-one-replica", {"serving": {"replicaCount": 1, "autoscaling": {"enabled": False}}},
      "serving.pdb.enabled=true with 1 serving replica(s) would block node drains"),
     ("hpa-max-below-min", {"serving": {"autoscaling": {"minReplicas": 5, "maxReplicas": 3}}},

@@ -18,6 +18,9 @@ class RecData:
     scenarios: list[str]
     actions: list[str]
     reports: list[LoadReport] = field(default_factory=list)
+    # a generated world's latent truth (redrec.data.synthetic): what an experiment simulator
+    # draws clicks from; None for real data
+    truth: dict | None = None
 
     def __post_init__(self) -> None:
         # Stable sort: MovieLens rates in bursts (many equal timestamps); file order breaks ties.

@@ -109,6 +109,7 @@ def generate(cfg: SyntheticConfig | None = None) -> RecData:
         return item
 
     rows_u, rows_i, rows_s, rows_a, rows_t = [], [], [], [], []
+    user_interest = np.zeros((cfg.n_users, T))  # long-term interest weight per topic (ground truth)
     mix = np.asarray(cfg.scenario_mix, dtype=float)
     mix = mix / mix.sum()
     for u in range(cfg.n_users):
@@ -116,6 +117,7 @@ def generate(cfg: SyntheticConfig | None = None) -> RecData:
         k = rng.integers(2, 4)
         interests = rng.choice(T, size=k, replace=False)
         weights = rng.dirichlet(np.ones(k) * 2)
+        user_interest[u, interests] = weights
         user_mix = rng.dirichlet(mix * 20)
         intent = int(rng.choice(interests, p=weights))
         ts = cfg.start_ts + int(rng.integers(0, 86400 * 30))
@@ -147,4 +149,7 @@ def generate(cfg: SyntheticConfig | None = None) -> RecData:
             rows_a.append(action)
             rows_t.append(ts)
     events = pd.DataFrame({"user_id": rows_u, "item_id": rows_i, "scenario": rows_s, "action": rows_a, "ts": np.asarray(rows_t, dtype=np.int64)})
-    return RecData(f"synthetic-{cfg.n_users}u-seed{cfg.seed}", events, items, list(SCENARIOS), list(ACTIONS))
+    # recorded, not drawn: the generator's random stream (hence the data) is what it always was
+    truth = {"user_ids": [f"u{u:07d}" for u in range(cfg.n_users)], "user_interest": user_interest,
+             "item_ids": item_ids, "topic": topic, "second": second, "popularity": popularity}
+    return RecData(f"synthetic-{cfg.n_users}u-seed{cfg.seed}", events, items, list(SCENARIOS), list(ACTIONS), truth=truth)

@@ -10,10 +10,12 @@ from __future__ import annotations
 import hashlib
 import math
 import re
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 HOLDOUT = "holdout"
+INTERLEAVED = "interleaved"  # the ``arm`` of a response merged from both arms' rankings
 _SCALE = float(2**64)
 
 
@@ -30,17 +32,23 @@ class Arm(BaseModel):
     def _name(cls, v: str) -> str:
         if not re.fullmatch(r"[A-Za-z0-9_.-]+", v):
             raise ValueError(f"arm name {v!r} must be letters, digits, '_', '.' or '-'")
-        if v == HOLDOUT:
-            raise ValueError(f"arm name {HOLDOUT!r} is reserved for the holdout group")
+        if v in (HOLDOUT, INTERLEAVED):
+            raise ValueError(f"arm name {v!r} is reserved ({HOLDOUT!r}: the holdout group, {INTERLEAVED!r}: "
+                             "responses of an interleaving experiment)")
         return v
 
 
 class ExperimentSpec(BaseModel):
-    """``experiment`` section of config.yaml: arms and the holdout (users outside every arm)."""
+    """``experiment`` section of config.yaml: arms and the holdout (users outside every arm).
+
+    ``type: ab`` splits users between the arms by their shares. ``type: interleaving`` shows every
+    user (outside the holdout) one list merged by team draft from exactly two arms' rankings
+    (``redrec.experiments.interleaving``); the shares still sum to 1 but split nothing."""
 
     model_config = ConfigDict(extra="forbid")
 
     name: str = Field("default", min_length=1, max_length=128)
+    type: Literal["ab", "interleaving"] = "ab"
     holdout_share: float = Field(0.0, ge=0, le=0.5)
     arms: list[Arm] = Field(min_length=1)
 
@@ -54,6 +62,9 @@ class ExperimentSpec(BaseModel):
         dup = sorted({n for n in names if names.count(n) > 1})
         if dup:
             raise ValueError(f"experiment.arms: duplicate arm name(s) {dup}")
+        if self.type == "interleaving" and len(self.arms) != 2:
+            raise ValueError(f"experiment.arms: an interleaving experiment merges exactly two arms' rankings, "
+                             f"{len(self.arms)} given ({names}); list two arms or use type: ab")
         return self
 
     def check_versions(self, known: set[str] | list[str], where: str = "the BentoML model store") -> None:
@@ -65,8 +76,17 @@ class ExperimentSpec(BaseModel):
                              f"known: {sorted(known)} (the training pipeline's deploy step stores each release's model; "
                              "`redrec release list` shows them)")
 
+    @property
+    def interleaved(self) -> bool:
+        return self.type == "interleaving"
+
     def expected_shares(self) -> dict[str, float]:
         """Share of all traffic per group, holdout included."""
+        if self.interleaved:
+            out = {INTERLEAVED: 1 - self.holdout_share}
+            if self.holdout_share > 0:
+                out[HOLDOUT] = self.holdout_share
+            return out
         out = {a.name: (1 - self.holdout_share) * a.share for a in self.arms}
         if self.holdout_share > 0:
             out[HOLDOUT] = self.holdout_share
@@ -84,6 +104,8 @@ def assign(spec: ExperimentSpec, user_id: str) -> str:
     so changing the holdout share does not reshuffle users between arms."""
     if spec.holdout_share > 0 and unit_hash(spec.name, "holdout", str(user_id)) < spec.holdout_share:
         return HOLDOUT
+    if spec.interleaved:
+        return INTERLEAVED
     u = unit_hash(spec.name, "arm", str(user_id))
     acc = 0.0
     for a in spec.arms:

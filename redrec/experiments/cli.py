@@ -8,7 +8,7 @@ from pathlib import Path
 
 
 def cmd_report(args) -> int:
-    from redrec.experiments.report import analyse, format_text, write_report
+    from redrec.experiments.report import InterleavedLog, analyse, format_text, write_report
 
     spec = None
     if args.config:
@@ -23,8 +23,12 @@ def cmd_report(args) -> int:
     if not log_dir:
         print("error: --log-dir: give the serving log directory (or set REDREC_SERVING_LOG_DIR)")
         return 2
+    if spec is not None and spec.interleaved:
+        return _interleaving(log_dir, spec, args)
     try:
         rep = analyse(log_dir, spec, control=args.control, confidence=args.confidence)
+    except InterleavedLog:
+        return _interleaving(log_dir, spec, args)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}")
         return 2
@@ -34,10 +38,26 @@ def cmd_report(args) -> int:
     return 1 if (args.fail_on_srm and rep.srm.get("mismatch")) else 0
 
 
+def _interleaving(log_dir: str, spec, args) -> int:
+    from redrec.experiments.interleaving_report import (analyse_interleaving, format_interleaving,
+                                                        write_interleaving_report)
+
+    try:
+        rep = analyse_interleaving(log_dir, spec, confidence=args.confidence)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}")
+        return 2
+    paths = write_interleaving_report(rep, args.out)
+    print(format_interleaving(rep))
+    print(json.dumps({k: str(v) for k, v in paths.items()}))
+    return 0
+
+
 def register(subparsers) -> None:
     p = subparsers.add_parser("ab", help="A/B experiments")
     sub = p.add_subparsers(dest="ab_command", required=True)
-    r = sub.add_parser("report", help="per arm and scenario CTR / hit rate, lift with CI, SRM check; HTML + JSON")
+    r = sub.add_parser("report", help="per arm and scenario CTR / hit rate, lift with CI, SRM check; for an "
+                       "interleaving experiment (experiment.type in --config) the preference per scenario; HTML + JSON")
     r.add_argument("--log-dir", help="serving log dir (default: $REDREC_SERVING_LOG_DIR)")
     r.add_argument("--config", help="serving config.yaml (arms, shares, holdout) for the SRM check and arm order")
     r.add_argument("--control", help="control arm (default: the first arm)")

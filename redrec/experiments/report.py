@@ -25,12 +25,16 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from redrec.experiments.assignment import HOLDOUT, ExperimentSpec
+from redrec.experiments.assignment import HOLDOUT, INTERLEAVED, ExperimentSpec
 from redrec.experiments.log import read_feedback, read_serving_log
 from redrec.reports.render import PALETTE
 
 POSITIVE_ACTIONS = ("click", "like", "share", "purchase", "conversion", "save", "comment", "follow")
 SRM_ALPHA = 1e-3
+
+
+class InterleavedLog(ValueError):
+    """The experiment analysed is an interleaving one."""
 
 
 @dataclass
@@ -169,6 +173,9 @@ def analyse(
         # a log dir may hold several experiments over time: analyse only this one's responses
         responses = responses[responses["experiment"].fillna(spec.name) == spec.name]
     r, unjoined = join_feedback(responses, feedback, positive_actions)
+    if INTERLEAVED in set(r["arm"]):
+        raise InterleavedLog(f"the responses under {log_dir} are interleaved (experiment.type: interleaving): "
+                             "an A/B split does not apply; redrec.experiments.interleaving_report analyses them")
     arms = list(dict.fromkeys([a.name for a in spec.arms] if spec else sorted(set(r["arm"]) - {HOLDOUT})))
     control = control or arms[0]
     if control not in set(r["arm"]):

@@ -38,7 +38,8 @@ import pandas as pd
 import torch
 from threadpoolctl import threadpool_limits
 
-from redrec.experiments.assignment import HOLDOUT, assign
+from redrec.experiments.assignment import HOLDOUT, INTERLEAVED, assign
+from redrec.experiments.interleaving import draft_seed, team_draft
 from redrec.experiments.log import RECEIVED
 from redrec.features.eventlog import open_log
 from redrec.schema import EVENT_COLUMNS
@@ -321,7 +322,7 @@ class Engine(ArmsMixin, HealthMixin):
     def _arm_runtime(self, user_id: str) -> tuple[str, ArmRuntime]:
         g = self._gen  # one generation, even mid-reload
         arm = assign(g.cfg.experiment, user_id)
-        return arm, g.arms[g.control] if arm == HOLDOUT else g.arms[arm]
+        return arm, g.arms[g.control] if arm in (HOLDOUT, INTERLEAVED) else g.arms[arm]
 
     def _degraded(self, e: Exception) -> str:
         """The reason a dependency failure degrades this request to popularity; re-raises errors
@@ -339,7 +340,10 @@ class Engine(ArmsMixin, HealthMixin):
         self._check_common(user_id, scenario, k)
         self._check_context(context)
         t0 = time.perf_counter()
+        g = self._gen
         arm, rt = self._arm_runtime(user_id)
+        if arm == INTERLEAVED:
+            return await self._recommend_interleaved(g, user_id, scenario, k, exclude_seen, context, t0)
         fallback, warm, history, vec, reason, index, ans = False, False, [], None, None, None, None
         try:
             ans = await rt.batcher.submit(_Ask(user_id, scenario, k, exclude_seen, arm != HOLDOUT, t0))
@@ -370,7 +374,7 @@ class Engine(ArmsMixin, HealthMixin):
                 hits, index = ans.hits.hits, ans.hits
         resp = {
             "request_id": uuid.uuid4().hex,
-            "experiment": self.cfg.experiment.name,
+            "experiment": g.cfg.experiment.name,
             "user_id": user_id,
             "scenario": scenario,
             "arm": arm,
@@ -381,8 +385,12 @@ class Engine(ArmsMixin, HealthMixin):
             "cold_start": cold,
             "fallback": fallback,
         }
-        t_end = time.perf_counter()
-        record = {**resp, "ts": time.time(), "latency_ms": round((t_end - t0) * 1000, 3)}
+        self._log_response(resp, t0, ans, index, reason, context, vec)
+        return resp
+
+    def _log_response(self, resp: dict, t0: float, ans: _Answer | None, index: PairedHits | None, reason: str | None,
+                      context: dict | None, vec: np.ndarray | None, **extra) -> None:
+        record = {**resp, "ts": time.time(), "latency_ms": round((time.perf_counter() - t0) * 1000, 3), **extra}
         if ans is not None and ans.timings:  # where the time went: queue, Feast read, tower, search (per batch)
             record.update(ans.timings)
         if index is not None:
@@ -397,6 +405,69 @@ class Engine(ArmsMixin, HealthMixin):
             m = vec.mean(0)
             record["user_embedding"] = [round(float(x), 5) for x in m / max(np.linalg.norm(m), 1e-12)]
         self.logs.append("serving", [record])  # before returning: an acknowledged response is on the log
+
+    async def _ranked(self, rt: ArmRuntime, ask: _Ask) -> _Answer:
+        """One arm's answer with its hits searched (on its own when the batch did not search)."""
+        ans = await rt.batcher.submit(ask)
+        if ans.search_error is not None:
+            raise ans.search_error
+        if ans.warm and ans.hits is None:
+            seen = {h.item_id for h in ans.history} if ask.exclude_seen else set()
+            t_search = time.perf_counter()
+            ans.hits = (await asyncio.to_thread(self._milvus, self._search_many, rt,
+                                                [Query(ans.vec, ask.scenario, ask.k, seen)]))[0]
+            ans.timings["search_ms"] = round((time.perf_counter() - t_search) * 1000, 3)
+        return ans
+
+    async def _recommend_interleaved(self, g: _Generation, user_id: str, scenario: str, k: int, exclude_seen: bool,
+                                     context: dict | None, t0: float) -> dict:
+        """Both arms rank for the user, concurrently, each in its own micro-batch; team draft merges
+        the two top-k lists, seeded by the request id, and the log says which arm placed each item.
+        A user without history, or an arm that fails, gets the scenario's popular items (no teams:
+        such a response says nothing about the preference)."""
+        names = [a.name for a in g.cfg.experiment.arms]
+        rts = [g.arms[n] for n in names]
+        request_id = uuid.uuid4().hex
+        answers: list[_Answer] = []
+        reason = None
+        try:
+            answers = list(await asyncio.gather(*(self._ranked(rt, _Ask(user_id, scenario, k, exclude_seen, True, t0))
+                                                  for rt in rts)))
+        except Exception as e:
+            reason = self._degraded(e)
+        warm = bool(answers) and all(a.warm for a in answers)
+        history = answers[0].history if answers else []
+        seen = {h.item_id for h in history} if exclude_seen else set()
+        teams, versions = None, {n: rt.version for n, rt in zip(names, rts)}
+        if warm:
+            ranked = [a.hits.hits for a in answers]
+            items, team_idx = team_draft([i for i, _ in ranked[0]], [i for i, _ in ranked[1]], k,
+                                         draft_seed(g.cfg.experiment.name, request_id))
+            score = [dict(r) for r in ranked]
+            scores = [score[t][i] for i, t in zip(items, team_idx)]
+            teams = [names[t] for t in team_idx]
+            version = rts[0].version
+        else:
+            hits = await asyncio.to_thread(self.popular, scenario, k, seen)
+            items, scores = [i for i, _ in hits], [s for _, s in hits]
+            version = "popularity" if reason else rts[0].version
+        resp = {
+            "request_id": request_id,
+            "experiment": g.cfg.experiment.name,
+            "user_id": user_id,
+            "scenario": scenario,
+            "arm": INTERLEAVED,
+            "model_version": version,
+            "index_version": answers[0].hits.index_version if warm else None,
+            "items": items,
+            "scores": [round(float(s), 6) for s in scores],
+            "cold_start": not warm and reason is None,
+            "fallback": reason is not None,
+        }
+        # the control's user vector: the drift check compares it with the control model's reference
+        vec = answers[0].vec if warm else None
+        self._log_response(resp, t0, answers[0] if answers else None, answers[0].hits if warm else None, reason,
+                           context, vec, teams=teams, arm_versions=versions)
         return resp
 
     def _check_context(self, context: dict | None) -> None:

@@ -359,6 +359,9 @@ inconsistency stops rendering with a message naming the values to fix.
 {{- end -}}
 {{- $names = append $names .name -}}
 {{- end -}}
+{{- if and (eq (default "ab" .Values.config.experiment.type) "interleaving") (ne (len .Values.config.experiment.arms) 2) -}}
+{{- fail (printf "config.experiment.arms: an interleaving experiment merges exactly two arms' rankings, %d given; list two arms or set config.experiment.type to ab" (len .Values.config.experiment.arms)) -}}
+{{- end -}}
 {{- if or (lt $sum 0.999) (gt $sum 1.001) -}}
 {{- fail (printf "config.experiment.arms: the arm shares sum to %v, they must sum to 1 (the holdout is taken out first, by config.experiment.holdoutShare)" $sum) -}}
 {{- end -}}
