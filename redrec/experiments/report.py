@@ -45,9 +45,13 @@ SUCCESS_METRICS = ("ctr", "hit_rate")
 # response-line field -> guardrail metric (a per-user mean; lower is better)
 GUARDRAILS = {"latency_ms": "latency_ms", "fallback": "fallback_share"}
 PRE_DAYS = 14.0
-# prior spread of relative lifts for the always-valid test (Johari et al.: match it to the effects
-# past experiments showed): most recommender changes move a metric by a few percent
-SEQ_TAU = 0.05
+# The always-valid test's mixing standard deviation, on the relative-lift scale (Johari et al.:
+# match it to the effects past experiments showed; most recommender changes move a metric by a few
+# percent). Erring large is cheap and small is not: with tau^2 >> var the interval widens only as
+# sqrt(log(tau^2 / var)), with tau^2 << var it widens as var / tau (a small or rare metric would
+# then never stop). Fixed before the data: a tau chosen from the data being tested voids the
+# guarantee.
+SEQ_TAU = 0.1
 
 
 @dataclass
@@ -301,14 +305,14 @@ def analyse(
 ) -> Report:
     """``pre_days``: the window before the first response whose positive feedback per user is the
     CUPED covariate (0 = no adjustment). ``seq_tau``: the mixing standard deviation of the
-    always-valid test, on the relative-lift scale (see stats.tau2_for_horizon); fix it before
-    the experiment starts, never from its data."""
+    always-valid test, on the relative-lift scale (see SEQ_TAU and stats.tau2_for_horizon); fix
+    it before the experiment starts, never from its data."""
     if not 0.5 <= confidence < 1:
         raise ValueError(f"confidence must be in [0.5, 1), got {confidence}")
     if not pre_days >= 0:
         raise ValueError(f"pre_days must be >= 0 (days of feedback before the experiment), got {pre_days}")
     if not seq_tau > 0:
-        raise ValueError(f"seq_tau must be > 0 (the prior spread of relative lifts, e.g. 0.05), got {seq_tau}")
+        raise ValueError(f"seq_tau must be > 0 (the prior spread of relative lifts, e.g. 0.1), got {seq_tau}")
     responses = read_serving_log(log_dir)
     feedback = read_feedback(log_dir)
     if responses.empty:
@@ -452,4 +456,18 @@ def format_text(rep: Report) -> str:
             ls = f"{l.value:+.2%} [{l.ci_low:+.2%}, {l.ci_high:+.2%}] p={l.p_value:.3g}" if l else "(control)" if a == rep.control else ""
             lines.append(f"{scope:<12} {a:<12} {s.users:>6} {s.responses:>7} {s.ctr:>8.4f} {s.hit_rate:>7.4f}  {ls}")
     lines.append(f"SRM: p={rep.srm.get('p_value')} mismatch={rep.srm.get('mismatch')}")
+    lines.append("")
+    lines.append(f"{'scope':<12} {'arm':<10} {'metric':<15} {'CUPED lift [CI]':<28} {'VR':>6} {'p BH':>8} "
+                 f"{'always-valid p [CI]':<32} stop")
+    for scope, ls in rep.lifts.items():
+        for l in ls:
+            flag = "  GUARDRAIL BREACHED" if l.guardrail_breached else ""
+            lines.append(f"{scope:<12} {l.arm:<10} {l.metric:<15} "
+                         f"{f'{l.cuped_value:+.2%} [{l.cuped_ci_low:+.2%}, {l.cuped_ci_high:+.2%}]':<28} "
+                         f"{l.variance_reduction:>6.1%} {l.cuped_p_adjusted:>8.3g} "
+                         f"{f'{l.seq_p_value:.3g} [{l.seq_ci_low:+.2%}, {l.seq_ci_high:+.2%}]':<32} "
+                         f"{'yes' if l.may_stop else 'no'}{flag}")
+    for a, d in rep.decisions.items():
+        lines.append(f"decision {a} vs {rep.control}: {d['verdict']}; better {d['better'] or '-'}, worse {d['worse'] or '-'}, "
+                     f"guardrails breached {d['guardrails_breached'] or '-'}, may stop: {'yes' if d['may_stop'] else 'no'}")
     return "\n".join(lines)
