@@ -91,6 +91,14 @@ def test_always_valid_p_and_interval_agree_and_are_monotone_over_looks():
     assert ((one_p < 0.05) == ((one_lo > 0) | (one_hi < 0))).all()
     # wider than the fixed-horizon interval at the same look: the price of peeking freely
     assert (one_hi - one_lo > 2 * 1.96 * np.sqrt(v)).all()
+    # the mixture likelihood ratio against its definition, integrated numerically:
+    # L = E_{theta ~ N(0, tau2)} [ N(d; theta, v) / N(d; 0, v) ]
+    from scipy import integrate, stats
+
+    for est, var, t2 in ((0.03, 1e-4, 4e-4), (-0.2, 0.01, 0.05), (0.001, 1e-3, 1e-2), (0.5, 0.02, 0.001)):
+        f = lambda th: stats.norm.pdf(est, th, math.sqrt(var)) / stats.norm.pdf(est, 0, math.sqrt(var)) * stats.norm.pdf(th, 0, math.sqrt(t2))  # noqa: E731
+        lr = integrate.quad(f, -12 * math.sqrt(t2), 12 * math.sqrt(t2), points=[est], limit=200)[0]
+        assert xs.msprt_p_value(est, var, t2) == pytest.approx(min(1.0, 1 / lr), rel=1e-5), (est, var, t2)
     # the horizon rule: tau2 ~ 8.2 x the variance at the horizon minimises the width there
     widths = [xs.msprt_interval(0.0, 1e-3, k * 1e-3)[1] for k in (2, 8.2, 30)]
     assert widths[1] < widths[0] and widths[1] < widths[2]
@@ -121,13 +129,20 @@ def test_report_cuped_narrows_the_interval_with_a_pre_period(tmp_path):
     from test_experiments import simulate
 
     from redrec.experiments.assignment import HOLDOUT
-    from redrec.experiments.report import analyse
+    from redrec.experiments.log import read_feedback, read_serving_log
+    from redrec.experiments.report import POSITIVE_ACTIONS, analyse
 
     sp = _spec()
     simulate(tmp_path, sp, {"control": 0.10, "treat": 0.12, HOLDOUT: 0.08}, pre_rate=5.0,
              latency={"control": 20.0, "treat": 20.0, HOLDOUT: 5.0}, fallback={"control": 0.02, "treat": 0.02, HOLDOUT: 0.02})
     rep = analyse(tmp_path, sp)
     assert rep.pre_period["users_with_data"] > 0.9 * rep.pre_period["users"] * (1 - math.exp(-1))
+    # the covariate is the positive feedback that arrived in the 14 days before the first response:
+    # not the older events, not the experiment's own clicks
+    fb = read_feedback(tmp_path)
+    t0 = read_serving_log(tmp_path)["ts"].min()
+    window = fb[(fb["received_ts"] >= t0 - 14 * 86400) & (fb["received_ts"] < t0) & fb["action"].isin(POSITIVE_ACTIONS)]
+    assert 0 < rep.pre_period["feedback_events"] == len(window) < (fb["action"] == "like").sum()
     for metric in ("ctr", "hit_rate"):
         lift = next(l for l in rep.lifts["overall"] if l.metric == metric and l.arm == "treat")
         assert lift.variance_reduction > 0.05 and lift.theta > 0, lift
@@ -170,3 +185,30 @@ def test_report_flags_a_guardrail_and_keeps_it_out_of_success(tmp_path):
     assert "GUARDRAIL" in format_text(rep) and "latency_ms" in format_text(rep)
     # faster is not flagged: only a worse guardrail is
     assert not next(l for l in rep.lifts["overall"] if l.metric == "latency_ms" and l.arm == HOLDOUT).guardrail_breached
+
+
+def test_ab_report_cli_flags(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    import yaml
+    from test_experiments import ROOT, simulate
+
+    sp = _spec()
+    simulate(tmp_path / "log", sp, {"control": 0.1, "treat": 0.1, "holdout": 0.1}, n_users=2000, pre_rate=3.0,
+             latency={"control": 20.0, "treat": 30.0, "holdout": 20.0})
+    cfg = tmp_path / "config.yaml"
+    cfg.write_text(yaml.safe_dump({"scenarios": ["homefeed", "search"], "experiment": json.loads(sp.model_dump_json()),
+                                   "milvus": {"uri": "http://127.0.0.1:1"}}))
+    base = [sys.executable, "-m", "redrec.cli", "ab", "report", "--log-dir", str(tmp_path / "log"), "--config", str(cfg)]
+    ok = subprocess.run(base + ["--out", str(tmp_path / "a"), "--pre-days", "7", "--seq-tau", "0.2"],
+                        capture_output=True, text=True, cwd=ROOT)
+    assert ok.returncode == 0, ok.stdout + ok.stderr  # a breached guardrail fails the run only when asked
+    rep = json.loads((tmp_path / "a" / "ab_report.json").read_text())
+    assert rep["pre_period"]["days"] == 7 and rep["seq_tau"] == 0.2 and "GUARDRAIL BREACHED" in ok.stdout
+    assert rep["decisions"]["treat"]["guardrails_breached"] and "cuped_p_adjusted" in rep["lifts"]["overall"][0]
+    gate = subprocess.run(base + ["--out", str(tmp_path / "b"), "--fail-on-guardrail"], capture_output=True, text=True, cwd=ROOT)
+    assert gate.returncode == 1, gate.stdout + gate.stderr
+    bad = subprocess.run(base + ["--out", str(tmp_path / "c"), "--pre-days", "-1"], capture_output=True, text=True, cwd=ROOT)
+    assert bad.returncode == 2 and "pre_days" in bad.stdout

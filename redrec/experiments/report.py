@@ -310,9 +310,9 @@ def analyse(
     if not 0.5 <= confidence < 1:
         raise ValueError(f"confidence must be in [0.5, 1), got {confidence}")
     if not pre_days >= 0:
-        raise ValueError(f"pre_days must be >= 0 (days of feedback before the experiment), got {pre_days}")
+        raise ValueError(f"pre_days (--pre-days) must be >= 0 (days of feedback before the experiment), got {pre_days}")
     if not seq_tau > 0:
-        raise ValueError(f"seq_tau must be > 0 (the prior spread of relative lifts, e.g. 0.1), got {seq_tau}")
+        raise ValueError(f"seq_tau (--seq-tau) must be > 0 (the prior spread of relative lifts, e.g. 0.1), got {seq_tau}")
     responses = read_serving_log(log_dir)
     feedback = read_feedback(log_dir)
     if responses.empty:
