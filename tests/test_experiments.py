@@ -135,25 +135,51 @@ def test_reader_skips_a_torn_last_line(tmp_path):
     assert rows["request_id"].tolist() == ["r1"] and rows.attrs["torn_lines"] == 1
 
 
-def simulate(d: Path, sp: ExperimentSpec, ctr: dict[str, float], n_users=6000, seed=0, reqs=3, days=1):
-    """Users assigned by the real hash; each response is clicked with the arm's probability."""
+T0 = 1.7e9  # the simulated experiment's first response
+
+
+def simulate(d: Path, sp: ExperimentSpec, ctr: dict[str, float], n_users=6000, seed=0, reqs=3, days=1,
+             pre_rate=0.0, latency: dict[str, float] | None = None, fallback: dict[str, float] | None = None):
+    """Users assigned by the real hash; each response is clicked with the arm's probability.
+
+    ``pre_rate`` > 0: users differ in propensity (a gamma factor with mean 1 scales their click
+    probability), and each has Poisson(pre_rate x factor) positive feedback events (no request_id:
+    unprompted behaviour) in the 14 days before the experiment, so the pre-period predicts the
+    in-experiment clicks (the CUPED covariate); a few more events fall before that window and
+    after the experiment started without a click's request (both outside the covariate).
+    ``latency`` / ``fallback``: per arm, the mean ``latency_ms`` (exponential) and the share of
+    ``fallback`` responses written on each response line (the guardrails)."""
     rng = np.random.default_rng(seed)
+    extra = np.random.default_rng(seed + 10_000)  # the pre-period and guardrail fields: the clicks draw as before
     resp, fb = AppendLog(d / "serving-sim.jsonl"), AppendLog(d / "feedback-sim.jsonl")
     rows, fbs = [], []
     for u in range(n_users):
         user = f"u{u}"
         arm = assign(sp, user)
+        factor = extra.gamma(1.0) if pre_rate > 0 else 1.0
+        if pre_rate > 0:
+            for _ in range(extra.poisson(pre_rate * factor)):
+                t = T0 - extra.uniform(60, 14 * 86400 - 60)
+                fbs.append({"user_id": user, "item_id": f"i{extra.integers(100)}", "scenario": "homefeed", "action": "like",
+                            "ts": t, "received_ts": t})
+            t = T0 - extra.uniform(15, 40) * 86400  # before the window
+            fbs.append({"user_id": user, "item_id": "i1", "scenario": "homefeed", "action": "like", "ts": t, "received_ts": t})
         for r in range(reqs):
             scen = ("homefeed", "search")[r % 2]
             rid = f"{user}-{r}"
             items = [f"i{rng.integers(100)}" for _ in range(5)]
-            ts = 1.0 if days == 1 else 1.7e9 + (u % days) * 86400.0  # users arrive over ``days`` UTC days
-            rows.append({"request_id": rid, "ts": ts, "user_id": user, "scenario": scen, "arm": arm,
-                         "model_version": arm, "items": items, "scores": [1.0] * 5, "cold_start": False})
-            if rng.random() < ctr[arm]:
-                fbs.append({"request_id": rid, "user_id": user, "item_id": items[0], "scenario": scen, "action": "click", "ts": 2})
+            ts = T0 + (u % days) * 86400.0  # users arrive over ``days`` UTC days
+            row = {"request_id": rid, "ts": ts, "user_id": user, "scenario": scen, "arm": arm,
+                   "model_version": arm, "items": items, "scores": [1.0] * 5, "cold_start": False}
+            if latency:
+                row["latency_ms"] = round(float(extra.exponential(latency[arm])), 3)
+            if fallback:
+                row["fallback"] = bool(extra.random() < fallback[arm])
+            rows.append(row)
+            if rng.random() < min(1.0, ctr[arm] * factor):
+                fbs.append({"request_id": rid, "user_id": user, "item_id": items[0], "scenario": scen, "action": "click", "ts": ts + 1})
             elif rng.random() < 0.05:  # a skip is not a click; an event on another item is not a hit
-                fbs.append({"request_id": rid, "user_id": user, "item_id": items[1], "scenario": scen, "action": "skip", "ts": 2})
+                fbs.append({"request_id": rid, "user_id": user, "item_id": items[1], "scenario": scen, "action": "skip", "ts": ts + 1})
     resp.append_many(rows)
     fb.append_many(fbs)
 

@@ -33,7 +33,9 @@ def test_ab_report_in_a_browser(browser, tmp_path):
 
     sp = ExperimentSpec(name="rollout", holdout_share=0.1, arms=[{"name": "control", "model_version": "v1", "share": 0.5},
                                                                   {"name": "treat", "model_version": "v2", "share": 0.5}])
-    simulate(tmp_path / "log", sp, {"control": 0.10, "treat": 0.13, HOLDOUT: 0.08}, days=5)
+    # a pre-period for CUPED; the treatment is slower (a guardrail it breaches)
+    simulate(tmp_path / "log", sp, {"control": 0.10, "treat": 0.13, HOLDOUT: 0.08}, days=5, pre_rate=5.0,
+             latency={"control": 20.0, "treat": 26.0, HOLDOUT: 20.0}, fallback={"control": 0.02, "treat": 0.02, HOLDOUT: 0.02})
     rep = analyse(tmp_path / "log", sp)
     paths = write_report(rep, tmp_path / "out")
     page = browser.open(paths["html"], "ab-report")
@@ -41,7 +43,7 @@ def test_ab_report_in_a_browser(browser, tmp_path):
     text = page.text()
     lift = next(l for l in rep.lifts["overall"] if l.metric == "ctr" and l.arm == "treat")
     assert "treat" in text and "control" in text and "rollout" in text
-    assert f"{lift.value * 100:+.1f}" in text, text[:2000]  # the lift, as the table prints it
+    assert f"{lift.value * 100:+.2f}%" in text, text[:2000]  # the lift, as the table prints it
     # the lift plots are drawn: an svg per metric with a mark per arm and scenario
     assert page.count("svg") >= 2 and page.count("svg rect, svg line, svg circle") >= 4
     # sample ratio: a bar per group (control, treat, holdout) with its expected count marked
@@ -50,6 +52,23 @@ def test_ab_report_in_a_browser(browser, tmp_path):
     # daily exposure: a stacked bar per day and group, the days as the log has them
     assert len(rep.daily) == 5 and page.count("#daily-chart rect title") == 5 * 3
     assert page.count("#daily-chart rect") == 5 * 3 + 3  # bars + legend
+    # raw vs CUPED lift, variance reduction, always-valid p/CI with the may-stop verdict, BH p
+    row = page.page.locator('table.lifts[data-scope="overall"] tr', has_text="hit_rate").first.inner_text()
+    hit = next(l for l in rep.lifts["overall"] if l.metric == "hit_rate" and l.arm == "treat")
+    assert hit.variance_reduction > 0 and hit.cuped_value != hit.value
+    for shown in (f"{hit.value * 100:+.2f}%", f"{hit.cuped_value * 100:+.2f}%", f"{hit.variance_reduction * 100:.1f}%",
+                  f"{hit.seq_p_value:.4g}", f"[{hit.seq_ci_low * 100:+.2f}%, {hit.seq_ci_high * 100:+.2f}%]",
+                  f"{hit.cuped_p_adjusted:.4g}"):
+        assert shown in row, (shown, row)
+    headers = page.page.locator("table.lifts").first.locator("th").all_inner_texts()
+    for h in ("CUPED lift", "variance reduction", "always-valid p", "always-valid CI", "may stop", "BH-adjusted p"):
+        assert h in headers, headers
+    assert ("yes" if hit.may_stop else "no") == page.page.locator('table.lifts[data-scope="overall"] tr', has_text="hit_rate").first.locator("td.stop").inner_text()
+    # the guardrail: latency flagged in the table and in the verdict, never as a success
+    lat = page.page.locator('table.lifts[data-scope="overall"] tr', has_text="latency_ms").first
+    assert "GUARDRAIL BREACHED" in lat.inner_text() and "bad" in lat.get_attribute("class")
+    verdict = page.page.locator("#decisions tr", has_text="treat").inner_text()
+    assert "guardrail breached" in verdict and "overall/latency_ms" in verdict and "ctr" in verdict, verdict
     assert page.screenshot.stat().st_size > 10_000
 
 

@@ -26,7 +26,8 @@ def cmd_report(args) -> int:
     if spec is not None and spec.interleaved:
         return _interleaving(log_dir, spec, args)
     try:
-        rep = analyse(log_dir, spec, control=args.control, confidence=args.confidence)
+        rep = analyse(log_dir, spec, control=args.control, confidence=args.confidence, pre_days=args.pre_days,
+                      seq_tau=args.seq_tau)
     except InterleavedLog:
         return _interleaving(log_dir, spec, args)
     except (ValueError, FileNotFoundError) as e:
@@ -35,7 +36,8 @@ def cmd_report(args) -> int:
     paths = write_report(rep, args.out)
     print(format_text(rep))
     print(json.dumps({k: str(v) for k, v in paths.items()}))
-    return 1 if (args.fail_on_srm and rep.srm.get("mismatch")) else 0
+    breached = any(d["guardrails_breached"] for d in rep.decisions.values())
+    return 1 if (args.fail_on_srm and rep.srm.get("mismatch")) or (args.fail_on_guardrail and breached) else 0
 
 
 def _interleaving(log_dir: str, spec, args) -> int:
@@ -56,12 +58,21 @@ def _interleaving(log_dir: str, spec, args) -> int:
 def register(subparsers) -> None:
     p = subparsers.add_parser("ab", help="A/B experiments")
     sub = p.add_subparsers(dest="ab_command", required=True)
-    r = sub.add_parser("report", help="per arm and scenario CTR / hit rate, lift with CI, SRM check; for an "
-                       "interleaving experiment (experiment.type in --config) the preference per scenario; HTML + JSON")
+    r = sub.add_parser("report", help="per arm and scenario CTR / hit rate, lift with CI (raw and CUPED), always-valid p/CI, "
+                                         "BH across the table, guardrails, SRM check; for an interleaving experiment "
+                                         "(experiment.type) the preference per scenario; HTML + JSON")
     r.add_argument("--log-dir", help="serving log dir (default: $REDREC_SERVING_LOG_DIR)")
     r.add_argument("--config", help="serving config.yaml (arms, shares, holdout) for the SRM check and arm order")
     r.add_argument("--control", help="control arm (default: the first arm)")
     r.add_argument("--confidence", type=float, default=0.95)
     r.add_argument("--out", default="ab-report", type=Path, help="output dir for ab_report.{json,html} and ab_lift.svg")
     r.add_argument("--fail-on-srm", action="store_true", help="exit 1 when the sample ratio mismatches")
+    r.add_argument("--pre-days", type=float, default=14.0,
+                   help="CUPED covariate: each user's positive feedback in this many days before the experiment's first "
+                        "response (0 = no adjustment; default 14)")
+    r.add_argument("--seq-tau", type=float, default=0.1,
+                   help="always-valid test: mixing standard deviation on the relative-lift scale, fixed before the "
+                        "experiment (default 0.1)")
+    r.add_argument("--fail-on-guardrail", action="store_true",
+                   help="exit 1 when a guardrail (latency_ms, fallback share) is significantly worse in an arm (BH-adjusted)")
     r.set_defaults(func=cmd_report)

@@ -11,6 +11,15 @@ procedure (so they never disagree): for hit rate statsmodels' score test and sco
 the ratio of two proportions; for CTR the Wald test and interval of log(ratio) with the
 delta-method variance, exponentiated (asymmetric, never below -100%). SRM: a chi-square goodness-of-fit test of users per group against the configured
 shares (holdout included); p < 0.001 flags the experiment as untrustworthy.
+
+Faster and safer decisions (redrec.experiments.stats), next to each fixed-horizon lift:
+- CUPED: the lift again, adjusted with each user's pre-experiment positive feedback count
+  (``pre_days`` before the experiment's first logged response), and the variance reduction.
+- Always valid: the mSPRT p-value and confidence sequence of the CUPED lift, valid however often
+  the report is re-run while the experiment runs; "may stop" when its p < 1 - confidence.
+- Benjamini-Hochberg over the whole table (metrics x scenarios x arms, guardrails included).
+- Guardrails (per-user mean latency_ms, fallback share; lower is better): flagged when the
+  treatment is significantly worse after BH; never counted as a success.
 """
 
 from __future__ import annotations
@@ -26,11 +35,23 @@ import pandas as pd
 from scipy import stats
 
 from redrec.experiments.assignment import HOLDOUT, INTERLEAVED, ExperimentSpec
-from redrec.experiments.log import read_feedback, read_serving_log
+from redrec.experiments import stats as xstats
+from redrec.experiments.log import read_feedback, read_log, read_serving_log
 from redrec.reports.render import PALETTE
 
 POSITIVE_ACTIONS = ("click", "like", "share", "purchase", "conversion", "save", "comment", "follow")
 SRM_ALPHA = 1e-3
+SUCCESS_METRICS = ("ctr", "hit_rate")
+# response-line field -> guardrail metric (a per-user mean; lower is better)
+GUARDRAILS = {"latency_ms": "latency_ms", "fallback": "fallback_share"}
+PRE_DAYS = 14.0
+# The always-valid test's mixing standard deviation, on the relative-lift scale (Johari et al.:
+# match it to the effects past experiments showed; most recommender changes move a metric by a few
+# percent). Erring large is cheap and small is not: with tau^2 >> var the interval widens only as
+# sqrt(log(tau^2 / var)), with tau^2 << var it widens as var / tau (a small or rare metric would
+# then never stop). Fixed before the data: a tau chosen from the data being tested voids the
+# guarantee.
+SEQ_TAU = 0.1
 
 
 class InterleavedLog(ValueError):
@@ -60,6 +81,26 @@ class Lift:
     ci_high: float
     p_value: float
     significant: bool
+    kind: str = "success"  # "success" metric or "guardrail" (lower is better, never a success)
+    # CUPED: the same lift adjusted with the pre-period covariate (delta-method Wald, z-test)
+    cuped_value: float = float("nan")
+    cuped_ci_low: float = float("nan")
+    cuped_ci_high: float = float("nan")
+    cuped_p_value: float = float("nan")
+    cuped_significant: bool = False
+    variance_reduction: float = 0.0  # 1 - var(adjusted lift estimate) / var(raw)
+    theta: float = 0.0
+    # always valid (mSPRT normal mixture on the CUPED lift): valid at any look, any stopping time
+    seq_p_value: float = float("nan")
+    seq_ci_low: float = float("nan")
+    seq_ci_high: float = float("nan")
+    may_stop: bool = False  # seq_p_value < 1 - confidence
+    # Benjamini-Hochberg over every lift of the report (metrics x scenarios x arms)
+    p_adjusted: float = float("nan")  # of p_value
+    cuped_p_adjusted: float = float("nan")  # of cuped_p_value: the decision
+    seq_p_adjusted: float = float("nan")  # of seq_p_value
+    significant_adjusted: bool = False  # cuped_p_adjusted < 1 - confidence
+    guardrail_breached: bool = False  # a guardrail significantly worse (adjusted) in the treatment
 
 
 @dataclass
@@ -76,6 +117,11 @@ class Report:
     lifts: dict[str, list[Lift]]  # "overall" / scenario -> lifts
     srm: dict = field(default_factory=dict)
     daily: dict[str, dict[str, int]] = field(default_factory=dict)  # UTC day -> group -> users exposed
+    # the pre-period the CUPED covariate comes from and how much of it there was
+    pre_period: dict = field(default_factory=dict)
+    seq_tau: float = SEQ_TAU
+    # arm -> success metrics significantly better / worse, guardrails breached, verdict
+    decisions: dict[str, dict] = field(default_factory=dict)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -141,6 +187,102 @@ def _lift(metric: str, t: ArmStats, c: ArmStats, conf: float) -> Lift:
     return Lift(metric, t.arm, c.arm, ratio - 1, lo, hi, p, p < 1 - conf)
 
 
+def _per_user(df: pd.DataFrame, pre: pd.Series) -> pd.DataFrame:
+    """One row per (arm, user): responses ``m``, clicked responses ``c``, the guardrails' per-user
+    means (NaN where the log lines lack the field) and the pre-period covariate ``x``."""
+    cols = {"m": ("clicked", "size"), "c": ("clicked", "sum")}
+    d = df
+    for src, name in GUARDRAILS.items():
+        if src in df.columns:
+            d = d.assign(**{name: pd.to_numeric(df[src], errors="coerce").astype("float64")})
+            cols[name] = (name, "mean")
+    pu = d.groupby(["arm", "user_id"]).agg(**cols)
+    # a user with no pre-period feedback gets x = 0, not dropped: x is still fixed before
+    # assignment (independent of the arm), so the adjusted estimate stays unbiased; a poor x only
+    # shrinks the variance reduction, never biases the lift
+    pu["x"] = pu.index.get_level_values("user_id").map(pre).fillna(0.0).to_numpy(float)
+    return pu
+
+
+def _metric_values(metric: str, g: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+    """Per-user values of one arm whose mean is the metric, and their covariate."""
+    if metric == "ctr":
+        return xstats.linearise_ratio(g["c"], g["m"]), g["x"].to_numpy(float)
+    if metric == "hit_rate":
+        return (g["c"] > 0).to_numpy(float), g["x"].to_numpy(float)
+    ok = g[metric].notna().to_numpy()
+    return g[metric].to_numpy(float)[ok], g["x"].to_numpy(float)[ok]
+
+
+def _enrich(lift: Lift, pu_t: pd.DataFrame, pu_c: pd.DataFrame, conf: float, tau: float) -> Lift:
+    """Fill in the CUPED and the always-valid columns of one lift (a guardrail's fixed-horizon
+    columns too: the delta-method lift of its per-user mean)."""
+    y_t, x_t = _metric_values(lift.metric, pu_t)
+    y_c, x_c = _metric_values(lift.metric, pu_c)
+    res = xstats.relative_lift(y_t, y_c, x_t, x_c, confidence=conf)
+    if lift.kind == "guardrail":
+        r = res.raw
+        lift.value, lift.ci_low, lift.ci_high, lift.p_value = r.value, r.ci_low, r.ci_high, r.p_value
+        lift.significant = bool(r.p_value < 1 - conf)
+    a = res.cuped
+    lift.cuped_value, lift.cuped_ci_low, lift.cuped_ci_high, lift.cuped_p_value = a.value, a.ci_low, a.ci_high, a.p_value
+    lift.cuped_significant = bool(a.p_value < 1 - conf)
+    lift.variance_reduction, lift.theta = res.variance_reduction, res.theta
+    if np.isfinite(a.value) and np.isfinite(a.se) and a.se > 0:
+        var = a.se**2
+        lift.seq_p_value = xstats.msprt_p_value(a.value, var, tau**2)
+        lift.seq_ci_low, lift.seq_ci_high = xstats.msprt_interval(a.value, var, tau**2, alpha=1 - conf)
+        lift.may_stop = bool(lift.seq_p_value < 1 - conf)
+    return lift
+
+
+def _adjust(lifts: list[Lift], conf: float) -> None:
+    """Benjamini-Hochberg over every lift of the report, once per kind of p-value."""
+    for src, dst in (("p_value", "p_adjusted"), ("cuped_p_value", "cuped_p_adjusted"), ("seq_p_value", "seq_p_adjusted")):
+        _, adj = xstats.benjamini_hochberg([getattr(l, src) for l in lifts], alpha=1 - conf)
+        for l, a in zip(lifts, adj):
+            setattr(l, dst, float(a))
+    for l in lifts:
+        l.significant_adjusted = bool(l.cuped_p_adjusted < 1 - conf)
+        l.guardrail_breached = l.kind == "guardrail" and l.significant_adjusted and l.cuped_value > 0
+
+
+def _decisions(lifts: dict[str, list[Lift]], control: str) -> dict[str, dict]:
+    """Per arm: the success metrics that moved (overall, BH-adjusted CUPED test), the guardrails
+    breached (any scope) and a verdict. Guardrails only ever veto."""
+    out: dict[str, dict] = {}
+    for scope, ls in lifts.items():
+        for l in ls:
+            d = out.setdefault(l.arm, {"control": control, "better": [], "worse": [], "guardrails_breached": [],
+                                       "may_stop": False})
+            if l.guardrail_breached:
+                d["guardrails_breached"].append(f"{scope}/{l.metric}")
+            if scope == "overall" and l.kind == "success":
+                if l.significant_adjusted:
+                    d["better" if l.cuped_value > 0 else "worse"].append(l.metric)
+                d["may_stop"] = d["may_stop"] or l.may_stop
+    for d in out.values():
+        d["verdict"] = ("guardrail breached" if d["guardrails_breached"] else "worse" if d["worse"]
+                        else "better" if d["better"] else "no significant difference")
+    return out
+
+
+def pre_period_covariate(log_dir: str | Path, first_ts: float, pre_days: float,
+                         positive: tuple[str, ...]) -> tuple[pd.Series, dict]:
+    """Per user, the positive feedback events that arrived (``received_ts``) in the ``pre_days``
+    before the experiment's first response: the CUPED covariate (metric-like, fixed before
+    assignment)."""
+    start = first_ts - pre_days * 86400.0
+    info = {"days": pre_days, "start": start, "end": first_ts, "feedback_events": 0, "users_with_data": 0}
+    if pre_days <= 0:
+        return pd.Series(dtype=float), info
+    fb = read_log(log_dir, start, first_ts).feedback
+    fb = fb[fb["action"].isin(positive)]
+    x = fb.groupby("user_id").size().astype(float)
+    info["feedback_events"] = int(len(fb))
+    return x, info
+
+
 def srm_check(users_per_group: dict[str, int], expected_shares: dict[str, float]) -> dict:
     groups = [g for g in expected_shares if expected_shares[g] > 0]
     obs = np.array([users_per_group.get(g, 0) for g in groups], float)
@@ -162,9 +304,19 @@ def analyse(
     control: str | None = None,
     confidence: float = 0.95,
     positive_actions: tuple[str, ...] = POSITIVE_ACTIONS,
+    pre_days: float = PRE_DAYS,
+    seq_tau: float = SEQ_TAU,
 ) -> Report:
+    """``pre_days``: the window before the first response whose positive feedback per user is the
+    CUPED covariate (0 = no adjustment). ``seq_tau``: the mixing standard deviation of the
+    always-valid test, on the relative-lift scale (see SEQ_TAU and stats.tau2_for_horizon); fix
+    it before the experiment starts, never from its data."""
     if not 0.5 <= confidence < 1:
         raise ValueError(f"confidence must be in [0.5, 1), got {confidence}")
+    if not pre_days >= 0:
+        raise ValueError(f"pre_days (--pre-days) must be >= 0 (days of feedback before the experiment), got {pre_days}")
+    if not seq_tau > 0:
+        raise ValueError(f"seq_tau (--seq-tau) must be > 0 (the prior spread of relative lifts, e.g. 0.1), got {seq_tau}")
     responses = read_serving_log(log_dir)
     feedback = read_feedback(log_dir)
     if responses.empty:
@@ -181,14 +333,20 @@ def analyse(
     if control not in set(r["arm"]):
         raise ValueError(f"--control: arm {control!r} has no logged responses; arms in the log: {sorted(set(r['arm']))}")
     groups = arms + ([HOLDOUT] if HOLDOUT in set(r["arm"]) else [])
+    pre, pre_info = pre_period_covariate(log_dir, float(r["ts"].min()), pre_days, positive_actions)
+    guardrails = [name for src, name in GUARDRAILS.items() if src in r.columns and r[src].notna().any()]
 
     def block(df: pd.DataFrame) -> tuple[dict[str, ArmStats], list[Lift]]:
         st = {a: _arm_stats(a, g) for a, g in df.groupby("arm") if a in groups}
+        pu = _per_user(df, pre)
         lifts = []
         if control in st:
             for a in groups:
                 if a != control and a in st:
-                    lifts += [_lift("ctr", st[a], st[control], confidence), _lift("hit_rate", st[a], st[control], confidence)]
+                    new = [_lift("ctr", st[a], st[control], confidence), _lift("hit_rate", st[a], st[control], confidence)]
+                    nan = float("nan")
+                    new += [Lift(g, a, control, nan, nan, nan, nan, False, kind="guardrail") for g in guardrails]
+                    lifts += [_enrich(l, pu.loc[a], pu.loc[control], confidence, seq_tau) for l in new]
         return {a: st[a] for a in groups if a in st}, lifts
 
     overall, lifts_all = block(r)
@@ -200,12 +358,15 @@ def analyse(
     daily = {d: {a: int(n) for a, n in g.groupby("arm")["user_id"].nunique().items() if a in groups}
              for d, g in r.assign(day=day).groupby("day")}
     expected = spec.expected_shares() if spec else {a: 1 / len(arms) for a in arms}
+    _adjust([l for ls in lifts.values() for l in ls], confidence)
+    pre_info["users"] = int(r["user_id"].nunique())
+    pre_info["users_with_data"] = int(r["user_id"].drop_duplicates().isin(pre.index).sum())
     return Report(
         experiment=spec.name if spec else None, control=control, confidence=confidence, n_responses=len(r),
         n_feedback=len(feedback), n_feedback_unjoined=unjoined,
         torn_lines=int(responses.attrs.get("torn_lines", 0)) + int(feedback.attrs.get("torn_lines", 0)),
         overall=overall, per_scenario=per_scen, lifts=lifts, srm=srm_check({k: int(v) for k, v in users.items()}, expected),
-        daily=daily,
+        daily=daily, pre_period=pre_info, seq_tau=seq_tau, decisions=_decisions(lifts, control),
     )
 
 
@@ -302,4 +463,18 @@ def format_text(rep: Report) -> str:
             ls = f"{l.value:+.2%} [{l.ci_low:+.2%}, {l.ci_high:+.2%}] p={l.p_value:.3g}" if l else "(control)" if a == rep.control else ""
             lines.append(f"{scope:<12} {a:<12} {s.users:>6} {s.responses:>7} {s.ctr:>8.4f} {s.hit_rate:>7.4f}  {ls}")
     lines.append(f"SRM: p={rep.srm.get('p_value')} mismatch={rep.srm.get('mismatch')}")
+    lines.append("")
+    lines.append(f"{'scope':<12} {'arm':<10} {'metric':<15} {'CUPED lift [CI]':<28} {'VR':>6} {'p BH':>8} "
+                 f"{'always-valid p [CI]':<32} stop")
+    for scope, ls in rep.lifts.items():
+        for l in ls:
+            flag = "  GUARDRAIL BREACHED" if l.guardrail_breached else ""
+            lines.append(f"{scope:<12} {l.arm:<10} {l.metric:<15} "
+                         f"{f'{l.cuped_value:+.2%} [{l.cuped_ci_low:+.2%}, {l.cuped_ci_high:+.2%}]':<28} "
+                         f"{l.variance_reduction:>6.1%} {l.cuped_p_adjusted:>8.3g} "
+                         f"{f'{l.seq_p_value:.3g} [{l.seq_ci_low:+.2%}, {l.seq_ci_high:+.2%}]':<32} "
+                         f"{'yes' if l.may_stop else 'no'}{flag}")
+    for a, d in rep.decisions.items():
+        lines.append(f"decision {a} vs {rep.control}: {d['verdict']}; better {d['better'] or '-'}, worse {d['worse'] or '-'}, "
+                     f"guardrails breached {d['guardrails_breached'] or '-'}, may stop: {'yes' if d['may_stop'] else 'no'}")
     return "\n".join(lines)
