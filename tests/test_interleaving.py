@@ -164,6 +164,10 @@ def test_the_service_interleaves_two_arms_and_the_report_credits_clicks(interlea
         assert len(set(rec["items"])) == 10 and len(rec["teams"]) == 10
         assert abs(rec["teams"].count("prod") - rec["teams"].count("cand")) <= 1
         assert rec["arm_versions"] == {"prod": "v1", "cand": "v2"}
+        # a replay of the logged line reproduces the shown list and its teams
+        items, teams = team_draft(rec["rankings"]["prod"], rec["rankings"]["cand"], 10,
+                                  draft_seed("inter1", rec["request_id"]))
+        assert items == rec["items"] and [("prod", "cand")[t] for t in teams] == rec["teams"]
     # each team's items are its own arm's ranking: the same user asked again draws other coins, but
     # every list is a merge of the same two rankings (prod's items in prod's order)
     u = warm_users(srv["data"], 1)[0]

@@ -438,7 +438,7 @@ class Engine(ArmsMixin, HealthMixin):
         warm = bool(answers) and all(a.warm for a in answers)
         history = answers[0].history if answers else []
         seen = {h.item_id for h in history} if exclude_seen else set()
-        teams, versions = None, {n: rt.version for n, rt in zip(names, rts)}
+        teams, rankings, versions = None, None, {n: rt.version for n, rt in zip(names, rts)}
         if warm:
             ranked = [a.hits.hits for a in answers]
             items, team_idx = team_draft([i for i, _ in ranked[0]], [i for i, _ in ranked[1]], k,
@@ -446,6 +446,8 @@ class Engine(ArmsMixin, HealthMixin):
             score = [dict(r) for r in ranked]
             scores = [score[t][i] for i, t in zip(items, team_idx)]
             teams = [names[t] for t in team_idx]
+            # both inputs of the draft: with the request id, a replay of the line reproduces the list
+            rankings = {n: [i for i, _ in r] for n, r in zip(names, ranked)}
             version = rts[0].version
         else:
             hits = await asyncio.to_thread(self.popular, scenario, k, seen)
@@ -467,7 +469,7 @@ class Engine(ArmsMixin, HealthMixin):
         # the control's user vector: the drift check compares it with the control model's reference
         vec = answers[0].vec if warm else None
         self._log_response(resp, t0, answers[0] if answers else None, answers[0].hits if warm else None, reason,
-                           context, vec, teams=teams, arm_versions=versions)
+                           context, vec, teams=teams, rankings=rankings, arm_versions=versions)
         return resp
 
     def _check_context(self, context: dict | None) -> None:
