@@ -50,6 +50,7 @@ from redrec.serving.servinglog import ServingLogs
 from redrec.serving.workers import WorkerBoard
 from redrec.serving.arms import ArmRuntime, ArmsMixin, _Generation  # noqa: F401 - ArmRuntime: the request path's arm
 from redrec.serving.health import HealthMixin
+from redrec.serving.shadow import Shadow
 from redrec.serving.features import item_catalogue, open_repo
 from redrec.serving.history import collate, encode_row
 
@@ -188,6 +189,8 @@ class Engine(ArmsMixin, HealthMixin):
         self._install(cfg, self._load_arms(cfg))
         sl = cfg.serving.serving_log
         self.logs = ServingLogs(sl.dir, sl.writer_args())
+        self.shadow = Shadow(self, sl.dir, sl.writer_args())  # a candidate scoring mirrored requests (redrec.serving.shadow)
+        self.shadow.install(cfg, self.shadow.load(cfg))
         self._popular: dict[str, list[tuple[str, float]]] | None = None
         self._popular_at = 0.0
         self._pop_lock = threading.Lock()
@@ -397,6 +400,7 @@ class Engine(ArmsMixin, HealthMixin):
             m = vec.mean(0)
             record["user_embedding"] = [round(float(x), 5) for x in m / max(np.linalg.norm(m), 1e-12)]
         self.logs.append("serving", [record])  # before returning: an acknowledged response is on the log
+        self.shadow.offer(resp, k, exclude_seen, history if ans is not None else None)  # queued, never waited on
         return resp
 
     def _check_context(self, context: dict | None) -> None:
