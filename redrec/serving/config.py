@@ -185,8 +185,10 @@ class ShadowSpec(_Strict):
     # a mirrored request not scored within this of its response (queue wait included) is dropped,
     # and it bounds the candidate's index search
     timeout_s: float = Field(2.0, gt=0, le=60)
-    # mirrored requests scored in one user-tower forward at most
-    batch_max_size: int = Field(32, ge=1, le=4096)
+    # mirrored requests scored in one user-tower forward at most, and how long the first of them
+    # waits for others to share it (must stay well under timeout_s)
+    batch_max_size: int = Field(64, ge=1, le=4096)
+    batch_max_wait_ms: float = Field(250.0, ge=0, le=10_000)
 
 
 class ServingConfig(_Strict):
