@@ -77,6 +77,9 @@ RESPONSES = bentoml.metrics.Counter(name="redrec_responses", documentation="reco
 LOG_FAILURES = bentoml.metrics.Counter(name="redrec_log_write_failures",
                                        documentation="serving/feedback log lines not written (the responses were served)",
                                        labelnames=["log"])
+# mirrored requests a shadow candidate scored, failed on or dropped (redrec.serving.shadow): none reached a caller
+SHADOW = bentoml.metrics.Counter(name="redrec_shadow_requests", documentation="requests mirrored to the shadow candidate, "
+                                 "by outcome (mirrored, scored, error, dropped, log_failed)", labelnames=["outcome"])
 # this worker's engine, for the middlewares (added to the class before any instance exists)
 _ENGINE: dict[str, Engine] = {}
 
@@ -158,6 +161,7 @@ class RedRec:
         logging.getLogger("redrec").setLevel(self.cfg.log_level.upper())
         self.engine = Engine(self.cfg, config_path=os.environ["REDREC_CONFIG"])
         self.engine.logs.on_failure = lambda kind: LOG_FAILURES.labels(log=kind).inc()
+        self.engine.shadow.on_event = lambda outcome: SHADOW.labels(outcome=outcome).inc()
         # built inside uvicorn's startup, after it took SIGTERM: the drain goes in front of it
         drain = Drain(self.cfg.serving.drain_s)
         if drain.install():

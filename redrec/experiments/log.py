@@ -1,7 +1,8 @@
 """The append-only serving log (JSONL) and its reader.
 
 Layout (the cross-component contract): under one directory, response lines in ``*.jsonl`` and
-feedback lines in ``feedback-*.jsonl``. Each process writes its own files (named after the pod
+feedback lines in ``feedback-*.jsonl``; a shadow candidate's answers (``redrec.serving.shadow``)
+in ``shadow-*.jsonl``, which the response and feedback readers never read (no user saw them). Each process writes its own files (named after the pod
 and the process id), so replicas never interleave inside a file.
 
 Durability: a line is handed to the kernel with ONE ``write(2)`` on an ``O_APPEND`` descriptor
@@ -72,9 +73,9 @@ class AppendLog:
 
     @classmethod
     def for_process(cls, log_dir: str | Path, kind: str = "serving", fsync: bool = False, **rotation) -> "AppendLog":
-        """``<dir>/serving-<pod>-<pid>.jsonl`` or ``<dir>/feedback-<pod>-<pid>.jsonl``."""
-        if kind not in ("serving", "feedback"):
-            raise ValueError(f"kind must be 'serving' or 'feedback', not {kind!r}")
+        """``<dir>/<kind>-<pod>-<pid>.jsonl``: kind serving, feedback or shadow."""
+        if kind not in ("serving", "feedback", "shadow"):
+            raise ValueError(f"kind must be 'serving', 'feedback' or 'shadow', not {kind!r}")
         return cls(Path(log_dir) / f"{kind}-{_process_tag()}.jsonl", fsync=fsync, **rotation)
 
     def _maybe_rotate(self, incoming: int) -> None:
@@ -239,8 +240,21 @@ class LineStats:
 FILE_AGE_SLACK_S = 3600.0
 
 
-def log_files(log_dir: str | Path | None) -> list[Path]:
+SHADOW_PREFIX = "shadow-"
+
+
+def _all_files(log_dir: str | Path | None) -> list[Path]:
     return sorted(Path(log_dir).rglob("*.jsonl")) if log_dir is not None and Path(log_dir).is_dir() else []
+
+
+def log_files(log_dir: str | Path | None) -> list[Path]:
+    """Response and feedback files: a shadow candidate's lines are answers nobody was shown, and
+    read as responses they would count in an experiment's arms and in the drift window."""
+    return [f for f in _all_files(log_dir) if not f.name.startswith(SHADOW_PREFIX)]
+
+
+def shadow_files(log_dir: str | Path | None) -> list[Path]:
+    return [f for f in _all_files(log_dir) if f.name.startswith(SHADOW_PREFIX)]
 
 
 def iter_log(log_dir: str | Path | None, spans: dict[bool, tuple[float, float]], stats: LineStats,

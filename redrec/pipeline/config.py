@@ -148,6 +148,29 @@ class ClusterConfig(BaseModel):
     ops_token_key: str = "token"
 
 
+class ShadowGate(BaseModel):
+    """What ``redrec release promote --require-shadow`` asks of the candidate's shadow report
+    (``redrec release shadow-report``, ``redrec.experiments.shadow_report``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    min_requests: int = Field(1000, ge=1, description="mirrored requests the candidate scored, at least")
+    max_error_rate: float = Field(0.01, ge=0, le=1, description="share of mirrored requests the candidate failed on")
+    max_drop_rate: float = Field(0.05, ge=0, le=1, description="share of mirrors dropped (shadow queue full or too late)")
+    max_p99_latency_ms: float = Field(250.0, gt=0, description="p99 of the candidate's tower forward and search")
+    min_overlap: float = Field(0.0, ge=0, le=1, description="overlap@10 with production at least (0: not checked)")
+
+
+class ReleaseSection(BaseModel):
+    """``redrec release`` settings: the shadow's default share and the promotion gate on its report."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    shadow_share: float = Field(0.1, gt=0, le=1, description="share of requests `redrec release shadow` mirrors "
+                                                               "when --share is not given")
+    shadow_gate: ShadowGate = Field(default_factory=ShadowGate)
+
+
 class RunConfig(BaseModel):
     """A YAML file for ``redrec pipeline run|compile|submit``: ``params`` + optional ``cluster``.
 
@@ -160,6 +183,7 @@ class RunConfig(BaseModel):
     params: PipelineParams = Field(default_factory=PipelineParams)
     cluster: ClusterConfig = Field(default_factory=ClusterConfig)
     monitoring: dict = Field(default_factory=dict, description="monitoring pipeline parameters (drift thresholds, schedule)")
+    release: ReleaseSection = Field(default_factory=ReleaseSection)
 
     @classmethod
     def from_yaml(cls, path: str | Path, **overrides) -> "RunConfig":

@@ -63,6 +63,8 @@ def _next_config(params: PipelineParams, old: dict | None, version: str, scenari
         for arm in cfg["experiment"]["arms"]:
             if arm["model_version"] == prev:
                 arm["model_version"] = version
+        if (cfg.get("shadow") or {}).get("model_version") == version:
+            cfg.pop("shadow")  # the candidate in shadow is promoted: it serves now, and nothing shadows it
         cfg["scenarios"] = scenarios
     cfg.setdefault("serving", {}).update(port=params.serving_port)
     cfg["serving"].setdefault("serving_log", {"dir": str(ws / "serving-log")})

@@ -232,13 +232,18 @@ def deploy_kubernetes(params: PipelineParams, version: str, timeout_s: float = 9
     base_text = core.read_namespaced_config_map(n.config, ns).data["config.yaml"]
     before = _read_release(core, n.release, ns)
     old_text = _release_text(before)
-    arms = {a["name"]: a["model_version"] for a in _served(base_text, old_text)["experiment"]["arms"]}
+    served = _served(base_text, old_text)
+    arms = {a["name"]: a["model_version"] for a in served["experiment"]["arms"]}
     prev = next(iter(arms.values()))
+    # a shadow stays through a release, unless the release promotes the candidate it shadows
+    shadow = ReleaseOverlay.parse(old_text).shadow if old_text is not None else None
+    if (served.get("shadow") or {}).get("model_version") == version:
+        shadow = {}
     # the arms that served the previous production version move; an arm pinned elsewhere (an A/B
     # challenger) stays where it is
     overlay = ReleaseOverlay(arms={a: (version if v == prev else v) for a, v in arms.items()}, release={
         "model_version": version, "previous": prev, "by": socket.gethostname(),
-        "at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")})
+        "at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}, shadow=shadow)
     text = overlay.dump()
     written = _write_release(core, ns, n.release, text, before)
     try:

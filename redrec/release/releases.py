@@ -92,13 +92,19 @@ def _check_promotable(params: PipelineParams, version: str):
     return cfg, name
 
 
-def promote(params: PipelineParams, version: str) -> dict:
+def promote(params: PipelineParams, version: str, shadow_gate=None, shadow_report=None) -> dict:
     """Serve release ``version``: the alias to its collection, then the serving deployment to its
     model; if the deployment fails the alias is moved back and the previous pair keeps serving.
-    Holds the release lease throughout (``redrec.release.lease``): one release at a time."""
+    Holds the release lease throughout (``redrec.release.lease``): one release at a time.
+    ``shadow_gate`` (``ShadowGate``): refuse, before anything moves, unless the candidate's shadow
+    report (``shadow_report``, default ``redrec.release.shadow.default_report_dir``) passes it."""
     from redrec.release.lease import release_lease
 
     with release_lease(params).hold():
+        if shadow_gate is not None:
+            from redrec.release.shadow import require_shadow
+
+            require_shadow(params, version, shadow_gate, shadow_report)
         return _promote(params, version)
 
 

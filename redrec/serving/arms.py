@@ -56,26 +56,31 @@ class ArmsMixin:
         models: dict[str, tuple] = {}
         arms: dict[str, ArmRuntime] = {}
         for arm in cfg.experiment.arms:
-            if arm.model_version not in models:
-                models[arm.model_version] = self.models.load(arm.model_version)
-            model, info = models[arm.model_version]
-            missing = [s for s in self.scenarios if s not in info["model"]["scenarios"]]
-            if missing:
-                raise ValueError(f"experiment.arms[{arm.name}].model_version {arm.model_version}: the model has no "
-                                 f"queries for scenario(s) {missing} (it knows {info['model']['scenarios']})")
-            emb = np.load(Path(info["model_dir"]) / "item_embeddings.npy")  # checked with the model
-            alias = cfg.alias_for(arm.name)
-            idx = IndexConfig(uri=cfg.milvus.uri, token=cfg.milvus.token, name=alias, dim=int(emb.shape[1]),
-                              timeout_s=cfg.milvus.timeout_s, alias_ttl_s=cfg.milvus.alias_ttl_s,
-                              exact_max_items=cfg.milvus.exact_search_max_items)
-            rt = ArmRuntime(arm.name, info["model_version"], alias, model, Vocab.from_info(info), list(info["item_ids"]),
-                            emb, idx)
+            rt = self._arm_of(cfg, arm.name, arm.model_version, cfg.alias_for(arm.name), models,
+                              f"experiment.arms[{arm.name}].model_version")
             rt.batcher = MicroBatcher(lambda asks, rt=rt: self._serve_batch(rt, asks), cfg.serving.batch_max_size,
                                       cfg.serving.batch_max_wait_ms, name=f"arm-{arm.name}",
                                       max_concurrent=cfg.serving.batch_max_concurrent)
             arms[arm.name] = rt
         added_items.pick_up(self.models.store, arms)
         return arms
+
+    def _arm_of(self, cfg: ServingConfig, name: str, version: str, alias: str, models: dict, field: str,
+                timeout_s: float | None = None) -> ArmRuntime:
+        """One model with its vocabulary, item embeddings and index settings (no batcher);
+        ``models`` caches loads by version across the arms of one config."""
+        if version not in models:
+            models[version] = self.models.load(version)
+        model, info = models[version]
+        missing = [s for s in self.scenarios if s not in info["model"]["scenarios"]]
+        if missing:
+            raise ValueError(f"{field} {version}: the model has no "
+                             f"queries for scenario(s) {missing} (it knows {info['model']['scenarios']})")
+        emb = np.load(Path(info["model_dir"]) / "item_embeddings.npy")  # checked with the model
+        idx = IndexConfig(uri=cfg.milvus.uri, token=cfg.milvus.token, name=alias, dim=int(emb.shape[1]),
+                          timeout_s=timeout_s or cfg.milvus.timeout_s, alias_ttl_s=cfg.milvus.alias_ttl_s,
+                          exact_max_items=cfg.milvus.exact_search_max_items)
+        return ArmRuntime(name, info["model_version"], alias, model, Vocab.from_info(info), list(info["item_ids"]), emb, idx)
 
     def _install(self, cfg: ServingConfig, arms: dict[str, ArmRuntime]) -> None:
         catalogue = sorted({i for a in arms.values() for i in a.item_ids})
@@ -132,6 +137,7 @@ class ArmsMixin:
                 raise ConfigError(f"sections {changed} changed: they take effect on a restart (only 'experiment' "
                                   "is reloaded in place)")
             arms = self._load_arms(new)
+            shadow = self.shadow.load(new)
         except Exception as e:  # noqa: BLE001
             self.reload.update(error=f"{type(e).__name__}: {e}", error_sha256=src.sha256)
             self._config_src = src  # report once, retry on the next change
@@ -144,6 +150,7 @@ class ArmsMixin:
             rt.batcher.close()
         self._retired = list(old.values())
         self._install(new, arms)
+        self.shadow.install(new, shadow)
         self._config_src = src
         self.reload.update(loaded=time.time(), loaded_sha256=src.sha256, error=None, error_sha256=None,
                            reloads=self.reload["reloads"] + 1)

@@ -169,10 +169,33 @@ class AuthSection(_Strict):
     read_routes: bool = False  # /recommend and /similar_items need a token too
 
 
+class ShadowSpec(_Strict):
+    """``shadow`` section: a candidate model scores a mirrored share of live requests off the
+    request path (``redrec.serving.shadow``); its answers go to the shadow log, never to a user.
+    Reloaded in place like ``experiment``."""
+
+    model_version: str = Field(min_length=1, max_length=128)
+    index_alias: str = Field("", max_length=200)  # empty: milvus.collection_alias (the candidate's own collection
+    # is searched while the alias names another model's: redrec.index.search.paired_collection)
+    # requests mirrored, chosen by a hash of request_id (the same on every replica)
+    share: float = Field(0.1, gt=0, le=1)
+    # mirrored requests queued for the candidate at most; beyond it the mirror is dropped (counted):
+    # shadow work must never grow into the served requests' memory or CPU
+    max_in_flight: int = Field(64, ge=1, le=100_000)
+    # a mirrored request not scored within this of its response (queue wait included) is dropped,
+    # and it bounds the candidate's index search
+    timeout_s: float = Field(2.0, gt=0, le=60)
+    # mirrored requests scored in one user-tower forward at most, and how long the first of them
+    # waits for others to share it (must stay well under timeout_s)
+    batch_max_size: int = Field(64, ge=1, le=4096)
+    batch_max_wait_ms: float = Field(250.0, ge=0, le=10_000)
+
+
 class ServingConfig(_Strict):
     scenarios: list[str] = Field(min_length=1)
     log_level: str = "INFO"
     experiment: ExperimentSpec
+    shadow: ShadowSpec | None = None  # no candidate in shadow
     serving: ServingSection = Field(default_factory=ServingSection)
     milvus: MilvusSection = Field(default_factory=MilvusSection)
     feast: FeastSection = Field(default_factory=FeastSection)
@@ -207,6 +230,15 @@ class ServingConfig(_Strict):
         if not self.milvus.uri:
             raise ValueError("milvus.uri is empty: set it in the config or MILVUS_URI")
         return self
+
+    def check_shadow_version(self, known: set[str] | list[str], where: str) -> None:
+        if self.shadow is not None and self.shadow.model_version not in set(known):
+            raise ValueError(f"shadow.model_version: unknown version {self.shadow.model_version!r} in {where}; "
+                             f"known: {sorted(known)} (`redrec release list` shows them; `redrec release shadow --off` "
+                             "turns the shadow off)")
+
+    def shadow_alias(self) -> str:
+        return (self.shadow.index_alias if self.shadow else "") or self.milvus.collection_alias
 
     def alias_for(self, arm_name: str) -> str:
         arm = next(a for a in self.experiment.arms if a.name == arm_name)
@@ -263,10 +295,19 @@ class IngestConfig(BaseModel):
 
 class ReleaseOverlay(_Strict):
     """The release overlay file: ``arms`` maps an arm name to the model version it serves;
-    ``release`` says who wrote it (run, time, previous version), for people and ``/ops/release``."""
+    ``release`` says who wrote it (run, time, previous version), for people and ``/ops/release``;
+    ``shadow`` (absent: config.yaml's) replaces config.yaml's shadow section, ``{}`` turns it off."""
 
     arms: dict[str, str] = Field(min_length=1)
     release: dict[str, Any] = Field(default_factory=dict)
+    shadow: dict[str, Any] | None = None
+
+    @field_validator("shadow")
+    @classmethod
+    def _shadow(cls, v: dict | None) -> dict | None:
+        if v:
+            ShadowSpec.model_validate(v)  # refused here, by the writer, naming the field
+        return v
 
     @classmethod
     def parse(cls, text: str, source: str | None = "release overlay") -> "ReleaseOverlay":
@@ -274,7 +315,10 @@ class ReleaseOverlay(_Strict):
                           "release overlay")
 
     def dump(self) -> str:
-        return yaml.safe_dump(self.model_dump(), sort_keys=True)
+        out = self.model_dump()
+        if out["shadow"] is None:  # an overlay without a shadow reads (and hashes) as it did before shadows
+            del out["shadow"]
+        return yaml.safe_dump(out, sort_keys=True)
 
 
 def apply_overlay(raw: dict, overlay: ReleaseOverlay) -> dict:
@@ -289,6 +333,8 @@ def apply_overlay(raw: dict, overlay: ReleaseOverlay) -> dict:
     for a in arms:
         if isinstance(a, dict) and a.get("name") in overlay.arms:
             a["model_version"] = overlay.arms[a["name"]]
+    if overlay.shadow is not None:
+        raw["shadow"] = overlay.shadow or None
     return raw
 
 

@@ -51,6 +51,7 @@ from redrec.serving.servinglog import ServingLogs
 from redrec.serving.workers import WorkerBoard
 from redrec.serving.arms import ArmRuntime, ArmsMixin, _Generation  # noqa: F401 - ArmRuntime: the request path's arm
 from redrec.serving.health import HealthMixin
+from redrec.serving.shadow import Shadow
 from redrec.serving.features import item_catalogue, open_repo
 from redrec.serving.history import collate, encode_row
 
@@ -189,6 +190,8 @@ class Engine(ArmsMixin, HealthMixin):
         self._install(cfg, self._load_arms(cfg))
         sl = cfg.serving.serving_log
         self.logs = ServingLogs(sl.dir, sl.writer_args())
+        self.shadow = Shadow(self, sl.dir, sl.writer_args())  # a candidate scoring mirrored requests (redrec.serving.shadow)
+        self.shadow.install(cfg, self.shadow.load(cfg))
         self._popular: dict[str, list[tuple[str, float]]] | None = None
         self._popular_at = 0.0
         self._pop_lock = threading.Lock()
@@ -386,6 +389,7 @@ class Engine(ArmsMixin, HealthMixin):
             "fallback": fallback,
         }
         self._log_response(resp, t0, ans, index, reason, context, vec)
+        self.shadow.offer(resp, k, exclude_seen, history if ans is not None else None)  # queued, never waited on
         return resp
 
     def _log_response(self, resp: dict, t0: float, ans: _Answer | None, index: PairedHits | None, reason: str | None,
@@ -424,7 +428,8 @@ class Engine(ArmsMixin, HealthMixin):
         """Both arms rank for the user, concurrently, each in its own micro-batch; team draft merges
         the two top-k lists, seeded by the request id, and the log says which arm placed each item.
         A user without history, or an arm that fails, gets the scenario's popular items (no teams:
-        such a response says nothing about the preference)."""
+        such a response says nothing about the preference). No shadow mirror: the list is no one
+        model's, so a candidate's overlap with it would measure nothing."""
         names = [a.name for a in g.cfg.experiment.arms]
         rts = [g.arms[n] for n in names]
         request_id = uuid.uuid4().hex

@@ -106,5 +106,5 @@ class HealthMixin:
                 arms[name] = {"model_version": rt.version, "alias": rt.alias,
                               "error": f"{type(e).__name__}: {str(e)[:300]}"}
         return {"arms": arms, "config": {**self.reload, **self.board.pod()}, "model_source": self.models.name,
-                "serving_log": self.logs.stats(),
+                "serving_log": self.logs.stats(), "shadow": self.shadow.status(),
                 "readiness": self.ready()[1], "threads": compute_threads()}
