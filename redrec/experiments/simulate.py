@@ -110,17 +110,21 @@ def ab_users(rng: np.random.Generator, pop: Population, cm: ClickModel, n: int, 
              treat_share: float = 0.5, aa: bool = False) -> dict[str, np.ndarray]:
     """One A/B experiment of ``n`` users over ``days``: per user exposed (at least one session),
     ``treat`` (0/1), ``y`` clicks in the experiment, ``m`` sessions, ``x`` clicks in the
-    ``pre_days`` before it (everybody on A then: the production ranker). ``aa``: B's list is A's."""
+    ``pre_days`` before it (everybody on A then: the production ranker). Also both potential
+    outcomes, ``y_a`` and ``y_b`` (the same user and sessions on either list, clicks drawn apart),
+    for planning. ``aa``: B's list is A's."""
     j = rng.integers(0, len(pop.pa), size=n)
     act = cm.activity(rng, n)
     treat = (rng.random(n) < treat_share).astype(int)
     pre = rng.poisson(act * cm.sessions_per_day * pre_days)
     x = _clicks(rng, pre, act[:, None] * pop.pa[j])
     s = rng.poisson(act * cm.sessions_per_day * days)
-    q = np.where(treat[:, None] == 1, pop.pa[j] if aa else pop.pb[j], pop.pa[j])
-    y = _clicks(rng, s, act[:, None] * q)
     keep = s > 0
-    return {"treat": treat[keep], "y": y[keep].astype(float), "m": s[keep].astype(float), "x": x[keep].astype(float)}
+    j, act, treat, x, s = j[keep], act[keep], treat[keep], x[keep], s[keep]
+    y_a = _clicks(rng, s, act[:, None] * pop.pa[j]).astype(float)
+    y_b = y_a.copy() if aa else _clicks(rng, s, act[:, None] * pop.pb[j]).astype(float)
+    return {"treat": treat, "y": np.where(treat == 1, y_b, y_a), "y_a": y_a, "y_b": y_b, "m": s.astype(float),
+            "x": x.astype(float), "exposed": float(keep.mean())}
 
 
 def interleaved_users(rng: np.random.Generator, pop: Population, cm: ClickModel, n: int,
@@ -142,3 +146,37 @@ def interleaved_users(rng: np.random.Generator, pop: Population, cm: ClickModel,
     ca = np.bincount(user, weights=(click & ~tb).sum(1), minlength=n)
     keep = s > 0
     return ca[keep], cb[keep]
+
+
+def users_for_power(design: str, rng: np.random.Generator, pop: Population, cm: ClickModel, days: float,
+                    pre_days: float, pilot_users: int = 200_000, alpha: float = 0.05, power: float = 0.8) -> dict:
+    """Users (assigned, exposed or not) an experiment needs for ``power`` at two-sided ``alpha``,
+    planned from a simulated pilot by the normal approximation of each design's test:
+    - ``ab``: difference of mean clicks per exposed user, half the users per arm:
+      ``n_arm = (z_a + z_b)^2 (var_a + var_b) / d^2``; the pilot gives each user both potential
+      outcomes (same activity and sessions on either list), so ``d`` is estimated paired, with far
+      less noise than two separate arms would give it;
+    - ``ab_cuped``: the same on ``y - theta (x - mean x)``, ``theta`` pooled over both outcomes;
+    - ``interleaving``: the sign test over users who preferred one arm, share ``p`` of them
+      preferring B: ``n = ((z_a / 2 + z_b sqrt(p (1 - p))) / (p - 1/2))^2`` such users.
+    Each is divided by the share of users it counts (exposed, or decided)."""
+    from scipy import stats
+
+    za, zb = stats.norm.ppf(1 - alpha / 2), stats.norm.ppf(power)
+    if design in ("ab", "ab_cuped"):
+        u = ab_users(rng, pop, cm, pilot_users, days, pre_days)
+        ya, yb = u["y_a"], u["y_b"]
+        if design == "ab_cuped":
+            both, x2 = np.concatenate([ya, yb]), np.concatenate([u["x"], u["x"]])
+            xc = x2 - x2.mean()
+            theta = float(xc @ (both - both.mean()) / (xc @ xc))
+            ya, yb = ya - theta * (u["x"] - u["x"].mean()), yb - theta * (u["x"] - u["x"].mean())
+        d = float((yb - ya).mean())
+        n_arm = (za + zb) ** 2 * (ya.var(ddof=1) + yb.var(ddof=1)) / d**2
+        return {"users": float(2 * n_arm / u["exposed"]), "effect": d, "counted_share": u["exposed"]}
+    ca, cb = interleaved_users(rng, pop, cm, pilot_users, days)
+    w, l = int((cb > ca).sum()), int((cb < ca).sum())
+    p = w / (w + l)
+    n_dec = ((za / 2 + zb * np.sqrt(p * (1 - p))) / (p - 0.5)) ** 2
+    decided = (w + l) / pilot_users
+    return {"users": float(n_dec / decided), "effect": p - 0.5, "counted_share": decided}
