@@ -204,6 +204,7 @@ def test_the_service_interleaves_two_arms_and_the_report_credits_clicks(interlea
     assert o["losses"] == len(clickers) > 50 and o["wins"] == 0 and o["ties"] == 0
     assert o["significant"] and o["share"] == 0.0 and rep["verdict"] == "users prefer prod"
     assert set(rep["preferences"]) == {"overall", "homefeed", "search"}
+    assert rep["srm"]["groups"] == ["interleaved", "holdout"] and not rep["srm"]["mismatch"] and not rep["problems"]
     assert "users prefer prod" in run.stdout
     # without the config the log still says it is interleaved: the same analysis, arms in name order
     run2 = subprocess.run([sys.executable, "-m", "redrec.cli", "ab", "report", "--log-dir", str(srv["log"]),
@@ -221,10 +222,34 @@ def test_the_service_interleaves_two_arms_and_the_report_credits_clicks(interlea
         assert page.console_errors == [] and page.failed_requests == []
         assert "users prefer prod" in page.page.inner_text("#verdict")
         assert page.count("#preference-chart circle") == 3 and page.count("#preference-chart line") == 4
-        assert page.count("#preferences tr") == 4
+        assert page.count("#preferences tr") == 4 and "no mismatch" in page.page.inner_text("#srm")
         assert page.screenshot.stat().st_size > 10_000
     finally:
         b.close()
+
+
+def test_a_broken_holdout_split_is_flagged(tmp_path):
+    """Half the users held out where the config says a tenth: the preference is reported with the
+    sample ratio mismatch named as a problem."""
+    from redrec.experiments.assignment import ExperimentSpec
+    from redrec.experiments.interleaving_report import analyse_interleaving
+    from redrec.experiments.log import AppendLog
+
+    spec = ExperimentSpec(name="x", type="interleaving", holdout_share=0.1,
+                          arms=[{"name": "a", "model_version": "v1", "share": 0.5}, {"name": "b", "model_version": "v2", "share": 0.5}])
+    log, fb = AppendLog(tmp_path / "serving-p.jsonl"), AppendLog(tmp_path / "feedback-p.jsonl")
+    for u in range(2000):
+        held = u % 2 == 0
+        items, teams = team_draft(["i1", "i2"], ["i3", "i4"], 4, draft_seed("x", f"r{u}"))
+        log.append({"request_id": f"r{u}", "ts": 1.7e9, "experiment": "x", "user_id": f"u{u}", "scenario": "s",
+                    "arm": "holdout" if held else "interleaved", "model_version": "v1", "items": items,
+                    "scores": [1.0] * 4, "cold_start": False, "teams": None if held else [("a", "b")[t] for t in teams]})
+        fb.append({"request_id": f"r{u}", "user_id": f"u{u}", "item_id": items[0], "scenario": "s", "action": "click",
+                   "ts": 1.7e9 + 1})
+    rep = analyse_interleaving(tmp_path, spec)
+    assert rep.srm["mismatch"] and rep.srm["observed"] == [1000, 1000]
+    assert any("sample ratio mismatch" in p for p in rep.problems)
+    assert rep.n_responses == 1000 and rep.preferences["overall"].users == 1000
 
 
 def test_interleaving_config_needs_two_arms():

@@ -12,7 +12,8 @@ a tie, no click says nothing. Reported per scope:
 - p-values adjusted by Benjamini-Hochberg across the scopes (overall is not independent of the
   scenarios, BH holds under their positive dependence);
 - the draft's fairness: the share of impressions whose first item the treatment placed (the coin
-  flip of the draft: about 1/2, else the draft or the log is broken).
+  flip of the draft: about 1/2, else the draft or the log is broken);
+- with the experiment's config, the sample-ratio check of interleaved vs held-out users.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from scipy import stats
 
 from redrec.experiments.assignment import INTERLEAVED, ExperimentSpec
 from redrec.experiments.log import read_feedback, read_serving_log
-from redrec.experiments.report import POSITIVE_ACTIONS
+from redrec.experiments.report import POSITIVE_ACTIONS, srm_check
 
 
 @dataclass
@@ -69,6 +70,7 @@ class InterleavingReport:
     verdict: str
     type: str = "interleaving"
     problems: list[str] = field(default_factory=list)
+    srm: dict = field(default_factory=dict)  # users interleaved vs held out, against the configured holdout
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -168,6 +170,14 @@ def analyse_interleaving(log_dir: str | Path, spec: ExperimentSpec | None = None
     if n >= 100 and stats.binomtest(int(round(fair * n)), n, 0.5).pvalue < 1e-3:
         problems.append(f"the treatment placed the first item in {fair:.1%} of {n} impressions, not about half: "
                         "the draft's coin is biased or the log is broken; do not trust the preference")
+    srm = {}
+    if spec is not None:
+        users = responses.groupby("arm")["user_id"].nunique()
+        srm = srm_check({str(a): int(n) for a, n in users.items()}, spec.expected_shares())
+        if srm.get("mismatch"):
+            problems.append(f"sample ratio mismatch: users {dict(zip(srm['groups'], srm['observed']))} against the "
+                            f"configured holdout share {spec.holdout_share} (p = {srm.get('p_value')}); the holdout "
+                            "assignment or the log is broken: do not trust the preference")
     o = prefs["overall"]
     if o.significant:
         verdict = f"users prefer {treatment if o.share > 0.5 else control}"
@@ -175,7 +185,7 @@ def analyse_interleaving(log_dir: str | Path, spec: ExperimentSpec | None = None
         verdict = "no preference detected"
     return InterleavingReport(spec.name if spec else None, control, treatment, confidence, int(len(per_imp)),
                               int(len(responses) - len(per_imp)), int(len(feedback)), unjoined, prefs, verdict,
-                              problems=problems)
+                              problems=problems, srm=srm)
 
 
 # ---- rendering ------------------------------------------------------------------------------
