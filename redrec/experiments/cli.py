@@ -33,9 +33,7 @@ def cmd_report(args) -> int:
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}")
         return 2
-    paths = write_report(rep, args.out)
-    print(format_text(rep))
-    print(json.dumps({k: str(v) for k, v in paths.items()}))
+    _emit(write_report(rep, args.out), format_text(rep))
     breached = any(d["guardrails_breached"] for d in rep.decisions.values())
     return 1 if (args.fail_on_srm and rep.srm.get("mismatch")) or (args.fail_on_guardrail and breached) else 0
 
@@ -49,10 +47,14 @@ def _interleaving(log_dir: str, spec, args) -> int:
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}")
         return 2
-    paths = write_interleaving_report(rep, args.out)
-    print(format_interleaving(rep))
-    print(json.dumps({k: str(v) for k, v in paths.items()}))
+    _emit(write_interleaving_report(rep, args.out), format_interleaving(rep))
     return 0
+
+
+def _emit(paths: dict, text: str) -> None:
+    """The report's table, then where its files are (one JSON line, for scripts)."""
+    print(text)
+    print(json.dumps({k: str(v) for k, v in paths.items()}))
 
 
 def register(subparsers) -> None:

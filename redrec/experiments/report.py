@@ -36,7 +36,7 @@ from scipy import stats
 
 from redrec.experiments.assignment import HOLDOUT, INTERLEAVED, ExperimentSpec
 from redrec.experiments import stats as xstats
-from redrec.experiments.log import read_feedback, read_log, read_serving_log
+from redrec.experiments.log import RECEIVED, read_feedback, read_serving_log
 from redrec.reports.render import PALETTE
 
 POSITIVE_ACTIONS = ("click", "like", "share", "purchase", "conversion", "save", "comment", "follow")
@@ -267,17 +267,17 @@ def _decisions(lifts: dict[str, list[Lift]], control: str) -> dict[str, dict]:
     return out
 
 
-def pre_period_covariate(log_dir: str | Path, first_ts: float, pre_days: float,
+def pre_period_covariate(feedback: pd.DataFrame, first_ts: float, pre_days: float,
                          positive: tuple[str, ...]) -> tuple[pd.Series, dict]:
     """Per user, the positive feedback events that arrived (``received_ts``) in the ``pre_days``
     before the experiment's first response: the CUPED covariate (metric-like, fixed before
-    assignment)."""
+    assignment). ``feedback``: every feedback line of the log (``read_feedback``), already read."""
     start = first_ts - pre_days * 86400.0
     info = {"days": pre_days, "start": start, "end": first_ts, "feedback_events": 0, "users_with_data": 0}
     if pre_days <= 0:
         return pd.Series(dtype=float), info
-    fb = read_log(log_dir, start, first_ts).feedback
-    fb = fb[fb["action"].isin(positive)]
+    arrived = feedback[RECEIVED]
+    fb = feedback[(arrived >= start) & (arrived < first_ts) & feedback["action"].isin(positive)]
     x = fb.groupby("user_id").size().astype(float)
     info["feedback_events"] = int(len(fb))
     return x, info
@@ -333,7 +333,7 @@ def analyse(
     if control not in set(r["arm"]):
         raise ValueError(f"--control: arm {control!r} has no logged responses; arms in the log: {sorted(set(r['arm']))}")
     groups = arms + ([HOLDOUT] if HOLDOUT in set(r["arm"]) else [])
-    pre, pre_info = pre_period_covariate(log_dir, float(r["ts"].min()), pre_days, positive_actions)
+    pre, pre_info = pre_period_covariate(feedback, float(r["ts"].min()), pre_days, positive_actions)
     guardrails = [name for src, name in GUARDRAILS.items() if src in r.columns and r[src].notna().any()]
 
     def block(df: pd.DataFrame) -> tuple[dict[str, ArmStats], list[Lift]]:
