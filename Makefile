@@ -40,14 +40,17 @@ lock:
 	UV=$(LOCK_VENV)/bin/uv scripts/lock.sh
 
 # Debian packages the tests run for real: Redis and PostgreSQL (Feast's cluster online stores and
-# SQL registry) and Chromium (the reports, opened headless). As root from Debian's mirrors (the
+# SQL registry), Chromium (the reports, opened headless) and a Java runtime (Spark: the offline
+# side's distributed path). As root from Debian's mirrors (the
 # package registries); installed ones cost nothing. wrk drives bench/serving.py's closed-loop runs.
+DEBIAN_PACKAGES := redis-server postgresql openssl chromium wrk openjdk-17-jre-headless
 services:
 	@{ command -v redis-server && { command -v initdb || ls /usr/lib/postgresql/*/bin/initdb; } && command -v openssl \
-	   && command -v chromium && command -v wrk; } >/dev/null 2>&1 || \
-	  { apt-get install -y -qq redis-server postgresql openssl chromium wrk >/dev/null 2>&1 || \
-	    { apt-get update -qq && apt-get install -y -qq redis-server postgresql openssl chromium wrk; }; }
+	   && command -v chromium && command -v wrk && command -v java; } >/dev/null 2>&1 || \
+	  { apt-get install -y -qq $(DEBIAN_PACKAGES) >/dev/null 2>&1 || \
+	    { apt-get update -qq && apt-get install -y -qq $(DEBIAN_PACKAGES); }; }
 	@command -v redis-server >/dev/null || { echo "redis-server could not be installed (apt-get as root)"; exit 1; }
+	@command -v java >/dev/null || { echo "java could not be installed (openjdk-17-jre-headless, apt-get as root)"; exit 1; }
 
 # the runtime image (Dockerfile): a debootstrap base + a wheelhouse pip makes on the host
 engine:

@@ -65,17 +65,29 @@ class Definitions:
             raise KeyError(f"no sequence view for scenario {scenario!r}; the repo declares {self.scenarios}") from None
 
 
-def _file_source(name: str, path: Path, description: str) -> FileSource:
+ENGINES = ("file", "spark")
+
+
+def _file_source(name: str, path: Path, description: str, engine: str = "file"):
+    if engine == "spark":
+        # a parquet file or a directory of part files: Spark reads both, partition columns included
+        from feast.infra.offline_stores.contrib.spark_offline_store.spark_source import SparkSource
+
+        return SparkSource(name=name, path=str(path), file_format="parquet", timestamp_field=TIMESTAMP,
+                           description=description)
     return FileSource(name=name, path=str(path), timestamp_field=TIMESTAMP, description=description)
 
 
-def build_definitions(scenarios: list[str], source_dir: str | Path) -> Definitions:
+def build_definitions(scenarios: list[str], source_dir: str | Path, engine: str = "file") -> Definitions:
     """All Feast objects for ``scenarios`` reading parquet files under ``source_dir``.
 
     ``source_dir`` may be relative: Feast resolves it against the repo path (the folder holding
     ``feature_store.yaml``). The files need not exist for ``apply``; they must for materialise
-    and historical retrieval.
+    and historical retrieval. ``engine``: ``file`` (FileSource, read by the DuckDB or Dask offline
+    store) or ``spark`` (SparkSource, read by Feast's Spark offline store).
     """
+    if engine not in ENGINES:
+        raise ValueError(f"engine must be one of {ENGINES}, not {engine!r}")
     scenarios = check_scenarios(scenarios)
     paths = SourcePaths(Path(source_dir))
     d = Definitions(scenarios=scenarios)
@@ -83,16 +95,16 @@ def build_definitions(scenarios: list[str], source_dir: str | Path) -> Definitio
     item = Entity(name=ITEM, join_keys=["item_id"], value_type=ValueType.STRING, description="a catalogue item")
     d.entities = {USER: user, ITEM: item}
 
-    events = _file_source("events", paths.events, "canonical behaviour log: user_id, item_id, scenario, action, ts")
-    items = _file_source("items", paths.items, "item catalogue: text fields and scenario eligibility")
-    pop = _file_source("item_popularity_src", paths.item_popularity, "cumulative events per item, per second")
+    events = _file_source("events", paths.events, "canonical behaviour log: user_id, item_id, scenario, action, ts", engine)
+    items = _file_source("items", paths.items, "item catalogue: text fields and scenario eligibility", engine)
+    pop = _file_source("item_popularity_src", paths.item_popularity, "cumulative events per item, per second", engine)
     pop_push = PushSource(name=ITEM_POP_PUSH, batch_source=pop, description="fresh item popularity")
     d.sources = {s.name: s for s in (events, items, pop, pop_push)}
 
     seq_views = []
     for s in scenarios:
         name = seq_view_name(s)
-        src = _file_source(f"{name}_src", paths.seq(s), f"last-N behaviour windows in scenario {s!r}")
+        src = _file_source(f"{name}_src", paths.seq(s), f"last-N behaviour windows in scenario {s!r}", engine)
         push = PushSource(name=seq_push_name(s), batch_source=src, description=f"fresh windows for scenario {s!r}")
         d.sources[src.name] = src
         d.sources[push.name] = push
