@@ -24,16 +24,18 @@ LOCK = ROOT / "lock"
 # What each part of the tree may import: the code that ships (the wheel, the image's service and
 # feature repo, the scripts) only the runtime set; the tests and benchmarks their extras on top.
 RUNTIME_EXTRAS = ("image",)  # = platform, models, objectstore
+# The Spark path's modules (redrec.features.spark*) import pyspark only inside its functions: they
+# run in a Spark driver with the `spark` extra (the dev venv; a Spark image), never in the serving image.
 SCOPES = {
-    "redrec": RUNTIME_EXTRAS,
+    "redrec": (*RUNTIME_EXTRAS, "spark"),
     "components": RUNTIME_EXTRAS,
     "pipelines": RUNTIME_EXTRAS,
     "bentos": RUNTIME_EXTRAS,
     "feature_repo": RUNTIME_EXTRAS,
     "monitoring": RUNTIME_EXTRAS,
     "scripts": RUNTIME_EXTRAS,
-    "tests": (*RUNTIME_EXTRAS, "test"),
-    "bench": (*RUNTIME_EXTRAS, "test", "bench"),
+    "tests": (*RUNTIME_EXTRAS, "spark", "test"),
+    "bench": (*RUNTIME_EXTRAS, "spark", "test", "bench"),
 }
 # lock file -> the extras it installs (besides the base dependencies)
 LOCKS = {
