@@ -81,19 +81,42 @@ def test_materialize_keeps_every_event_of_the_last_second_and_stops_at_end(tmp_p
     assert len({h.ts for h in last_second}) == 1
 
 
+def test_training_set_after_a_same_second_burst_sees_the_whole_burst(tmp_path, data):
+    """A point-in-time join after a burst of events in one second (MovieLens rates in bursts)
+    must see the window after the whole burst: with one source row per event, the rows of that
+    second tie on the join's timestamp and DuckDB picked the burst's first state."""
+    import dataclasses
+
+    ev = data.events.copy()
+    u = ev["user_id"].iloc[0]
+    mine = ev.index[(ev["user_id"] == u) & (ev["scenario"] == "homefeed")]
+    burst_ts = int(ev.loc[mine[-3], "ts"])
+    ev.loc[mine[-3:], "ts"] = burst_ts
+    ev = ev.sort_values(["user_id", "ts"], kind="stable").reset_index(drop=True)
+    r = FeatureRepo(tmp_path / "data", seq_len=SEQ_LEN)
+    r.build_sources(dataclasses.replace(data, events=ev))
+    r.apply()
+    ask = pd.DataFrame({"user_id": [u], "ts": [burst_ts + 1]})
+    got = r.training_set(ask).histories(r.scenarios)[0]
+    assert got == naive_history(ev, u, burst_ts + 1, r.scenarios)
+    assert [h.ts for h in got if h.scenario == "homefeed"][-3:] == [burst_ts] * 3
+
+
 def test_sequence_table_matches_a_python_loop(data):
     ev = data.events[data.events["scenario"] == "homefeed"]
     t = sequence_table(ev, 4).to_pandas()
     t = t[t["event_timestamp"] > pd.Timestamp(0, tz="UTC")].reset_index(drop=True)  # skip the epoch rows
-    assert len(t) == len(ev)
+    assert len(t) == len(ev.drop_duplicates(["user_id", "ts"]))  # one row per (user, second)
     for k, (u, grp) in enumerate(ev.groupby("user_id", sort=False)):
         if k > 10:
             break
-        items = grp["item_id"].tolist()
+        items, stamps = grp["item_id"].tolist(), grp["ts"].tolist()
+        last_of_second = [i for i in range(len(stamps)) if i + 1 == len(stamps) or stamps[i + 1] != stamps[i]]
         rows = t[t["user_id"] == u]
-        for i, (_, row) in enumerate(rows.iterrows()):
+        assert len(rows) == len(last_of_second)
+        for i, (_, row) in zip(last_of_second, rows.iterrows()):
             assert list(row["item_ids"]) == items[max(0, i - 3) : i + 1]
-            assert list(row["timestamps"]) == grp["ts"].tolist()[max(0, i - 3) : i + 1]
+            assert list(row["timestamps"]) == stamps[max(0, i - 3) : i + 1]
 
 
 def test_feast_cli_applies_the_repo_as_is(tmp_path, data):

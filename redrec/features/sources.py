@@ -4,10 +4,13 @@ Tables (all parquet, one ``event_timestamp`` column, microseconds in UTC: Feast'
 store cannot cast nanosecond timestamps):
 
 - ``events.parquet``: the canonical behaviour log (``user_id, item_id, scenario, action, ts``).
-- ``seq_<scenario>.parquet``: one row per event of that scenario. The row at a user's event *e*
-  holds the state *after* e: the last ``seq_len`` item ids, actions and unix timestamps of that
-  user in that scenario up to and including e, oldest first. A point-in-time join at time t
-  therefore sees exactly the events with ``ts <= t`` (``training_set`` asks for ``< label time``).
+- ``seq_<scenario>.parquet``: one row per (user, second) with events of that scenario. The row
+  at a user's second *t* holds the state *after* all of that second's events: the last
+  ``seq_len`` item ids, actions and unix timestamps of that user in that scenario up to and
+  including *t*, oldest first (same-second events in their stable log order). A point-in-time
+  join at time t therefore sees exactly the events with ``ts <= t`` (``training_set`` asks for
+  ``< label time``). One row per second, not per event: rows of one second would tie on the
+  join's timestamp and a store may pick any of them (DuckDB picked a burst's first state).
   Each user of the table also gets one empty window stamped at the epoch ("no history yet"):
   Feast 0.67's file offline store drops an entity row outright when the entity has feature rows
   but all of them are later than the row's timestamp (its left join is followed by a filter
@@ -103,7 +106,8 @@ def _ts_column(ts: np.ndarray) -> pa.Array:
 
 
 def sequence_table(events: pd.DataFrame, seq_len: int, epoch_rows: bool = True) -> pa.Table:
-    """Last-``seq_len`` windows of one scenario's events (already filtered), one row per event.
+    """Last-``seq_len`` windows of one scenario's events (already filtered), one row per
+    (user, second): the window after the last of that second's events.
 
     ``events`` must be grouped by user and time-ordered within a user (``RecData`` sorts them
     stably by (user_id, ts)). Built without Python loops: each row's window is the slice
@@ -138,6 +142,10 @@ def sequence_table(events: pd.DataFrame, seq_len: int, epoch_rows: bool = True) 
         return list_cls.from_arrays(off, values.take(take))
 
     ts = events["ts"].to_numpy(np.int64)
+    # the last event of each (user, second) carries the state a join at any later time must see
+    last = np.ones(n, dtype=bool)
+    if n:
+        last[:-1] = new_user[1:] | (ts[1:] != ts[:-1])
     table = pa.table(
         {
             "user_id": pa.array(users.astype(str), type=pa.string()),
@@ -147,6 +155,8 @@ def sequence_table(events: pd.DataFrame, seq_len: int, epoch_rows: bool = True) 
             "timestamps": windows(pa.array(ts, type=pa.int64())),
         }
     )
+    if not last.all():
+        table = table.filter(pa.array(last))
     if epoch_rows and n:
         first = users[new_user].astype(str)
         m = len(first)
