@@ -19,7 +19,7 @@ def make_monitoring_pipeline(cluster: ClusterConfig | None = None, defaults: Pip
         hidden_size: int = 0, layers: int = 0, epochs: int = 0, max_steps: int = 0, zero_stage: int = 0,
         nodes: int = 1, gpus_per_node: int = 0, gate_metrics: list = ["ndcg@10"], gate_margin: float = 0.0,  # noqa: B006
         workspace: str = "build/pipeline/ml1m", milvus_uri: str = "", index_alias: str = "redrec_items",
-        feature_store_yaml: str = "", model_store: str = "", deploy_target: str = "local", serving_port: int = 3000, launcher: str = "auto",
+        feature_store_yaml: str = "", offline_engine: str = "auto", model_store: str = "", deploy_target: str = "local", serving_port: int = 3000, launcher: str = "auto",
         trainer_runtime: str = "deepspeed-distributed", trainer_image: str = "", drift_reference_at: str = "window-end",
         inject_fault: str = "",
     ):

@@ -24,7 +24,7 @@ def training_steps(c, a: dict, cluster: ClusterConfig | None) -> dict:
     """Add the training steps to the current pipeline; ``a`` maps parameter name -> channel."""
     prep = c.prepare_data(dataset=a["dataset"], dataset_args=a["dataset_args"], scenarios=a["scenarios"])
     feats = c.build_features(data=prep.outputs["data"], experiment=a["experiment"], workspace=a["workspace"],
-                             feature_store_yaml=a["feature_store_yaml"])
+                             feature_store_yaml=a["feature_store_yaml"], offline_engine=a["offline_engine"])
     tr = c.train(data=prep.outputs["data"], training_set=feats.outputs["training_set"], dataset=a["dataset"],
                  experiment=a["experiment"], hidden_size=a["hidden_size"], layers=a["layers"], epochs=a["epochs"],
                  max_steps=a["max_steps"], zero_stage=a["zero_stage"], nodes=a["nodes"], gpus_per_node=a["gpus_per_node"],
@@ -122,7 +122,9 @@ def default_values(defaults: PipelineParams | None, cluster: ClusterConfig | Non
     d = (defaults or PipelineParams()).model_dump()
     if cluster is not None:
         d["workspace"] = cluster.workspace_mount
-        d["feature_store_yaml"] = d["feature_store_yaml"] or f"{cluster.feast_config_mount}/feature_store.yaml"
+        # the chart renders feature_store.offline.yaml (the Spark offline store) beside the serving one
+        fs_file = "feature_store.offline.yaml" if d["offline_engine"] == "spark" else "feature_store.yaml"
+        d["feature_store_yaml"] = d["feature_store_yaml"] or f"{cluster.feast_config_mount}/{fs_file}"
         d["deploy_target"] = "kubernetes" if d["deploy_target"] == "local" else d["deploy_target"]
     return d
 

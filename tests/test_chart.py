@@ -2331,3 +2331,31 @@ def test_the_release_is_the_pipelines_object_so_helm_upgrade_cannot_revert_it(he
 
     with pytest.raises(ConfigError, match=f"{overlay}: invalid release overlay"):
         ServingConfig.from_yaml(cfg)
+
+
+def test_spark_offline_store_is_a_second_feast_file_for_the_pipeline(render, helm, tmp_path):
+    """feast.offlineStore.type=spark adds feature_store.offline.yaml (the pipeline's features step,
+    the Spark driver) and leaves the feature server's file without an offline store; Feast loads it
+    as its Spark offline store config with our settings."""
+    from feast.infra.offline_stores.contrib.spark_offline_store.spark import SparkOfflineStoreConfig
+    from feast.repo_config import load_repo_config
+
+    base = one(render("default"), "ConfigMap", f"{RELEASE}-redrec-feast-config")["data"]
+    assert set(base) == {"feature_store.yaml"}
+    docs = helm.template("-f", CI_VALUES / "default-values.yaml", "--set", "feast.offlineStore.type=spark",
+                         "--set", "feast.offlineStore.spark.executorInstances=3",
+                         "--set", "feast.offlineStore.spark.conf.spark\\.kubernetes\\.executor\\.podNamePrefix=redrec-feat")
+    data = one(docs, "ConfigMap", f"{RELEASE}-redrec-feast-config")["data"]
+    assert data["feature_store.yaml"] == base["feature_store.yaml"]
+    path = tmp_path / "feature_store.yaml"
+    path.write_text(data["feature_store.offline.yaml"])
+    config = load_repo_config(tmp_path, path)
+    assert isinstance(config.offline_store, SparkOfflineStoreConfig)
+    conf = config.offline_store.spark_conf
+    assert conf["spark.master"] == "k8s://https://kubernetes.default.svc:443"
+    assert conf["spark.executor.instances"] == "3" and conf["spark.sql.session.timeZone"] == "UTC"
+    assert conf["spark.kubernetes.executor.podNamePrefix"] == "redrec-feat"
+    assert conf["spark.kubernetes.container.image"].startswith("ghcr.io/redrec/redrec")
+    assert yaml.safe_load(data["feature_store.offline.yaml"])["online_store"] == yaml.safe_load(base["feature_store.yaml"])["online_store"]
+    with pytest.raises(Exception, match="offlineStore"):
+        helm.template("-f", CI_VALUES / "default-values.yaml", "--set", "feast.offlineStore.type=hive")

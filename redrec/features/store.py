@@ -281,8 +281,12 @@ class FeatureRepo:
         """Write the parquet sources from ``data`` and re-declare the views for its scenarios."""
         rep = build_sources(data, self.source_dir, seq_len or self.seq_len)
         self.scenarios, self.seq_len = rep.scenarios, rep.seq_len
-        self.defs = build_definitions(self.scenarios, self.source_dir.resolve(), self.engine)
+        self.refresh_definitions()
         return rep
+
+    def refresh_definitions(self) -> None:
+        """Re-declare the views for the current scenarios (after a source build by another engine)."""
+        self.defs = build_definitions(self.scenarios, self.source_dir.resolve(), self.engine)
 
     def apply(self) -> None:
         """Register entities, sources, views and services (what ``feast apply`` does for the repo);

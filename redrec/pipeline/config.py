@@ -43,6 +43,10 @@ class PipelineParams(BaseModel):
     index_alias: str = Field("redrec_items", description="Milvus alias that serving searches")
     feature_store_yaml: str = Field("", description="Feast feature_store.yaml naming the online store the features "
                                                     "step fills (Redis, Postgres); empty = embedded SQLite in the workspace")
+    offline_engine: Literal["auto", "pandas", "spark"] = Field(
+        "auto", description="what builds the feature sources and the training set: pandas + Feast's DuckDB store in "
+                            "one process, or Spark + Feast's Spark offline store (redrec.features.spark_sources); auto: "
+                            "spark when feature_store_yaml's offline_store is spark, else pandas")
     model_store: str = Field("", description="model store URI serving reads (directory, s3://, gs://); "
                                              "empty = <workspace>/model-store")
     deploy_target: Literal["local", "kubernetes", "none"] = "local"

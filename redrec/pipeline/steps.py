@@ -82,48 +82,114 @@ def label_rows(enc, split) -> pd.DataFrame:
     return pd.DataFrame({"user_id": enc.user_ids, "ts": label_ts.astype(np.int64)})
 
 
+def _feature_repo(params: PipelineParams, seq_len: int):
+    """The Feast repo the step fills, on the offline engine the parameters select."""
+    from redrec.features.store import FeatureRepo
+
+    # the online store the config names: serving reads what this step materialises
+    fs_yaml = params.feature_store_yaml or None
+    if fs_yaml is not None and not Path(fs_yaml).is_file():
+        raise ValueError(f"parameter 'feature_store_yaml': {fs_yaml} does not exist (mount the chart's Feast "
+                         "ConfigMap there, or leave it empty for the embedded SQLite store)")
+    offline = "spark" if params.offline_engine == "spark" else "duckdb"
+    repo = FeatureRepo(Path(params.workspace) / "feast", seq_len=seq_len, fs_yaml=fs_yaml, offline_store=offline)
+    if params.offline_engine == "spark" and repo.engine != "spark":
+        raise ValueError(f"parameter 'offline_engine' is spark but feature_store_yaml {fs_yaml} names offline_store "
+                         f"{repo.store.config.offline_store.type!r}: set its offline_store to type: spark (chart value "
+                         "feast.offlineStore.spark) or offline_engine to auto")
+    if params.offline_engine == "pandas" and repo.engine == "spark":
+        raise ValueError(f"parameter 'offline_engine' is pandas but feature_store_yaml {fs_yaml} names the Spark "
+                         "offline store: set offline_engine to auto or spark")
+    return repo
+
+
+def _training_set_pandas(repo, data, enc, split, out_dir) -> dict:
+    from redrec.features.definitions import seq_view_name
+    from redrec.features.sources import SEQ_FEATURES
+
+    rep = repo.build_sources(data)
+    repo.apply()
+    repo.materialize()
+    ts = repo.training_set(label_rows(enc, split))
+    df = ts.df
+    label = (df["event_timestamp"].astype("datetime64[us, UTC]").astype("int64") // 10**6).to_numpy()
+    leaks, filled = 0, 0
+    for s in repo.scenarios:
+        col = f"{seq_view_name(s)}__{SEQ_FEATURES[2]}"
+        for t, lab in zip(df[col], label):
+            if t is not None and not (isinstance(t, float) and np.isnan(t)) and len(t):
+                filled += 1
+                leaks += int(max(t) >= lab)
+    if leaks:
+        raise RuntimeError(f"training set: {leaks} history window(s) hold events at or after their label time; "
+                           "the point-in-time join leaked (check the sources' timestamps)")
+    with atomic_output(out_dir) as tmp:
+        tmp.mkdir(parents=True)
+        df.to_parquet(tmp / "training_set.parquet", index=False)
+        _write_report(tmp, len(df), filled, repo, ts.seconds, rep.rows, str(ts.duplicates))
+    return _read_report(out_dir)
+
+
+def _training_set_spark(repo, data, enc, split, out_dir, data_dir) -> dict:
+    """Sources by the Spark job, the join by Feast's Spark offline store, the set as user shards."""
+    from redrec.features.spark_sources import build_sources_spark, write_event_log
+    from redrec.features.spark_training import write_training_set_spark
+
+    spark = _spark_for(repo)
+    log_dir = Path(repo.data_dir) / "event_log"
+    write_event_log(data, log_dir)
+    rep = build_sources_spark(spark, log_dir, Path(data_dir) / "items.parquet", repo.source_dir, repo.seq_len,
+                              list(data.scenarios), name=data.name)
+    repo.scenarios, repo.seq_len = rep.scenarios, rep.seq_len
+    repo.refresh_definitions()
+    repo.apply()
+    repo.materialize()
+    with atomic_output(out_dir) as tmp:
+        tmp.mkdir(parents=True)
+        ts = write_training_set_spark(repo, label_rows(enc, split), tmp / "shards")
+        _write_report(tmp, ts.rows, ts.windows_filled, repo, ts.seconds, rep.rows, "none (one entity row per user)")
+    return _read_report(out_dir)
+
+
+def _spark_for(repo):
+    from feast.infra.offline_stores.contrib.spark_offline_store.spark import (
+        get_spark_session_or_start_new_with_repoconfig,
+    )
+
+    # the session Feast's Spark store uses, so the source job and the join share one driver
+    return get_spark_session_or_start_new_with_repoconfig(store_config=repo.store.config.offline_store)
+
+
+def _write_report(tmp: Path, rows: int, filled: int, repo, seconds: float, source_rows: dict, duplicates: str) -> None:
+    report = {"rows": rows, "windows_filled": filled, "scenarios": repo.scenarios, "seq_len": repo.seq_len,
+              "offline_engine": "spark" if repo.engine == "spark" else "pandas",
+              "online_store": type(repo.store.config.online_store).__name__,
+              "seconds": round(seconds, 2), "source_rows": source_rows, "duplicates": duplicates}
+    (tmp / "report.json").write_text(json.dumps(report, indent=2, default=str))
+
+
+def _read_report(out_dir) -> dict:
+    return json.loads((Path(out_dir) / "report.json").read_text())
+
+
 def build_features(params: PipelineParams, data_dir: str | Path, out_dir: str | Path) -> dict:
     """Feast: write the sources, ``apply`` the definitions, materialise the online store (what
     serving reads), and build the training set with ``get_historical_features`` at each user's
-    training cut-off. The set is checked point-in-time: no history event at or after its label."""
-    from redrec.features.definitions import seq_view_name
-    from redrec.features.sources import SEQ_FEATURES
-    from redrec.features.store import FeatureRepo
+    training cut-off. The set is checked point-in-time: no history event at or after its label.
 
+    On the Spark engine the sources come from the Spark job and the training set is written by
+    Spark as user-sorted shards (``<out>/shards``) that training ranks read their share of."""
     with progress("features"):
         data = load_prepared(data_dir)
         enc, split = _split(params, data)
         seq_len = params.experiment_config("unused").model.user_tower.max_len
-        # the online store the config names: serving reads what this step materialises
-        fs_yaml = params.feature_store_yaml or None
-        if fs_yaml is not None and not Path(fs_yaml).is_file():
-            raise ValueError(f"parameter 'feature_store_yaml': {fs_yaml} does not exist (mount the chart's Feast "
-                             "ConfigMap there, or leave it empty for the embedded SQLite store)")
-        repo = FeatureRepo(Path(params.workspace) / "feast", seq_len=seq_len, fs_yaml=fs_yaml)
-        rep = repo.build_sources(data)
-        repo.apply()
-        repo.materialize()
-        ts = repo.training_set(label_rows(enc, split))
-        df = ts.df
-        label = (df["event_timestamp"].astype("datetime64[us, UTC]").astype("int64") // 10**6).to_numpy()
-        leaks, filled = 0, 0
-        for s in repo.scenarios:
-            col = f"{seq_view_name(s)}__{SEQ_FEATURES[2]}"
-            for t, lab in zip(df[col], label):
-                if t is not None and not (isinstance(t, float) and np.isnan(t)) and len(t):
-                    filled += 1
-                    leaks += int(max(t) >= lab)
-        if leaks:
-            raise RuntimeError(f"training set: {leaks} history window(s) hold events at or after their label time; "
-                               "the point-in-time join leaked (check the sources' timestamps)")
-        report = {"rows": len(df), "windows_filled": filled, "scenarios": repo.scenarios, "seq_len": repo.seq_len,
-                  "online_store": type(repo.store.config.online_store).__name__,
-                  "seconds": round(ts.seconds, 2), "source_rows": rep.rows, "duplicates": str(ts.duplicates)}
-        with atomic_output(out_dir) as tmp:
-            tmp.mkdir(parents=True)
-            df.to_parquet(tmp / "training_set.parquet", index=False)
-            (tmp / "report.json").write_text(json.dumps(report, indent=2, default=str))
-        print(f"[redrec-pipeline] training set: {len(df)} rows, {filled} scenario windows, point-in-time ok", flush=True)
+        repo = _feature_repo(params, seq_len)
+        if repo.engine == "spark":
+            report = _training_set_spark(repo, data, enc, split, out_dir, data_dir)
+        else:
+            report = _training_set_pandas(repo, data, enc, split, out_dir)
+        print(f"[redrec-pipeline] training set ({report['offline_engine']}): {report['rows']} rows, "
+              f"{report['windows_filled']} scenario windows, point-in-time ok", flush=True)
     return report
 
 
