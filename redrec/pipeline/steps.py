@@ -208,9 +208,22 @@ def resolve_launcher(params: PipelineParams) -> str:
 
 
 def _training_set_digest(training_set_dir: str | Path) -> dict:
-    p = Path(training_set_dir) / "training_set.parquet"
-    h = hashlib.sha256(p.read_bytes()).hexdigest()[:16]
-    return {"training_set_sha256": h, "training_set_rows": int(pd.read_parquet(p, columns=["user_id"]).shape[0])}
+    """SHA-256 over the training set's parquet bytes (the pandas file, or the Spark path's shards
+    in name order, streamed) and its row count from the footers."""
+    import pyarrow.parquet as pq
+
+    d = Path(training_set_dir)
+    files = [d / "training_set.parquet"] if (d / "training_set.parquet").exists() else sorted((d / "shards").glob("*.parquet"))
+    if not files:
+        raise FileNotFoundError(f"{d}: no training_set.parquet and no shards/*.parquet; rebuild it with the build-features step")
+    h = hashlib.sha256()
+    rows = 0
+    for f in files:
+        with open(f, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
+        rows += pq.ParquetFile(f).metadata.num_rows
+    return {"training_set_sha256": h.hexdigest()[:16], "training_set_rows": int(rows)}
 
 
 def train(params: PipelineParams, data_dir: str | Path, training_set_dir: str | Path, out_dir: str | Path,
