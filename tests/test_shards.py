@@ -199,6 +199,8 @@ def test_streamed_training_follows_the_in_memory_validation_curve(world_, layout
     best_mem, best_stream = fit_mem["best_valid"], fit_stream["best_valid"]
     assert best_mem > 1.25 * pop and best_stream > 1.25 * pop, (pop, best_mem, best_stream)
     assert abs(best_mem - best_stream) <= 0.02, (best_mem, best_stream)
+    # a sample of the users on both: neither records its validation as the full one
+    assert mem.best_valid_result is None and stream.best_valid_result is None
     # both validate on the same users with the same histories and labels: the same weights score the same
     stream.engine.module.load_state_dict(mem.engine.module.state_dict())
     assert stream.validate() == mem.validate()
