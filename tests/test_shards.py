@@ -112,6 +112,16 @@ def test_ranks_read_disjoint_shards_that_cover_every_user_once(world_, layouts, 
     assert max(per_rank) - min(per_rank) <= biggest  # balanced to within one unit
 
 
+def test_empty_part_files_are_no_rank_s_shard(world_, tmp_path):
+    d = write_parts(world_["table"], tmp_path / "parts", 2, row_group_rows=25)
+    pq.write_table(world_["table"].slice(0, 0), d / "part-00002.parquet")  # an empty partition's file
+    write_training_set_manifest(d)
+    for rank in range(2):
+        sh = TrainingSetShards(d, rank, 2)
+        assert sh.by == "files" and sh.rows == 100 and "part-00002.parquet" not in {u.file.name for u in sh.units}
+    assert TrainingSetShards(d, 0, 3).by == "row_groups"  # two non-empty files for three ranks
+
+
 def test_every_rank_yields_the_same_number_of_full_batches(world_, layouts):
     src = ShardedTrainSource(layouts["sorted2"], world_["enc"], StreamConfig(batch_rows=16, buffer_chunks=2))
     rows = src.shards(0, 3).rows_per_rank()

@@ -167,10 +167,12 @@ def _units(metas: list[FileMeta], world: int) -> tuple[list[Unit], str]:
     def span(ranges):
         return None if any(r is None for r in ranges) or not ranges else (min(r[0] for r in ranges), max(r[1] for r in ranges))
 
-    if len(metas) >= world:
-        return [Unit(m.path, tuple(range(len(m.group_rows))), m.rows, span(m.group_users), True) for m in metas], "files"
-    units = [Unit(m.path, (g,), n, m.group_users[g], False) for m in metas for g, n in enumerate(m.group_rows)]
-    units = [u for u in units if u.rows]
+    # empty parts (Spark can write some) hold no one: never a rank's whole shard
+    full = [m for m in metas if m.rows]
+    if len(full) >= world:
+        return [Unit(m.path, tuple(g for g, n in enumerate(m.group_rows) if n), m.rows,
+                     span([r for r, n in zip(m.group_users, m.group_rows) if n]), True) for m in full], "files"
+    units = [Unit(m.path, (g,), n, m.group_users[g], False) for m in metas for g, n in enumerate(m.group_rows) if n]
     if len(units) < world:
         raise TrainingSetError(f"{metas[0].path.parent}: {len(metas)} file(s) with {len(units)} non-empty row group(s) cannot "
                                f"give each of {world} ranks a shard; write it with smaller row groups (write_training_set's "

@@ -11,6 +11,8 @@
   ``checkpoint_every`` steps for resume, and an exported serving checkpoint (safetensors + config
   + item embeddings) at the end. Batches are a pure function of (seed, epoch, rank), so a resumed
   run skips exactly the batches already done.
+- Training batches come from the encoded log in memory, or (``train_source``) are streamed from each
+  rank's shard of the training set (redrec.train.stream), so no rank holds every user.
 """
 
 from __future__ import annotations
