@@ -215,6 +215,7 @@ class TrainingSetShards:
         self.path, self.rank, self.world = Path(path), rank, world
         self.files, self.manifest = training_set_files(self.path)
         self.schema = self.files[0].schema
+        self.require([USER])
         self.all_units, self.by = _units(self.files, world)
         # an exact check by the manifest writer covers any layout; otherwise the layout must be sorted
         self.users_check = (self.manifest or {}).get("users_check", "sorted")
@@ -243,7 +244,8 @@ class TrainingSetShards:
     def iter_chunks(self, batch_rows: int, columns: Sequence[str] | None = None,
                     order: Sequence[int] | None = None) -> Iterator[tuple[Unit, pa.RecordBatch]]:
         """(unit, record batch of at most ``batch_rows`` users) of this shard, units in ``order``
-        (positions in ``self.units``). Only one record batch is decoded at a time."""
+        (positions in ``self.units``). One record batch is decoded at a time (and at most one row
+        group's column chunks buffered), so memory follows ``batch_rows``, not the shard."""
         cols = None if columns is None else list(dict.fromkeys([USER, *columns]))
         if cols is not None:
             self.require(cols)
