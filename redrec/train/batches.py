@@ -19,6 +19,33 @@ def next_same_scenario(enc: EncodedData) -> np.ndarray:
     return nxt
 
 
+def collate(rows: list[dict], window: int) -> dict[str, torch.Tensor]:
+    """Pad rows of train_row / history_row into one batch of tensors."""
+    B = len(rows)
+    L = max(len(r["items"]) for r in rows)
+    C = max(len(r["cut"]) for r in rows)
+    out = {k: np.zeros((B, L), dtype=np.int64) for k in ("items", "scen", "act", "hour", "spos")}
+    length = np.zeros(B, dtype=np.int64)
+    cut = np.ones((B, C), dtype=np.int64)  # unused cut slots point at item 1 and are invalid
+    cut_scen = np.zeros((B, C), dtype=np.int64)
+    cut_valid = np.zeros((B, C), dtype=bool)
+    targets = np.zeros((B, C, window), dtype=np.int64)
+    for b, r in enumerate(rows):
+        n, c = len(r["items"]), len(r["cut"])
+        length[b] = n
+        for k in out:
+            out[k][b, :n] = r[k]
+        cut[b, :c], cut_scen[b, :c] = r["cut"], r["cut_scen"]
+        targets[b, :c] = r["targets"]
+        cut_valid[b, :c] = True if r.get("eval", False) else (r["targets"] > 0).any(1)
+    batch = {k: torch.from_numpy(v) for k, v in out.items()}
+    batch.update(
+        length=torch.from_numpy(length), cut=torch.from_numpy(cut), cut_scen=torch.from_numpy(cut_scen),
+        cut_valid=torch.from_numpy(cut_valid), targets=torch.from_numpy(targets),
+    )
+    return batch
+
+
 class BatchBuilder:
     def __init__(self, enc: EncodedData, max_len: int, window: int, history_mode: str = "mixed"):
         self.enc = enc
@@ -52,29 +79,7 @@ class BatchBuilder:
         return np.where((ch >= 0) & (ch < limit), self.enc.item[np.maximum(ch, 0)], 0)
 
     def _collate(self, rows: list[dict]) -> dict[str, torch.Tensor]:
-        B = len(rows)
-        L = max(len(r["items"]) for r in rows)
-        C = max(len(r["cut"]) for r in rows)
-        out = {k: np.zeros((B, L), dtype=np.int64) for k in ("items", "scen", "act", "hour", "spos")}
-        length = np.zeros(B, dtype=np.int64)
-        cut = np.ones((B, C), dtype=np.int64)  # unused cut slots point at item 1 and are invalid
-        cut_scen = np.zeros((B, C), dtype=np.int64)
-        cut_valid = np.zeros((B, C), dtype=bool)
-        targets = np.zeros((B, C, self.window), dtype=np.int64)
-        for b, r in enumerate(rows):
-            n, c = len(r["items"]), len(r["cut"])
-            length[b] = n
-            for k in out:
-                out[k][b, :n] = r[k]
-            cut[b, :c], cut_scen[b, :c] = r["cut"], r["cut_scen"]
-            targets[b, :c] = r["targets"]
-            cut_valid[b, :c] = True if r.get("eval", False) else (r["targets"] > 0).any(1)
-        batch = {k: torch.from_numpy(v) for k, v in out.items()}
-        batch.update(
-            length=torch.from_numpy(length), cut=torch.from_numpy(cut), cut_scen=torch.from_numpy(cut_scen),
-            cut_valid=torch.from_numpy(cut_valid), targets=torch.from_numpy(targets),
-        )
-        return batch
+        return collate(rows, self.window)
 
     # ---- training ------------------------------------------------------------------------
     def train_row(self, u: int, end: int, rng: np.random.Generator, n_cuts: int) -> dict | None:

@@ -11,6 +11,8 @@
   ``checkpoint_every`` steps for resume, and an exported serving checkpoint (safetensors + config
   + item embeddings) at the end. Batches are a pure function of (seed, epoch, rank), so a resumed
   run skips exactly the batches already done.
+- Training batches come from the encoded log in memory, or (``train_source``) are streamed from each
+  rank's shard of the training set (redrec.train.stream), so no rank holds every user.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import os
 import shutil
 import time
 from pathlib import Path
-from typing import Callable, Literal
+from typing import TYPE_CHECKING, Callable, Literal
 
 import numpy as np
 import torch
@@ -30,6 +32,9 @@ from redrec.data.dataset import EncodedData
 from redrec.data.split import Split
 from redrec.model.recommender import ModelConfig, RecModel
 from redrec.train.batches import BatchBuilder
+
+if TYPE_CHECKING:
+    from redrec.train.stream import ShardedTrainSource
 
 
 class TrainConfig(BaseModel):
@@ -135,8 +140,15 @@ def _gather_with_grad(world: int) -> Callable | None:
 
 class Trainer:
     def __init__(self, model_cfg: ModelConfig, train_cfg: TrainConfig, enc: EncodedData, split: Split, out_dir: str | Path,
-                 item_cache: np.ndarray | None = None, item_tokens: dict | None = None, log: Callable[[str], None] = print):
+                 item_cache: np.ndarray | None = None, item_tokens: dict | None = None, log: Callable[[str], None] = print,
+                 train_source: ShardedTrainSource | None = None):
+        """``train_source``: training batches streamed from each rank's shard of the training set
+        (redrec.train.stream) instead of built from ``enc``; ``enc``/``split`` then only need to hold
+        the validation users (redrec.pipeline.training_data.validation_users) and the catalogue."""
         self.mcfg, self.cfg, self.enc, self.split = model_cfg, train_cfg, enc, split
+        self.source = train_source
+        if train_source is not None and train_source.cat.item_ids != enc.item_ids:
+            raise ValueError("train_source's catalogue differs from the validation data's items: build both from the same prepared data")
         self.out = Path(out_dir)
         self.device = resolve_device(train_cfg.device)
         self.rank, self.world = init_distributed(self.device)
@@ -160,8 +172,11 @@ class Trainer:
                       "best": None, "best_step": 0, "bad_evals": 0, "stopped": None}  # bad_evals: informative only
         self.full_softmax = model_cfg.full_softmax
         # training frequency per item: the logQ correction of in-batch negatives (sampled softmax)
-        counts = np.bincount(np.concatenate([enc.item[enc.offsets[u]:split.train_end[u]] for u in range(enc.n_users)] or [np.zeros(0, np.int64)]),
-                             minlength=enc.n_items + 1).astype(np.float32)
+        if train_source is None:
+            counts = np.bincount(np.concatenate([enc.item[enc.offsets[u]:split.train_end[u]] for u in range(enc.n_users)] or [np.zeros(0, np.int64)]),
+                                 minlength=enc.n_items + 1).astype(np.float32)
+        else:
+            counts = self._shard_item_counts(train_source)
         self.item_prob = torch.from_numpy(counts / max(counts.sum(), 1.0)).to(self.dev)
         negs = "full softmax over the eligible catalogue" if self.full_softmax else (
             f"sampled softmax with logQ: {train_cfg.negatives} negatives per rank, {train_cfg.negatives * self.world} per step")
@@ -170,6 +185,15 @@ class Trainer:
         # the full validation result of the kept weights (None after a resume or a sampled
         # validation): what the serving checkpoint records, without scoring the users again
         self.best_valid_result = self._last_valid = None
+
+    def _shard_item_counts(self, source: ShardedTrainSource) -> np.ndarray:
+        """Every rank counts its own shard; the sum over ranks is the whole training set's."""
+        counts = torch.from_numpy(source.item_counts(self.rank, self.world)).to(self.dev)
+        if self.world > 1:
+            import torch.distributed as dist
+
+            dist.all_reduce(counts)
+        return counts.cpu().numpy().astype(np.float32)
 
     # ---- checkpoints -------------------------------------------------------------------------
     @property
@@ -208,7 +232,8 @@ class Trainer:
             return None
         res = evaluate_model(self.engine.module, self.builder, self.enc, self.split, on="valid", max_users=self.cfg.valid_max_users)
         self.engine.train()
-        sampled = self.cfg.valid_max_users is not None and self.enc.n_users > self.cfg.valid_max_users
+        n_users = self.source.n_users if self.source is not None else self.enc.n_users  # a streamed run's enc is the sample
+        sampled = self.cfg.valid_max_users is not None and n_users > self.cfg.valid_max_users
         self._last_valid = None if sampled else res
         return res.overall
 
@@ -262,7 +287,10 @@ class Trainer:
                 shutil.rmtree(self.ds_dir)  # a fresh run must not mix with an older run's checkpoints
             self.best_path.unlink(missing_ok=True)
         ends = self.split.train_end
-        self.n_batches = n_batches = self.builder.n_train_batches(ends, cfg.batch_size, self.world)
+        if self.source is None:
+            self.n_batches = n_batches = self.builder.n_train_batches(ends, cfg.batch_size, self.world)
+        else:
+            self.n_batches = n_batches = self.source.n_batches(cfg.batch_size, self.world)
         t0 = time.time()
         seqs = 0
         stop = self.state["stopped"]
@@ -276,7 +304,7 @@ class Trainer:
             bar = tqdm(total=n_batches, initial=skip, desc=f"epoch {ep + 1}", disable=not (cfg.progress and self.rank == 0), leave=False)
             neg_rng = np.random.default_rng([cfg.seed, ep, self.rank, 7])
             losses = []
-            for bi, batch in enumerate(self.builder.train_batches(ends, cfg.batch_size, self.mcfg.train_cuts, cfg.seed, ep, self.rank, self.world)):
+            for bi, batch in enumerate(self._train_batches(ends, ep)):
                 neg = self._negatives(neg_rng)  # drawn even for skipped batches: same stream on resume
                 if bi < skip:
                     continue
@@ -324,6 +352,13 @@ class Trainer:
                  f"{self.state['best'] if self.state['best'] is not None else float('nan'):.4f} at step {self.state['best_step']}")
         return {"seconds": time.time() - t0, "sequences": seqs, "steps": self.engine.global_steps, "history": self.history,
                 "stopped": stop, "best_step": self.state["best_step"], "best_valid": self.state["best"]}
+
+    def _train_batches(self, ends: np.ndarray, epoch: int):
+        cfg = self.cfg
+        if self.source is None:
+            return self.builder.train_batches(ends, cfg.batch_size, self.mcfg.train_cuts, cfg.seed, epoch, self.rank, self.world)
+        return self.source.train_batches(cfg.batch_size, self.mcfg.train_cuts, cfg.seed, epoch, self.rank, self.world,
+                                         max_len=self.mcfg.user_tower.max_len, window=self.mcfg.window, history_mode=self.mcfg.history_mode)
 
     @property
     def module(self) -> RecModel:
