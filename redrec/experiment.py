@@ -132,7 +132,10 @@ def collapse_scenarios(data: RecData) -> RecData:
     return RecData(data.name, events, items, [COLLAPSED], list(data.actions), list(data.reports))
 
 
-def train_variant(cfg: ExperimentConfig, variant: str, data: RecData, enc, split, out_dir: Path, log=print, resume: bool = True):
+def train_variant(cfg: ExperimentConfig, variant: str, data: RecData, enc, split, out_dir: Path, log=print, resume: bool = True,
+                  train_source=None):
+    """``train_source``: training batches streamed from the training set's shards
+    (``redrec.train.stream.ShardedTrainSource``); ``data``/``enc`` then only need the validation users."""
     mcfg = build_model_config(cfg.model, variant, data, enc.n_items, cfg.model_overrides.get(variant))
     cache = cached_item_reps(data.items, mcfg.item_tower, Path(os.environ.get("REDREC_CACHE", "build/cache"))) if mcfg.item_source.startswith("cache") else None
     tokens = None
@@ -141,7 +144,8 @@ def train_variant(cfg: ExperimentConfig, variant: str, data: RecData, enc, split
 
         tok = ItemTower(mcfg.item_tower).tokenize([""] + [item_text(t, b, g) for t, b, g in zip(data.items["title"], data.items["body"], data.items["tags"])])
         tokens = {"input_ids": tok["input_ids"], "attention_mask": tok["attention_mask"]}
-    trainer = Trainer(mcfg, cfg.train, enc, split, out_dir, item_cache=cache, item_tokens=tokens, log=log)
+    trainer = Trainer(mcfg, cfg.train, enc, split, out_dir, item_cache=cache, item_tokens=tokens, log=log,
+                      train_source=train_source)
     fit = trainer.fit(resume=resume)
     return trainer, fit
 

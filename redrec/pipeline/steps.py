@@ -123,9 +123,14 @@ def _training_set_pandas(repo, data, enc, split, out_dir) -> dict:
     if leaks:
         raise RuntimeError(f"training set: {leaks} history window(s) hold events at or after their label time; "
                            "the point-in-time join leaked (check the sources' timestamps)")
+    import pyarrow as pa
+
+    from redrec.train.shards import write_training_set
+
     with atomic_output(out_dir) as tmp:
         tmp.mkdir(parents=True)
-        df.to_parquet(tmp / "training_set.parquet", index=False)
+        # sorted by user, in row groups the training ranks can share out (redrec.train.shards)
+        write_training_set(pa.Table.from_pandas(df, preserve_index=False), tmp)
         _write_report(tmp, len(df), filled, repo, ts.seconds, rep.rows, str(ts.duplicates))
     return _read_report(out_dir)
 
@@ -226,6 +231,35 @@ def _training_set_digest(training_set_dir: str | Path) -> dict:
     return {"training_set_sha256": h.hexdigest()[:16], "training_set_rows": int(rows)}
 
 
+def _train_streamed(params: PipelineParams, cfg, data, enc, split, shards: Path, out_dir, scratch: Path, meta: dict) -> dict:
+    """Training batches streamed from the Spark path's shards (flat memory in the number of
+    users); only the validation users' histories are rebuilt in memory, the same users the
+    in-memory run validates on."""
+    from redrec.experiment import train_variant, training_record
+    from redrec.model.checkpoint import export_checkpoint
+    from redrec.pipeline.training_data import from_training_set, validation_users
+    from redrec.train.stream import ShardedTrainSource
+
+    val = from_training_set(data, enc, split, shards, users=validation_users(enc, cfg.train.valid_max_users))
+    venc, vsplit = _split(params, val.data)
+    source = ShardedTrainSource(shards, venc)
+    print(f"[redrec-pipeline] training input streamed from {shards} ({source.n_users} users); "
+          f"{val.users} validation users rebuilt in memory", flush=True)
+    meta["training_input"] = {"source": "feast get_historical_features (spark), streamed shards",
+                              "users": source.n_users, "validation_users": val.users}
+    try:
+        trainer, fit = train_variant(cfg, "redrec", val.data, venc, vsplit, scratch / "redrec", resume=False,
+                                     train_source=source)
+        meta.update(variant="redrec", **training_record(trainer, fit, venc, vsplit))
+        with atomic_output(out_dir) as tmp:
+            export_checkpoint(trainer.module, tmp, venc.item_ids, meta)
+            fault_point("train", params.inject_fault, "after writing part of the model")
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    print(f"[redrec-pipeline] model version {meta['version']} (in-process, streamed)", flush=True)
+    return meta
+
+
 def train(params: PipelineParams, data_dir: str | Path, training_set_dir: str | Path, out_dir: str | Path,
           version: str | None = None) -> dict:
     """Train RED-Rec and export the serving checkpoint to ``out_dir``; returns its version.
@@ -251,6 +285,9 @@ def train(params: PipelineParams, data_dir: str | Path, training_set_dir: str | 
             # the model learns from what Feast's point-in-time join returned, not from the raw log
             data = load_prepared(data_dir)
             enc, split = _split(params, data)
+            shards = Path(training_set_dir) / "shards"
+            if shards.is_dir() and launcher == "in-process":
+                return _train_streamed(params, cfg, data, enc, split, shards, out_dir, scratch, meta)
             feast_data = from_training_set(data, enc, split, training_set_dir)
             print(f"[redrec-pipeline] {feast_data.summary()}", flush=True)
             meta["training_input"] = {"source": "feast get_historical_features", "history_events": feast_data.history_events,
