@@ -58,12 +58,13 @@ def assert_same_sources(pandas_root: Path, spark_root: Path, scenarios) -> None:
         assert ordered_rows(got, name) == ordered_rows(want, name), name
 
 
-def build_both(spark, data: RecData, tmp: Path, *, shuffle_seed: int | None = None, buckets: int = 3, edit_items=None):
+def build_both(spark, data: RecData, tmp: Path, *, reverse: bool = False, buckets: int = 3, edit_items=None):
     """Pandas sources from ``data``, and Spark sources from its event log written as parquet (rows
-    shuffled across the files when ``shuffle_seed`` is set: only ``seq`` then holds the order)."""
+    in reverse order when ``reverse``: same-second events then reach Spark in the opposite of their
+    true order, which only ``seq`` holds)."""
     frame = S.event_log_frame(data)
-    if shuffle_seed is not None:
-        frame = frame.sample(frac=1.0, random_state=shuffle_seed).reset_index(drop=True)
+    if reverse:
+        frame = frame.iloc[::-1].reset_index(drop=True)
     events = S.write_event_log(frame, tmp / "in" / "events", files=3)
     items = S.write_items(data.items, tmp / "in" / "items.parquet")
     if edit_items is not None:
@@ -161,7 +162,7 @@ def edge_built(spark, tmp_path_factory):
     data = edge_data()
     tmp = tmp_path_factory.mktemp("edge")
     # the catalogue with a null body, as a landed one can have (the pandas build writes "")
-    events, items, _ = build_both(spark, data, tmp, shuffle_seed=7, buckets=2, edit_items=lambda t: t.set_column(
+    events, items, _ = build_both(spark, data, tmp, reverse=True, buckets=2, edit_items=lambda t: t.set_column(
         2, "body", pa.array(data.items["body"].tolist(), pa.string())))
     return tmp, data, events, items
 
