@@ -17,13 +17,17 @@ for the window also makes the buckets (no second shuffle); and every row of a us
 file, in time order, its epoch row first, which is what ``latest_windows`` and Feast's
 point-in-time join assume of the pandas file. A consumer can also take the buckets one at a time
 with bounded memory. Date partitions would split a user's history across files, and a directory per
-user would make millions of them. ``buckets`` defaults to one file per ``rows_per_file`` rows.
+user would make millions of them. ``buckets`` defaults to one file per ``rows_per_file`` rows,
+and at least one per core.
 
 Atomicity: all tables are written under ``<root>/.staging-<id>/`` first; only once every one has
-succeeded is each moved into place (a rename: a reader sees the old table or the new one, never a
-half-written one) and then the manifest replaced. A failed build leaves the previous sources as
-they were. The manifest (``scenarios.json``, the pandas keys plus ``engine`` and ``layout``) lists
-each table's files, row counts and schema; :func:`check_source_table` checks a directory against it.
+succeeded is each moved into place and then the manifest replaced. A failed build leaves the
+previous sources as they were. A directory cannot be renamed over another, so a table is swapped
+with two renames: a reader sees the old table, the new one, or for that instant none (a clear
+"missing" error), never half of one; a reader that checks against the manifest while the tables
+are being swapped gets a mismatch error, not mixed data. The manifest (``scenarios.json``, the
+pandas keys plus ``engine`` and ``layout``) lists each table's files, row counts and schema;
+:func:`check_source_table` checks a directory against it.
 
 Paths are local (a volume shared by driver and executors on Kubernetes, e.g. a ReadWriteMany PVC):
 the moves are POSIX renames and the footers are read from the driver.
@@ -69,22 +73,12 @@ from redrec.features.sources import (
 ENGINE = "spark"
 DEFAULT_ROWS_PER_FILE = 1_000_000
 MAX_BUCKETS = 4096
-# columns of the event log the Spark path reads, with the arrow types accepted for each
-EVENT_INPUT = {
-    "user_id": ("string",),
-    "item_id": ("string",),
-    "scenario": ("string",),
-    "action": ("string",),
-    "ts": ("int64",),
-    "seq": ("int64",),
-}
-ITEM_INPUT = {
-    "item_id": ("string",),
-    "title": ("string",),
-    "body": ("string",),
-    "tags": ("list<string>",),
-    "scenarios": ("list<string>",),
-}
+# the columns the Spark path reads and their types (as _type_name spells them: large_string and
+# list field names/nullability are read the same)
+EVENT_INPUT = {"user_id": "string", "item_id": "string", "scenario": "string", "action": "string",
+               "ts": "int64", "seq": "int64"}
+ITEM_INPUT = {"item_id": "string", "title": "string", "body": "string", "tags": "list<string>",
+              "scenarios": "list<string>"}
 _MARK = "redrec-spark-sources:"  # prefixes the messages of errors raised inside Spark tasks
 
 
@@ -206,7 +200,7 @@ def _parquet_files(path: Path) -> list[Path]:
     return files
 
 
-def check_input_files(path: str | Path, columns: dict[str, tuple[str, ...]], what: str) -> tuple[list[Path], int]:
+def check_input_files(path: str | Path, columns: dict[str, str], what: str) -> tuple[list[Path], int]:
     """Check every file's footer for the required columns and types; returns the files and rows."""
     files = _parquet_files(Path(path))
     rows = 0
@@ -216,14 +210,14 @@ def check_input_files(path: str | Path, columns: dict[str, tuple[str, ...]], wha
         except Exception as e:  # noqa: BLE001 - any unreadable footer is reported with its file
             raise ValueError(f"{f}: not a readable parquet file ({e})") from None
         schema = meta.schema.to_arrow_schema()
-        for col, ok in columns.items():
+        for col, want in columns.items():
             if col not in schema.names:
                 hint = " (the stable order position; write the log with write_event_log)" if col == "seq" else ""
                 raise ValueError(f"{f}: {what} column '{col}' is missing{hint}; "
-                                 f"{what} files need {', '.join(f'{c} ({t[0]})' for c, t in columns.items())}")
+                                 f"{what} files need {', '.join(f'{c} ({t})' for c, t in columns.items())}")
             got = _type_name(schema.field(col).type)
-            if got not in ok:
-                raise ValueError(f"{f}: {what} column '{col}' is {got}, expected {ok[0]}; cast it when writing the file")
+            if got != want:
+                raise ValueError(f"{f}: {what} column '{col}' is {got}, expected {want}; cast it when writing the file")
         rows += meta.num_rows
     return files, rows
 
@@ -232,9 +226,9 @@ def _spark_type(kind: str) -> str:
     return {"string": "string", "int64": "bigint", "list<string>": "array<string>"}[kind]
 
 
-def _read(spark, files: list[Path], columns: dict[str, tuple[str, ...]]):
+def _read(spark, files: list[Path], columns: dict[str, str]):
     # an explicit schema: Spark then reads only these columns and infers nothing from other files
-    ddl = ", ".join(f"`{c}` {_spark_type(t[0])}" for c, t in columns.items())
+    ddl = ", ".join(f"`{c}` {_spark_type(t)}" for c, t in columns.items())
     return spark.read.schema(ddl).parquet(*[str(f) for f in files])
 
 
@@ -349,8 +343,8 @@ def _items_input(spark, items):
         files, rows = check_input_files(items, ITEM_INPUT, "items")
         return _read(spark, files, ITEM_INPUT), rows
     fields = {f.name: f.dataType.simpleString() for f in items.schema.fields}
-    for col, ok in ITEM_INPUT.items():
-        want = _spark_type(ok[0])
+    for col, kind in ITEM_INPUT.items():
+        want = _spark_type(kind)
         if col not in fields:
             raise ValueError(f"items DataFrame: column '{col}' is missing; items need {', '.join(ITEM_INPUT)}")
         if fields[col] != want:
@@ -424,12 +418,16 @@ def _write_table(df, staging: Path, name: str, key: str, buckets: int) -> TableL
     return TableLayout(name, key, buckets, entries, schema)
 
 
-def _buckets(rows: int, rows_per_file: int, fixed: int | None) -> int:
+def _buckets(rows: int, rows_per_file: int, fixed: int | None, cores: int = 1) -> int:
+    """Files of a table: ``fixed``, else one per ``rows_per_file`` rows but at least one per core
+    (a bucket is one task of the window: fewer buckets than cores leave cores idle)."""
     if fixed is not None:
         if fixed < 1:
             raise ValueError(f"buckets must be >= 1, got {fixed}")
         return int(fixed)
-    return int(min(MAX_BUCKETS, max(1, math.ceil(rows / max(1, rows_per_file)))))
+    if rows <= 0:
+        return 1
+    return int(min(MAX_BUCKETS, max(cores, math.ceil(rows / max(1, rows_per_file)))))
 
 
 def _spark_error(e: Exception) -> Exception:
@@ -481,14 +479,15 @@ def build_sources_spark(
     staging.mkdir()
     layouts: list[TableLayout] = []
     try:
-        nb = _buckets(n_events, rows_per_file, buckets)
+        cores = max(1, int(spark.sparkContext.defaultParallelism))
+        nb = _buckets(n_events, rows_per_file, buckets, cores)
         try:
             layouts.append(_write_table(events_frame(events, nb), staging, "events", "user_id", nb))
-            nb_items = nb if n_items is None else _buckets(n_items, rows_per_file, buckets)
+            nb_items = nb if n_items is None else _buckets(n_items, rows_per_file, buckets, cores)
             layouts.append(_write_table(items_frame(item_df, nb_items), staging, "items", "item_id", nb_items))
             layouts.append(_write_table(popularity_frame(events, nb), staging, "item_popularity", "item_id", nb))
             for s in scenarios:
-                nbs = _buckets(per_scenario[s], rows_per_file, buckets)
+                nbs = _buckets(per_scenario[s], rows_per_file, buckets, cores)
                 scen = events.filter(events["scenario"] == s)
                 layouts.append(_write_table(sequence_frame(scen, seq_len, nbs), staging, seq_table_name(s), "user_id", nbs))
         except Exception as e:  # noqa: BLE001 - re-raised, as a ValueError when a data check failed
