@@ -150,7 +150,6 @@ def write_scale_log(out_dir: str | Path, n_events: int, n_users: int, n_items: i
 def read_scale_log(log: ScaleLog):
     """The log as a ``RecData`` for the pandas build (whole log in memory: for comparisons at
     volumes pandas handles). Rows are put in ``seq`` order, which RecData's stable sort keeps."""
-
     from redrec.data.dataset import RecData
 
     ev = pq.read_table(log.events_dir).to_pandas().sort_values("seq", kind="stable")
