@@ -129,7 +129,7 @@ def test_plans_shuffle_once_and_sort_once(spark, synthetic_built):
     _, (events, _, _) = synthetic_built
     ev = spark.read.parquet(str(events))
     # sequences: the events' bucket shuffle and the users' (epoch markers); popularity: the bucket
-    # shuffles of the events' (item, ts) and of the items (markers), no (item, ts) regrouping
+    # shuffles of the events' (item, ts) and of the items (markers)
     for df, shuffles in ((S.sequence_frame(ev, SEQ_LEN, 3), 2), (S.events_frame(ev, 3), 1), (S.popularity_frame(ev, 3), 2)):
         plan = df._jdf.queryExecution().executedPlan().toString()
         assert plan.count("Sort [") == 1, plan
@@ -146,8 +146,9 @@ def edge_data() -> RecData:
         ("ua", "a1", "homefeed", "click", 100), ("ua", "a2", "homefeed", "like", 100),
         ("ua", "a3", "homefeed", "skip", 100), ("ua", "a4", "homefeed", "click", 200),
         ("ua", "a1", "ads", "click", 250), ("ua", "a5", "homefeed", "share", 300),
-        # ub: only search, so no rows in seq_homefeed or seq_ads; two events in one second
-        ("ub", "a2", "search", "click", 150), ("ub", "a1", "search", "like", 150),
+        # ub: only search, so no rows in seq_homefeed or seq_ads; three events in one second, two
+        # of them of one item (its popularity counts both at that second)
+        ("ub", "a2", "search", "click", 150), ("ub", "a1", "search", "like", 150), ("ub", "a2", "search", "share", 150),
         # uc: events exactly at the cut-off second 600, listed before an earlier one in the file
         ("uc", "a3", "homefeed", "click", 600), ("uc", "a4", "homefeed", "click", 500),
         ("uc", "a5", "homefeed", "like", 600),
@@ -198,6 +199,8 @@ def test_edge_windows(edge_built):
     pop = {(r["item_id"], int(r["event_timestamp"].timestamp())): r["popularity"]
            for r in S.read_source_table(tmp / "spark", "item_popularity").to_pylist()}
     assert [pop[("a1", t)] for t in (0, 100, 150, 250)] == [0, 1, 2, 3]
+    assert [pop[("a2", t)] for t in (0, 100, 150)] == [0, 1, 3]
+    assert len(pop) == 5 + 11  # a zero per item, then one row per (item, distinct second)
     items = {r["item_id"]: r for r in S.read_source_table(tmp / "spark", "items").to_pylist()}
     assert items["a2"]["body"] == "" and items["a3"]["tags"] == ["x", "y"]
     assert items["a2"]["event_timestamp"] == EPOCH.to_pydatetime()
@@ -279,8 +282,9 @@ def test_null_is_named_with_its_file(spark, edge_built, tmp_path):
     bad = shutil.copytree(events, tmp_path / "events")
     _rewrite(bad / "part-00002.parquet",
              lambda t: t.set_column(1, "item_id", pa.array([None] + t["item_id"].to_pylist()[1:], pa.string())))
-    with pytest.raises(ValueError, match=r"part-00002\.parquet: events column 'item_id' is null in 1 row"):
+    with pytest.raises(ValueError, match=r"events column 'item_id' is null in 1 row") as e:
         S.build_sources_spark(spark, bad, items, tmp_path / "out", SEQ_LEN, edge_data().scenarios)
+    assert str(e.value).startswith(f"{bad / 'part-00002.parquet'}: ")
 
 
 def test_ambiguous_order_fails_and_keeps_the_previous_build(spark, edge_built, tmp_path):
