@@ -17,7 +17,7 @@ import pytest
 from redrec.data.dataset import RecData
 from redrec.data.scale_log import read_scale_log, write_scale_log
 from redrec.features import spark_sources as S
-from redrec.features.sources import EPOCH, build_sources, latest_windows, read_manifest
+from redrec.features.sources import EPOCH, build_sources, latest_windows, read_manifest, seq_table_name
 from redrec.features.spark import SparkSettings, spark_session
 
 SEQ_LEN = 3
@@ -32,7 +32,7 @@ def spark():
 
 
 def table_names(scenarios) -> list[str]:
-    return [*TABLES, *(f"seq_{s}" for s in scenarios)]
+    return [*TABLES, *(seq_table_name(s) for s in scenarios)]
 
 
 def ordered_rows(table: pa.Table, name: str) -> list[dict]:
