@@ -261,8 +261,8 @@ def events_frame(events, buckets: int):
 
 
 def sequence_frame(events, seq_len: int, buckets: int):
-    """One scenario's last-``seq_len`` windows (``events`` already filtered to it), plus each user's
-    empty epoch row, bucketed by user, each user's rows in the pandas order (epoch first).
+    """One scenario's last-``seq_len`` windows (``events`` already filtered to it), one row per
+    (user, second) with events, plus each user's empty epoch row, bucketed by user, each user's rows in the pandas order (epoch first).
 
     The epoch row enters the window as a marker row that sorts first (``_kind`` 0) and whose own
     element is null, which ``collect_list`` skips: its window is empty, and an event's frame reaches
@@ -281,7 +281,11 @@ def sequence_frame(events, seq_len: int, buckets: int):
     # so the lists' elements come out nullable, as pyarrow's are
     element = F.when(F.col("_kind") == 1, F.struct("item_id", "action", "ts"))
     window = F.collect_list(element).over(order.rowsBetween(-(seq_len - 1), 0))
-    return (rows.select("user_id", "_kind", "ts", "seq", window.alias("_w"))
+    # one row per (user, second), the state after that second's last event, as the pandas table
+    # keeps (rows of one second would tie in a point-in-time join); same window order, no new sort
+    last_of_second = (F.col("_kind") == 0) | F.lead("ts").over(order).isNull() | (F.lead("ts").over(order) != F.col("ts"))
+    return (rows.select("user_id", "_kind", "ts", "seq", window.alias("_w"), last_of_second.alias("_last"))
+            .where("_last")
             .sortWithinPartitions("user_id", "_kind", "ts", "seq")  # the files' order (see events_frame)
             .select("user_id", F.timestamp_seconds("ts").alias("event_timestamp"),
                     F.col("_w.item_id").alias("item_ids"), F.col("_w.action").alias("actions"),

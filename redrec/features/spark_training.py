@@ -33,6 +33,16 @@ class SparkTrainingSet:
     windows_filled: int
 
 
+def repo_spark_session(repo):
+    """The session Feast's Spark offline store of ``repo`` uses (its ``spark_conf``), so the source
+    job and the join share one driver."""
+    from feast.infra.offline_stores.contrib.spark_offline_store.spark import (
+        get_spark_session_or_start_new_with_repoconfig,
+    )
+
+    return get_spark_session_or_start_new_with_repoconfig(store_config=repo.store.config.offline_store)
+
+
 def _entity_frame(spark, entity):
     """A Spark frame of ``user_id`` (string) and ``event_timestamp`` (UTC) from pandas rows with
     ``ts`` (unix s) or ``event_timestamp``, or from a Spark frame with the same columns."""
@@ -65,9 +75,6 @@ def write_training_set_spark(repo, entity, out_dir: str | Path, parts: int = 8) 
 
     Refuses duplicate users (the trainer reads one row per user) and a join that leaked: a window
     with an event at or after its label time. Nothing is left at ``out_dir`` on failure."""
-    from feast.infra.offline_stores.contrib.spark_offline_store.spark import (
-        get_spark_session_or_start_new_with_repoconfig,
-    )
     from pyspark.sql import functions as F
 
     from redrec.train.shards import write_training_set_manifest
@@ -77,7 +84,7 @@ def write_training_set_spark(repo, entity, out_dir: str | Path, parts: int = 8) 
     if parts < 1:
         raise ValueError(f"parts must be >= 1, got {parts}")
     t0 = time.perf_counter()
-    spark = get_spark_session_or_start_new_with_repoconfig(store_config=repo.store.config.offline_store)
+    spark = repo_spark_session(repo)
     ent = _entity_frame(spark, entity)
     dup = ent.groupBy("user_id").count().where("count > 1")
     first_dup = dup.limit(3).collect()

@@ -135,16 +135,15 @@ def _training_set_pandas(repo, data, enc, split, out_dir) -> dict:
     return _read_report(out_dir)
 
 
-def _training_set_spark(repo, data, enc, split, out_dir, data_dir) -> dict:
+def _training_set_spark(repo, data, enc, split, out_dir) -> dict:
     """Sources by the Spark job, the join by Feast's Spark offline store, the set as user shards."""
-    from redrec.features.spark_sources import build_sources_spark, write_event_log
-    from redrec.features.spark_training import write_training_set_spark
+    from redrec.features.spark_sources import build_sources_spark, write_event_log, write_items
+    from redrec.features.spark_training import repo_spark_session, write_training_set_spark
 
-    spark = _spark_for(repo)
-    log_dir = Path(repo.data_dir) / "event_log"
-    write_event_log(data, log_dir)
-    rep = build_sources_spark(spark, log_dir, Path(data_dir) / "items.parquet", repo.source_dir, repo.seq_len,
-                              list(data.scenarios), name=data.name)
+    spark = repo_spark_session(repo)
+    # the Spark job's input: the prepared log with its stable order made explicit (``seq``)
+    log_dir, items = write_event_log(data, Path(repo.data_dir) / "event_log"), write_items(data.items, Path(repo.data_dir) / "items_input.parquet")
+    rep = build_sources_spark(spark, log_dir, items, repo.source_dir, repo.seq_len, list(data.scenarios), name=data.name)
     repo.scenarios, repo.seq_len = rep.scenarios, rep.seq_len
     repo.refresh_definitions()
     repo.apply()
@@ -154,15 +153,6 @@ def _training_set_spark(repo, data, enc, split, out_dir, data_dir) -> dict:
         ts = write_training_set_spark(repo, label_rows(enc, split), tmp / "shards")
         _write_report(tmp, ts.rows, ts.windows_filled, repo, ts.seconds, rep.rows, "none (one entity row per user)")
     return _read_report(out_dir)
-
-
-def _spark_for(repo):
-    from feast.infra.offline_stores.contrib.spark_offline_store.spark import (
-        get_spark_session_or_start_new_with_repoconfig,
-    )
-
-    # the session Feast's Spark store uses, so the source job and the join share one driver
-    return get_spark_session_or_start_new_with_repoconfig(store_config=repo.store.config.offline_store)
 
 
 def _write_report(tmp: Path, rows: int, filled: int, repo, seconds: float, source_rows: dict, duplicates: str) -> None:
@@ -190,7 +180,7 @@ def build_features(params: PipelineParams, data_dir: str | Path, out_dir: str | 
         seq_len = params.experiment_config("unused").model.user_tower.max_len
         repo = _feature_repo(params, seq_len)
         if repo.engine == "spark":
-            report = _training_set_spark(repo, data, enc, split, out_dir, data_dir)
+            report = _training_set_spark(repo, data, enc, split, out_dir)
         else:
             report = _training_set_pandas(repo, data, enc, split, out_dir)
         print(f"[redrec-pipeline] training set ({report['offline_engine']}): {report['rows']} rows, "
