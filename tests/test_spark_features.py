@@ -105,16 +105,12 @@ def test_same_second_events_keep_their_file_order_in_both_stores(repos, edge):
 def spark_path_repo(root, data, seq_len: int) -> FeatureRepo:
     """The Spark path end to end: the event log as parquet, the sources by the Spark job, the
     views over its directories through Feast's Spark offline store."""
-    from redrec.features.spark_sources import build_sources_spark, write_event_log, write_items
-    from redrec.features.spark_training import repo_spark_session
+    from redrec.features.spark_training import build_repo_sources_spark
 
     repo = FeatureRepo(root / "repo", offline_store="spark", seq_len=seq_len)
-    log, items = write_event_log(data, root / "log", files=3), write_items(data.items, root / "items.parquet")
-    rep = build_sources_spark(repo_spark_session(repo), log, items, repo.source_dir, seq_len, list(data.scenarios))
+    build_repo_sources_spark(repo, data)
     assert json.loads((repo.source_dir / "scenarios.json").read_text())["engine"] == "spark"
     assert (repo.source_dir / "seq_homefeed.parquet").is_dir()  # partitioned, not the pandas file
-    repo.scenarios = rep.scenarios
-    repo.refresh_definitions()
     repo.apply()
     return repo
 
@@ -168,3 +164,21 @@ def test_pipeline_features_step_on_spark_trains_from_streamed_shards(tmp_path, s
     meta = train(params, tmp_path / "data", tmp_path / "ts-spark", tmp_path / "model", version="v1")
     assert meta["training_input"]["source"].endswith("streamed shards") and meta["training_input"]["users"] == 120
     assert (tmp_path / "model").is_dir() and meta["train"]["steps"] >= 1
+
+
+def test_cli_builds_the_sources_on_spark_and_serves_the_same_histories(tmp_path, capsys):
+    """`redrec features build --engine spark` materialises from the Spark job's directories: the
+    online histories equal the pandas build's."""
+    from redrec.cli import main
+
+    got = {}
+    for engine in ("pandas", "spark"):
+        args = ["--data-dir", str(tmp_path / engine)]
+        assert main(["features", "build", *args, "--engine", engine, "--dataset", "synthetic", "--dataset-arg", "n_users=30",
+                     "--dataset-arg", "n_items=60", "--dataset-arg", "seed=4", "--seq-len", "5"]) == 0
+        out = json.loads(capsys.readouterr().out)
+        assert out["materialized"] and out["rows"]["items"] == 60
+        assert main(["features", "history", *args, "u0000001", "u0000017"]) == 0
+        got[engine] = json.loads(capsys.readouterr().out)
+    assert got["spark"] == got["pandas"] and got["spark"]["u0000001"]
+    assert (tmp_path / "spark" / "feast_sources" / "seq_search.parquet").is_dir()

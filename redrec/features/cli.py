@@ -18,7 +18,9 @@ from datetime import datetime, timezone
 def _repo(args):
     from redrec.features.store import FeatureRepo
 
-    return FeatureRepo(args.data_dir, fs_yaml=args.fs_yaml, source_dir=args.source_dir)
+    engine = getattr(args, "engine", "pandas")
+    return FeatureRepo(args.data_dir, fs_yaml=args.fs_yaml, source_dir=args.source_dir,
+                       offline_store="spark" if engine == "spark" else "duckdb")
 
 
 def cmd_build(args) -> tuple[int, dict]:
@@ -26,7 +28,16 @@ def cmd_build(args) -> tuple[int, dict]:
 
     data = load_dataset(args.dataset, **parse_dataset_args(args.dataset_arg))
     repo = _repo(args)
-    rep = repo.build_sources(data, seq_len=args.seq_len)
+    if args.engine == "spark":
+        from redrec.features.spark_training import build_repo_sources_spark
+
+        if repo.engine != "spark":
+            raise ValueError(f"--engine spark: {args.fs_yaml} names offline_store {repo.store.config.offline_store.type!r}; "
+                             "give a feature_store.yaml with offline_store type: spark, or no --fs-yaml")
+        repo.seq_len = args.seq_len or repo.seq_len
+        rep = build_repo_sources_spark(repo, data)
+    else:
+        rep = repo.build_sources(data, seq_len=args.seq_len)
     out = {"sources": str(rep.root), "scenarios": rep.scenarios, "seq_len": rep.seq_len, "rows": rep.rows}
     if not args.no_apply:
         repo.apply()
@@ -126,6 +137,8 @@ def register(sub) -> None:
     q.add_argument("--dataset", default="movielens-1m", help="movielens-1m, synthetic or parquet")
     q.add_argument("--dataset-arg", action="append", help="key=value passed to the dataset loader (repeatable)")
     q.add_argument("--seq-len", dest="seq_len", type=int, help="events kept per user and scenario (default 50)")
+    q.add_argument("--engine", choices=["pandas", "spark"], default="pandas",
+                   help="pandas in this process, or the Spark job (local[2]; Feast's Spark offline store)")
     q.add_argument("--no-apply", action="store_true")
     q.add_argument("--no-materialize", action="store_true")
     q.set_defaults(func=_guard(cmd_build))

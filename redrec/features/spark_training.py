@@ -43,6 +43,20 @@ def repo_spark_session(repo):
     return get_spark_session_or_start_new_with_repoconfig(store_config=repo.store.config.offline_store)
 
 
+def build_repo_sources_spark(repo, data):
+    """``repo``'s sources from ``data`` by the Spark job, and its views re-declared over them: the
+    log is written as the job's input first, with its stable order made explicit (``seq``)."""
+    from redrec.features.spark_sources import build_sources_spark, write_event_log, write_items
+
+    log = write_event_log(data, Path(repo.data_dir) / "event_log")
+    items = write_items(data.items, Path(repo.data_dir) / "items_input.parquet")
+    rep = build_sources_spark(repo_spark_session(repo), log, items, repo.source_dir, repo.seq_len,
+                              list(data.scenarios), name=data.name)
+    repo.scenarios, repo.seq_len = rep.scenarios, rep.seq_len
+    repo.refresh_definitions()
+    return rep
+
+
 def _entity_frame(spark, entity):
     """A Spark frame of ``user_id`` (string) and ``event_timestamp`` (UTC) from pandas rows with
     ``ts`` (unix s) or ``event_timestamp``, or from a Spark frame with the same columns."""

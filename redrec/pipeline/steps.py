@@ -137,15 +137,9 @@ def _training_set_pandas(repo, data, enc, split, out_dir) -> dict:
 
 def _training_set_spark(repo, data, enc, split, out_dir) -> dict:
     """Sources by the Spark job, the join by Feast's Spark offline store, the set as user shards."""
-    from redrec.features.spark_sources import build_sources_spark, write_event_log, write_items
-    from redrec.features.spark_training import repo_spark_session, write_training_set_spark
+    from redrec.features.spark_training import build_repo_sources_spark, write_training_set_spark
 
-    spark = repo_spark_session(repo)
-    # the Spark job's input: the prepared log with its stable order made explicit (``seq``)
-    log_dir, items = write_event_log(data, Path(repo.data_dir) / "event_log"), write_items(data.items, Path(repo.data_dir) / "items_input.parquet")
-    rep = build_sources_spark(spark, log_dir, items, repo.source_dir, repo.seq_len, list(data.scenarios), name=data.name)
-    repo.scenarios, repo.seq_len = rep.scenarios, rep.seq_len
-    repo.refresh_definitions()
+    rep = build_repo_sources_spark(repo, data)
     repo.apply()
     repo.materialize()
     with atomic_output(out_dir) as tmp:
