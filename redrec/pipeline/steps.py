@@ -96,7 +96,7 @@ def _feature_repo(params: PipelineParams, seq_len: int):
     if params.offline_engine == "spark" and repo.engine != "spark":
         raise ValueError(f"parameter 'offline_engine' is spark but feature_store_yaml {fs_yaml} names offline_store "
                          f"{repo.store.config.offline_store.type!r}: set its offline_store to type: spark (chart value "
-                         "feast.offlineStore.spark) or offline_engine to auto")
+                         "feast.offlineStore.type=spark renders it as feature_store.offline.yaml) or offline_engine to auto")
     if params.offline_engine == "pandas" and repo.engine == "spark":
         raise ValueError(f"parameter 'offline_engine' is pandas but feature_store_yaml {fs_yaml} names the Spark "
                          "offline store: set offline_engine to auto or spark")
