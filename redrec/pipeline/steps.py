@@ -215,33 +215,21 @@ def _training_set_digest(training_set_dir: str | Path) -> dict:
     return {"training_set_sha256": h.hexdigest()[:16], "training_set_rows": int(rows)}
 
 
-def _train_streamed(params: PipelineParams, cfg, data, enc, split, shards: Path, out_dir, scratch: Path, meta: dict) -> dict:
+def _streamed_input(params: PipelineParams, cfg, data, enc, split, shards: Path, meta: dict):
     """Training batches streamed from the Spark path's shards (flat memory in the number of
     users); only the validation users' histories are rebuilt in memory, the same users the
-    in-memory run validates on."""
-    from redrec.experiment import train_variant, training_record
-    from redrec.model.checkpoint import export_checkpoint
+    in-memory run validates on. Returns that rebuilt data and the batch source."""
     from redrec.pipeline.training_data import from_training_set, validation_users
     from redrec.train.stream import ShardedTrainSource
 
     val = from_training_set(data, enc, split, shards, users=validation_users(enc, cfg.train.valid_max_users))
-    venc, vsplit = _split(params, val.data)
-    source = ShardedTrainSource(shards, venc)
+    # the full encoding's vocabularies and eligibility are the rebuilt data's (same catalogue)
+    source = ShardedTrainSource(shards, enc)
     print(f"[redrec-pipeline] training input streamed from {shards} ({source.n_users} users); "
           f"{val.users} validation users rebuilt in memory", flush=True)
     meta["training_input"] = {"source": "feast get_historical_features (spark), streamed shards",
                               "users": source.n_users, "validation_users": val.users}
-    try:
-        trainer, fit = train_variant(cfg, "redrec", val.data, venc, vsplit, scratch / "redrec", resume=False,
-                                     train_source=source)
-        meta.update(variant="redrec", **training_record(trainer, fit, venc, vsplit))
-        with atomic_output(out_dir) as tmp:
-            export_checkpoint(trainer.module, tmp, venc.item_ids, meta)
-            fault_point("train", params.inject_fault, "after writing part of the model")
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
-    print(f"[redrec-pipeline] model version {meta['version']} (in-process, streamed)", flush=True)
-    return meta
+    return val.data, source
 
 
 def train(params: PipelineParams, data_dir: str | Path, training_set_dir: str | Path, out_dir: str | Path,
@@ -270,13 +258,15 @@ def train(params: PipelineParams, data_dir: str | Path, training_set_dir: str | 
             data = load_prepared(data_dir)
             enc, split = _split(params, data)
             shards = Path(training_set_dir) / "shards"
+            source = None
             if shards.is_dir() and launcher == "in-process":
-                return _train_streamed(params, cfg, data, enc, split, shards, out_dir, scratch, meta)
-            feast_data = from_training_set(data, enc, split, training_set_dir)
-            print(f"[redrec-pipeline] {feast_data.summary()}", flush=True)
-            meta["training_input"] = {"source": "feast get_historical_features", "history_events": feast_data.history_events,
-                                      "log_training_events": feast_data.log_training_events, "users": feast_data.users}
-            data = feast_data.data
+                data, source = _streamed_input(params, cfg, data, enc, split, shards, meta)
+            else:
+                feast_data = from_training_set(data, enc, split, training_set_dir)
+                print(f"[redrec-pipeline] {feast_data.summary()}", flush=True)
+                meta["training_input"] = {"source": "feast get_historical_features", "history_events": feast_data.history_events,
+                                          "log_training_events": feast_data.log_training_events, "users": feast_data.users}
+                data = feast_data.data
             if launcher == "trainjob":
                 from redrec.pipeline.trainjob import TrainJobSpec, run_trainjob
 
@@ -289,7 +279,8 @@ def train(params: PipelineParams, data_dir: str | Path, training_set_dir: str | 
                     fault_point("train", params.inject_fault, "after the TrainJob, while writing the model")
             else:
                 enc, split = _split(params, data)
-                trainer, fit = train_variant(cfg, "redrec", data, enc, split, scratch / "redrec", resume=False)
+                trainer, fit = train_variant(cfg, "redrec", data, enc, split, scratch / "redrec", resume=False,
+                                             train_source=source)
                 meta.update(variant="redrec", **training_record(trainer, fit, enc, split))
                 with atomic_output(out_dir) as tmp:
                     export_checkpoint(trainer.module, tmp, enc.item_ids, meta)

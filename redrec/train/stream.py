@@ -162,6 +162,15 @@ class ShardedTrainSource:
         units = len(self.shards(rank, world).units)
         rows: list[dict] = []
         made = 0
+
+        def flush() -> list[list[dict]]:
+            """Group the buffered rows; the full batches still owed this epoch."""
+            nonlocal rows, made
+            batches, rows = _group(rows, batch_size, rng)
+            owed = batches[: n - made]
+            made += len(owed)
+            return owed
+
         while True:  # one lap over the shard; more when its users make fewer rows than needed
             trained = 0
             for k, enc in enumerate(self.chunks(rank, world, rng.permutation(units))):
@@ -172,20 +181,16 @@ class ShardedTrainSource:
                         rows.append(r)
                         trained += 1
                 if (k + 1) % self.cfg.buffer_chunks == 0 and len(rows) >= batch_size:
-                    batches, rows = _group(rows, batch_size, rng)
-                    for b in batches[: n - made]:
+                    for b in flush():
                         yield collate(b, window)
-                    made += min(len(batches), n - made)
                     if made == n:
                         return
             if not trained:
                 raise TrainingSetError(f"{', '.join(str(u) for u in self.shards(rank, world).units)}: rank {rank}'s shard has "
                                        "no user with two or more history events to train on")
             if len(rows) >= batch_size:
-                batches, rows = _group(rows, batch_size, rng)
-                for b in batches[: n - made]:
+                for b in flush():
                     yield collate(b, window)
-                made += min(len(batches), n - made)
                 if made == n:
                     return
 
