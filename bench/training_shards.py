@@ -84,7 +84,12 @@ def whole_peak_rss(path: str | Path, catalogue: str | Path) -> dict:
 
 
 def _maxrss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    """This process's peak RSS. VmHWM belongs to the address space, which exec replaces; ru_maxrss
+    would start at the parent's peak (Linux keeps it across exec)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024  # kB
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def _child(argv: list[str]) -> dict:
